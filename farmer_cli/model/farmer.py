@@ -1,0 +1,155 @@
+"""FARMER: autoregressive flow + GMM autoregressive prior, trained end to end on exact NLL (NOTES §1.5).
+
+    u (B, C, H, W) uint8 --dequantize--> x = (u + noise)/128 - 1 --patchify--> (B, N, d)
+      --AF--> Z (B, N, d), log|det| --merge m x m, final permute--> AR tokens (B, N/m², m²·d)
+      --prior--> log p(Z^I | c) + log p(Z^R | Z^I, c)
+
+    -log p(x) = -[log p(Z^I|c) + log p(Z^R|Z^I,c) + log|det dZ/dx|]             (continuous, x in [-1,1]^D)
+    NLL(u)   = -log p(x) + D·ln 128   (the density of u + noise on [0,256)^D; with noise ~ U(0,1) a bound on the
+                                       discrete likelihood)
+    bits/dim = NLL(u) / (D·ln 2)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, SamplingConfig
+from .flow import AutoregressiveFlow
+from .guidance import draw_tokens
+from .patchify import merge_tokens, patchify, split_tokens, unpatchify
+from .prior import ARPrior
+
+
+def dequantize(u: torch.Tensor, noise: str = "uniform", sigma: float = 0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 in about [-1, 1].
+
+    ``uniform``: x = (u + U(0,1))/128 - 1 (likelihood evaluation, supplement's ImageNet-64 training);
+    ``gaussian``: x = (u + 0.5)/128 - 1 + sigma·N(0,1) (training, sigma annealed; NOTES §1.1);
+    ``none``: x = (u + 0.5)/128 - 1 (bin centres).
+    """
+    u = u.float()
+    if noise == "uniform":
+        return (u + torch.rand(u.shape, generator=generator, device=u.device)) / 128.0 - 1.0
+    x = (u + 0.5) / 128.0 - 1.0
+    if noise == "gaussian" and sigma > 0:
+        x = x + sigma * torch.randn(u.shape, generator=generator, device=u.device)
+    return x
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """float (B, C, H, W) in [-1, 1] -> uint8, inverse of the bin-centre map of :func:`dequantize`."""
+    return ((x + 1.0) * 128.0 - 0.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class Farmer(nn.Module):
+    """The whole model. ``nll`` for training and scoring, ``encode``/``decode`` for the latent, ``sample``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.flow = AutoregressiveFlow(
+            cfg.token_dim, cfg.tokens, cfg.af_blocks, cfg.af_width, cfg.af_layers, cfg.af_heads, cfg.mlp_ratio,
+            cfg.af_max_log_scale, cfg.af_permutation, cfg.num_classes if cfg.af_class_conditional else 0,
+        )
+        self.prior = ARPrior(cfg)
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def _flow_class(self, y: torch.Tensor) -> torch.Tensor | None:
+        return y if self.cfg.af_class_conditional else None
+
+    def _labels(self, y: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        """Class indices (B,); None means the null class (unconditional likelihood / sampling)."""
+        if y is None:
+            return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
+        return y.to(device=device, dtype=torch.long)
+
+    # ----- latent <-> AR tokens -----
+    def to_ar_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """AF latent (B, N, d) -> AR tokens (B, N/m², m²·d) (merge, then final permute)."""
+        z = merge_tokens(z, self.cfg.token_merge)
+        return z.flip(1) if self.cfg.final_permute == "flip" else z
+
+    def from_ar_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.flip(1) if self.cfg.final_permute == "flip" else t
+        return split_tokens(t, self.cfg.token_merge)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantised image x (B, C, H, W) -> AR tokens (B, n, D_ar), AF log-det (B,)."""
+        y = self._labels(y, x.shape[0], x.device)
+        z, logdet = self.flow(patchify(x, self.cfg.patch_size), self._flow_class(y))
+        return self.to_ar_tokens(z), logdet
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, y: torch.Tensor | None = None, use_cache: bool = True,
+               student: nn.Module | None = None, on_block: Callable[[int], None] | None = None) -> torch.Tensor:
+        """AR tokens (B, n, D_ar) -> image x (B, C, H, W): the AF's sequential inverse, or one student pass."""
+        y = self._labels(y, tokens.shape[0], tokens.device)
+        z = self.from_ar_tokens(tokens.float())
+        if student is not None:
+            x = student.one_pass_inverse(z, self._flow_class(y))
+        else:
+            x = self.flow.inverse(z, self._flow_class(y), use_cache=use_cache, on_block=on_block)
+        return unpatchify(x, self.cfg.patch_size, self.cfg.channels, self.cfg.image_size)
+
+    # ----- likelihood -----
+    def nll(self, u: torch.Tensor, y: torch.Tensor | None = None, noise: str = "uniform", sigma: float = 0.0,
+            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """uint8 images (B, C, H, W), classes (B,) or None -> per-sample terms, each (B,) float32:
+
+        ``nll`` (nats, of u on [0,256)^D), ``bpd``, and the log-likelihood terms ``log_p_info``,
+        ``log_p_red`` and ``logdet`` (their sum is log p(x))."""
+        x = dequantize(u, noise, sigma, generator)
+        return self.nll_continuous(x, y)
+
+    def nll_continuous(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """As :meth:`nll` for an already dequantised x (B, C, H, W) in [-1, 1]."""
+        y = self._labels(y, x.shape[0], x.device)
+        tokens, logdet = self.encode(x, y)
+        log_info, log_red = self.prior(tokens, y)
+        D = self.cfg.dims
+        nll = -(log_info + log_red + logdet) + D * math.log(128.0)
+        return {"nll": nll, "bpd": nll / (D * math.log(2.0)), "log_p_info": log_info, "log_p_red": log_red,
+                "logdet": logdet}
+
+    # ----- sampling -----
+    @torch.no_grad()
+    def sample_tokens(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
+                      use_cache: bool = True, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Classes y (B,) -> AR tokens (B, n, D_ar): informative tokens one by one, then all redundant ones.
+
+        With guidance (s.cfg > 0) the conditional and null-class passes run as one batch of 2B."""
+        prior, B, device = self.prior, y.shape[0], y.device
+        guided = s.cfg > 0
+        labels = torch.cat([y, torch.full_like(y, self.null_class)]) if guided else y
+        cache = prior.stack.new_cache() if use_cache else None
+        z_info = torch.zeros(B, 0, prior.d_I, device=device)
+        for i in range(prior.N):
+            prefix = torch.cat([z_info, z_info]) if guided else z_info
+            token = draw_tokens(prior.info_head(prior.next_hidden(labels, prefix, cache)), 1, 0, s, generator)
+            z_info = torch.cat([z_info, token], dim=1)
+            if on_token is not None:
+                on_token(i)
+        if prior.red_head is None:
+            return z_info
+        prefix = torch.cat([z_info, z_info]) if guided else z_info
+        red = prior.red_head(prior.next_hidden(labels, prefix, cache))
+        pool = s.redundant_pool or 2 * prior.N
+        z_red = draw_tokens(red, prior.N, pool, s, generator)
+        return torch.cat([z_info, z_red], dim=-1)
+
+    @torch.no_grad()
+    def sample(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
+               use_cache: bool = True, student: nn.Module | None = None) -> torch.Tensor:
+        """Classes y (B,) -> uint8 images (B, C, H, W)."""
+        tokens = self.sample_tokens(y, s, generator, use_cache)
+        return quantize(self.decode(tokens, y, use_cache, student))

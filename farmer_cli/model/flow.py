@@ -1,0 +1,145 @@
+"""Autoregressive flow (AF): TARFlow-style stack of affine next-token transforms (NOTES §1.2).
+
+Block t reads its input tokens in a permuted order (identity or flip), and for every token i > 1 predicts from
+the tokens before it a shift mu_i and a log-scale alpha_i:
+
+    z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)),     z_1 = x_1 (first token: identity)
+    x_i = z_i * exp(alpha_i(x_<i)) + mu_i(x_<i)          (inverse: sequential over i)
+    log|det dz/dx| = -sum_i sum_j alpha_ij               (summed in float32)
+
+So sigma_t = exp(-alpha) in the paper's Eq. 8. alpha is soft-bounded, alpha = c·tanh(raw / c), so a block can
+scale a channel by at most exp(±c) and log-dets cannot explode. The output projection is zero-initialised: an
+untrained block is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .attention import TransformerStack
+
+
+class AFBlock(nn.Module):
+    """One affine autoregressive block over tokens (B, N, d) given in the block's own order.
+
+    Args:
+        dim: d, channels per token. tokens: N. width/layers/heads: the causal transformer.
+        num_classes: > 0 makes the block class-conditional (a class embedding added to every position; index
+            ``num_classes`` is the null class); 0 (the paper's choice) makes it unconditional.
+    """
+
+    def __init__(self, dim: int, tokens: int, width: int, layers: int, heads: int, mlp_ratio: float,
+                 max_log_scale: float, num_classes: int = 0) -> None:
+        super().__init__()
+        self.dim, self.max_log_scale = dim, max_log_scale
+        self.in_proj = nn.Linear(dim, width)
+        self.pos = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
+        self.class_emb = nn.Embedding(num_classes + 1, width) if num_classes else None
+        self.stack = TransformerStack(width, layers, heads, mlp_ratio)
+        self.out_proj = nn.Linear(width, 2 * dim)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _hidden(self, x: torch.Tensor, start: int, y: torch.Tensor | None) -> torch.Tensor:
+        """Embed tokens x (B, t, d) sitting at positions start..start+t-1 -> (B, t, W)."""
+        h = self.in_proj(x) + self.pos[:, start : start + x.shape[1]]
+        if self.class_emb is not None:
+            h = h + self.class_emb(y)[:, None]
+        return h
+
+    def _affine(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transformer output (B, t, W) -> (alpha, mu), each (B, t, d) in float32, |alpha| < max_log_scale."""
+        raw_alpha, mu = self.out_proj(out).float().chunk(2, dim=-1)
+        c = self.max_log_scale
+        return c * torch.tanh(raw_alpha / c), mu
+
+    def _shifted_params(self, source: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Params for every token from ``source`` (B, N, d): token i's come from position i-1, token 0's are 0."""
+        alpha, mu = self._affine(self.stack(self._hidden(source[:, :-1], 0, y)))
+        pad = alpha.new_zeros(alpha.shape[0], 1, self.dim)
+        return torch.cat([pad, alpha], 1), torch.cat([pad, mu], 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, d) -> z (B, N, d) float32, logdet (B,) float32 = -sum alpha."""
+        alpha, mu = self._shifted_params(x, y)
+        z = (x.float() - mu) * torch.exp(-alpha)
+        return z, -alpha.sum(dim=(1, 2))
+
+    @torch.no_grad()
+    def inverse(self, z: torch.Tensor, y: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
+        """z (B, N, d) -> x (B, N, d), token by token. With the KV cache each step feeds one token."""
+        x = torch.empty_like(z)
+        x[:, 0] = z[:, 0]
+        cache = self.stack.new_cache() if use_cache else None
+        for i in range(1, z.shape[1]):
+            if cache is not None:
+                out = self.stack(self._hidden(x[:, i - 1 : i], i - 1, y), cache)
+            else:
+                out = self.stack(self._hidden(x[:, :i], 0, y))
+            alpha, mu = self._affine(out[:, -1:])
+            x[:, i : i + 1] = z[:, i : i + 1] * torch.exp(alpha) + mu
+        return x
+
+    def one_pass_inverse(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Student form (NOTES §4): x_i = z_i·exp(alpha_i(z)) + mu_i(z), params from position i-1 of the stack
+        run over z (bidirectional when ``stack.causal`` is False), x_1 = z_1. One parallel pass."""
+        alpha, mu = self._shifted_params(z, y)
+        return z.float() * torch.exp(alpha) + mu
+
+
+def _flip(t: torch.Tensor) -> torch.Tensor:
+    return t.flip(1)
+
+
+class AutoregressiveFlow(nn.Module):
+    """n AF blocks; block t permutes tokens in (flip or identity), transforms, and permutes back out.
+
+    ``permutation="alternate"`` flips every odd block (TARFlow); ``"always-flip"`` flips every block.
+    """
+
+    def __init__(self, dim: int, tokens: int, blocks: int, width: int, layers: int, heads: int,
+                 mlp_ratio: float = 4.0, max_log_scale: float = 3.0, permutation: str = "alternate",
+                 num_classes: int = 0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            AFBlock(dim, tokens, width, layers, heads, mlp_ratio, max_log_scale, num_classes) for _ in range(blocks)
+        )
+        self.flips = [permutation == "always-flip" or t % 2 == 1 for t in range(blocks)]
+
+    def _in(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        return _flip(x) if self.flips[t] else x
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, return_intermediates: bool = False):
+        """x (B, N, d) -> (z (B, N, d), logdet (B,)) or, with ``return_intermediates``, also [Z^0, ..., Z^n]."""
+        logdet = x.new_zeros(x.shape[0], dtype=torch.float32)
+        states = [x]
+        for t, block in enumerate(self.blocks):
+            z, ld = block(self._in(t, x), y)
+            x = self._in(t, z)
+            logdet = logdet + ld
+            states.append(x)
+        return (x, logdet, states) if return_intermediates else (x, logdet)
+
+    @torch.no_grad()
+    def inverse(self, z: torch.Tensor, y: torch.Tensor | None = None, use_cache: bool = True,
+                upto: int | None = None, on_block: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Z^t -> Z^0 through blocks t..1 (t = ``upto``, default n), each sequential over tokens."""
+        upto = len(self.blocks) if upto is None else upto
+        for t in reversed(range(upto)):
+            z = self._in(t, self.blocks[t].inverse(self._in(t, z), y, use_cache))
+            if on_block is not None:
+                on_block(t)
+        return z
+
+    def one_pass_inverse(self, z: torch.Tensor, y: torch.Tensor | None = None, upto: int | None = None,
+                         return_intermediates: bool = False):
+        """Student decode: Z~^t -> Z~^0 with one parallel pass per block; optionally every Z~^(t-1)."""
+        upto = len(self.blocks) if upto is None else upto
+        states = []
+        for t in reversed(range(upto)):
+            z = self._in(t, self.blocks[t].one_pass_inverse(self._in(t, z), y))
+            states.append(z)
+        return (z, states) if return_intermediates else z

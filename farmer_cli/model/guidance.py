@@ -1,0 +1,74 @@
+"""Drawing latent tokens from the prior's mixtures: unguided, resampling CFG (Algorithm 1) or simple CFG.
+
+Target of guidance with weight w (NOTES §3): p'(z) ∝ p_c(z)^(w+1) / p_u(z)^w.
+
+* ``draw_unguided``: decoupled GMM sampling (supplement Table 5): mixture logits / T, component variance x s.
+* ``draw_resampled`` (Algorithm 1): s_c candidates from the conditional mixture and s_u from the unconditional
+  one (proposal temperatures: logits x T_pi, std x T_sigma); log-weights w·(log p_c − log p_u) for conditional
+  candidates and (w+1)·(log p_c − log p_u) for unconditional ones, with densities at the evaluation temperatures
+  (logits x T_pi,v, std x T_sigma,v); times T_s; softmax over all candidates; draw ``draws`` indices with
+  replacement (1 for an informative token, N for the redundant step's shared pool).
+* ``draw_simple`` (JetFormer-style, NOTES §3 last bullet): pick a component k from the conditional mixture, then
+  sample each dimension from N_c,k^(1+w) / N_u,k^w. For Gaussians this density is itself Gaussian with precision
+  (1+w)/σ_c² − w/σ_u² and is sampled exactly (JetFormer uses rejection sampling for the same density); where that
+  precision is not positive the conditional component is used, as JetFormer's fallback does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SamplingConfig
+from .gmm import GMM
+
+
+def draw_unguided(g: GMM, draws: int, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """(B,)-batched mixture -> (B, draws, D)."""
+    return g.tempered(1.0 / s.temperature, s.var_scale**0.5).sample(draws, generator)
+
+
+def draw_resampled(g_c: GMM, g_u: GMM, draws: int, n_cond: int, n_uncond: int, s: SamplingConfig,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """Algorithm 1: conditional/unconditional mixtures (B,) -> (B, draws, D)."""
+    w = s.cfg
+    cand = torch.cat([
+        g_c.tempered(s.t_pi, s.t_sigma).sample(n_cond, generator),
+        g_u.tempered(s.t_pi, s.t_sigma).sample(n_uncond, generator),
+    ], dim=-2)  # (B, S, D)
+    log_ratio = (g_c.tempered(s.t_pi_eval, s.t_sigma_eval).log_prob(cand)
+                 - g_u.tempered(s.t_pi_eval, s.t_sigma_eval).log_prob(cand))  # (B, S)
+    factor = torch.cat([log_ratio.new_full((n_cond,), w), log_ratio.new_full((n_uncond,), w + 1.0)])
+    log_w = log_ratio * factor * s.t_resample
+    idx = torch.multinomial(torch.softmax(log_w, dim=-1), draws, replacement=True, generator=generator)
+    return cand.gather(1, idx[..., None].expand(-1, -1, cand.shape[-1]))
+
+
+def draw_simple(g_c: GMM, g_u: GMM, draws: int, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """JetFormer-style guidance on one shared component index: (B,) mixtures -> (B, draws, D)."""
+    w = s.cfg
+    g_c, g_u = g_c.tempered(s.t_pi, s.t_sigma), g_u.tempered(s.t_pi, s.t_sigma)
+    comp = g_c.pick_components(draws, generator)
+    mu_c, sd_c = g_c.components(comp)
+    mu_u, sd_u = g_u.components(comp)
+    prec_c, prec_u = sd_c.pow(-2), sd_u.pow(-2)
+    prec = (1 + w) * prec_c - w * prec_u
+    ok = prec > 0
+    safe = torch.where(ok, prec, prec_c)
+    mean = torch.where(ok, ((1 + w) * prec_c * mu_c - w * prec_u * mu_u) / safe, mu_c)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + eps * safe.rsqrt()
+
+
+def draw_tokens(g: GMM, draws: int, pool: int, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw from mixtures predicted for a batch that is [conditional; unconditional] when s.cfg > 0.
+
+    g: mixtures with leading dim 2B (guided) or B (unguided); pool: candidates per proposal for resampling.
+    Returns (B, draws, D)."""
+    if s.cfg <= 0:
+        return draw_unguided(g, draws, s, generator)
+    B = g.logits.shape[0] // 2
+    g_c, g_u = g.index(slice(0, B)), g.index(slice(B, 2 * B))
+    if s.guidance == "simple":
+        return draw_simple(g_c, g_u, draws, s, generator)
+    n_c, n_u = (s.cond_candidates, s.uncond_candidates) if pool == 0 else (pool, pool)
+    return draw_resampled(g_c, g_u, draws, n_c, n_u, s, generator)

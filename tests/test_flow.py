@@ -1,0 +1,204 @@
+"""Autoregressive flow (NOTES §1.2): invertibility, exact log-determinant, causality, permutation convention.
+
+Expected values come from the math only: the inverse must undo the forward, the log-det must equal
+log|det dZ/dX| from torch.autograd, block t's map (in its own token order) must be lower block-triangular with
+an identity first token, and the composed flow must be P_t ∘ f_t ∘ P_t per block with P_t = flip on odd t
+("alternate") or on every t ("always-flip").
+"""
+
+import pytest
+import torch
+
+from farmer_cli.model import AutoregressiveFlow
+
+PERMS = ["alternate", "always-flip"]
+
+
+def make_flow(randomise, *, dim=4, tokens=8, blocks=4, perm="alternate", num_classes=0, max_log_scale=3.0, std=0.1):
+    flow = AutoregressiveFlow(dim, tokens, blocks, width=32, layers=1, heads=2, mlp_ratio=2.0,
+                              max_log_scale=max_log_scale, permutation=perm, num_classes=num_classes)
+    randomise(flow, std)
+    return flow.eval()
+
+
+def flip(t):
+    return torch.flip(t, dims=[1])
+
+
+def test_untrained_flow_is_identity():
+    torch.manual_seed(0)
+    flow = AutoregressiveFlow(4, 8, 3, width=32, layers=1, heads=2).eval()
+    x = torch.randn(2, 8, 4)
+    with torch.no_grad():
+        z, logdet = flow(x)
+    assert torch.equal(z, x)
+    assert torch.equal(logdet, torch.zeros(2))
+
+
+@pytest.mark.parametrize("perm", PERMS)
+def test_inverse_undoes_forward(perm, randomise_out_proj):
+    torch.manual_seed(1)
+    flow = make_flow(randomise_out_proj, perm=perm)
+    x = torch.randn(3, 8, 4)
+    with torch.no_grad():
+        z, logdet = flow(x)
+        x_cached = flow.inverse(z)
+        x_uncached = flow.inverse(z, use_cache=False)
+    assert z.shape == x.shape and logdet.shape == (3,)
+    assert (z - x).abs().max() > 0.05, "randomised flow should not be (close to) the identity"
+    assert (x_cached - x).abs().max() <= 1e-4
+    assert (x_uncached - x).abs().max() <= 1e-4
+    # Cached and uncached decoding differ only by float32 rounding (different attention shapes), which the
+    # sequential inverse amplifies by up to exp(|alpha|) per block: compare relative to 1 + |x|.
+    assert ((x_cached - x_uncached).abs() / (1 + x_uncached.abs())).max() <= 1e-5
+    with torch.no_grad():
+        for block in flow.blocks:  # one block: absolute agreement
+            zb, _ = block(x)
+            assert (block.inverse(zb) - block.inverse(zb, use_cache=False)).abs().max() <= 1e-5
+            assert (block.inverse(zb) - x).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("perm", PERMS)
+def test_logdet_equals_autograd_jacobian(perm, randomise_out_proj):
+    # The flow computes in float32 (its documented output dtype), so the reference Jacobian is float32 as well.
+    torch.manual_seed(2)
+    # (std 0.1 keeps the dense composed Jacobian well conditioned, so its float32 slogdet is accurate.)
+    flow = make_flow(randomise_out_proj, dim=4, tokens=4, perm=perm, std=0.1)
+    x = torch.randn(1, 4, 4)
+    with torch.no_grad():
+        _, logdet = flow(x)
+    jac = torch.autograd.functional.jacobian(lambda v: flow(v)[0], x).reshape(16, 16).double()
+    sign, ref = torch.linalg.slogdet(jac)
+    assert sign.item() == 1.0  # each block is triangular with positive diagonal exp(-alpha)
+    assert abs(ref.item()) > 0.1, "test needs a non-trivial log-det"
+    assert abs(logdet.item() - ref.item()) <= 1e-4
+
+
+def test_block_jacobian_is_lower_block_triangular(randomise_out_proj):
+    """In its own token order a block's Jacobian dz_i/dx_j is 0 for j > i, diagonal for j = i, identity for i = 1,
+    and its log-det is the sum of the log of those diagonals."""
+    torch.manual_seed(3)
+    flow = make_flow(randomise_out_proj, dim=3, tokens=5, blocks=1, std=0.3)
+    block = flow.blocks[0]
+    x = torch.randn(1, 5, 3)
+    with torch.no_grad():
+        _, logdet = block(x)
+    jac = torch.autograd.functional.jacobian(lambda v: block(v)[0], x).reshape(5, 3, 5, 3)
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert torch.all(jac[i, :, j, :] == 0), f"z_{i} depends on later token x_{j}"
+        diag_block = jac[i, :, i, :]
+        assert torch.allclose(diag_block - torch.diag(torch.diagonal(diag_block)), torch.zeros(3), atol=1e-7)
+    assert torch.allclose(jac[0, :, 0, :], torch.eye(3))
+    assert torch.all(jac[0, :, 1:, :] == 0)
+    diags = torch.stack([torch.diagonal(jac[i, :, i, :]) for i in range(5)])
+    assert torch.all(diags > 0)
+    assert abs(logdet.item() - diags.log().sum().item()) <= 1e-5
+    assert abs(logdet.item()) > 0.05
+
+
+def test_block_causality(randomise_out_proj):
+    torch.manual_seed(4)
+    flow = make_flow(randomise_out_proj, dim=4, tokens=8, blocks=1, std=0.3)
+    block = flow.blocks[0]
+    x = torch.randn(2, 8, 4)
+    with torch.no_grad():
+        z, _ = block(x)
+        assert torch.equal(z[:, 0], x[:, 0])  # first token passes through unchanged
+        for j in range(8):
+            x2 = x.clone()
+            x2[:, j] += torch.randn(2, 4)
+            z2, _ = block(x2)
+            assert torch.equal(z2[:, :j], z[:, :j]), f"changing token {j} changed an earlier output"
+            assert (z2[:, j] - z[:, j]).abs().min() > 0, "z_j must depend on x_j"
+            if j < 7:
+                assert (z2[:, j + 1:] - z[:, j + 1:]).abs().max() > 1e-4, "later tokens should see x_j"
+
+
+def test_block_is_affine_in_own_token(randomise_out_proj):
+    """z_i = (x_i - mu(x_<i)) * exp(-alpha(x_<i)): for a fixed prefix z_i is affine in x_i."""
+    torch.manual_seed(5)
+    block = make_flow(randomise_out_proj, dim=4, tokens=6, blocks=1, std=0.3).blocks[0]
+    x = torch.randn(1, 6, 4)
+    d = torch.randn(1, 4)
+    outs = []
+    with torch.no_grad():
+        for a in (0.0, 1.0, 2.0):
+            x2 = x.clone()
+            x2[:, 3] += a * d
+            outs.append(block(x2)[0][:, 3])
+    assert torch.allclose(outs[2] - outs[0], 2 * (outs[1] - outs[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("perm", PERMS)
+def test_blocks_compose_with_permutation(perm, randomise_out_proj):
+    torch.manual_seed(6)
+    flow = make_flow(randomise_out_proj, perm=perm)
+    x = torch.randn(2, 8, 4)
+    with torch.no_grad():
+        z, logdet, inter = flow(x, return_intermediates=True)
+        assert len(inter) == 5
+        assert torch.equal(inter[0], x)
+        assert torch.allclose(inter[-1], z)
+        total = torch.zeros(2)
+        h = x
+        for t, block in enumerate(flow.blocks):
+            flipped = perm == "always-flip" or t % 2 == 1
+            p = flip if flipped else (lambda v: v)
+            out, ld = block(p(h))
+            h = p(out)
+            total += ld
+            assert torch.allclose(h, inter[t + 1], atol=1e-6), f"block {t}: Z^{t + 1} != P f_t P (Z^{t})"
+        assert torch.allclose(logdet, total, atol=1e-5)
+        # Partial inverses: Z^t -> Z^0 through blocks t..1.
+        for t in range(1, 5):
+            assert (flow.inverse(inter[t], upto=t) - x).abs().max() <= 1e-4
+
+
+def test_always_flip_differs_from_alternate(randomise_out_proj):
+    torch.manual_seed(7)
+    a = make_flow(randomise_out_proj, perm="alternate", blocks=2)
+    b = make_flow(randomise_out_proj, perm="always-flip", blocks=2)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 8, 4)
+    with torch.no_grad():
+        za, _ = a(x)
+        zb, _ = b(x)
+        # Block 0 is the identity permutation in "alternate": its first token passes through.
+        inter_a = a(x, return_intermediates=True)[2]
+        inter_b = b(x, return_intermediates=True)[2]
+    assert torch.equal(inter_a[1][:, 0], x[:, 0])
+    assert torch.equal(inter_b[1][:, -1], x[:, -1])  # "always-flip": the last original token is first
+    assert (za - zb).abs().max() > 1e-3
+
+
+def test_log_scale_is_bounded(randomise_out_proj):
+    """|alpha| <= max_log_scale per channel, so one block's |log-det| <= c·(N-1)·d, however large the weights."""
+    torch.manual_seed(8)
+    c = 0.5
+    flow = make_flow(randomise_out_proj, dim=4, tokens=8, blocks=1, max_log_scale=c, std=20.0)
+    x = 3 * torch.randn(4, 8, 4)
+    with torch.no_grad():
+        z, logdet = flow(x)
+    assert torch.all(logdet.abs() <= c * 7 * 4 + 1e-4)
+    assert logdet.abs().max() > 0.25 * c * 7 * 4  # large weights saturate the bound substantially
+    assert torch.isfinite(z).all()
+
+
+def test_class_conditional_flow(randomise_out_proj):
+    torch.manual_seed(9)
+    flow = make_flow(randomise_out_proj, num_classes=3, std=0.1)
+    with torch.no_grad():
+        for block in flow.blocks:  # make the class embedding matter
+            for name, p in block.named_parameters():
+                if "class" in name or "emb" in name:
+                    p.normal_(std=1.0)
+    x = torch.randn(2, 8, 4)
+    y = torch.tensor([0, 2])
+    with torch.no_grad():
+        z, logdet = flow(x, y)
+        z_other, _ = flow(x, torch.tensor([1, 1]))
+        back = flow.inverse(z, y)
+    assert (back - x).abs().max() <= 1e-4
+    assert (z - z_other).abs().max() > 1e-4, "class-conditional flow ignores its class"
+    assert torch.isfinite(logdet).all()

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)  # progress, notes, warnings and errors
+console = Console(stderr=True, soft_wrap=True)  # progress, notes, warnings and errors
 stdout = Console()  # results (tables) so they can be piped
 
 RUNS_DIR = Path("runs")

@@ -122,11 +122,15 @@ class TrainResult:
     bpd_after: float
     seconds: float
     skipped: int
+    model: torch.nn.Module  # this process's trained (unwrapped) model; the EMA weights are in the checkpoint
 
 
 def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: bool = False,
-          workers: int = 0, quiet: bool = False) -> TrainResult:
-    """Train (or resume) a Farmer model on ``data`` into ``run_dir``; returns a summary."""
+          workers: int = 0, quiet: bool = False, stop_after: int = 0) -> TrainResult:
+    """Train (or resume) a Farmer model on ``data`` into ``run_dir``; returns a summary.
+
+    ``stop_after`` > 0 ends this invocation after that many steps (checkpoint saved; the schedules still span the
+    full run), for time-limited jobs: N + resume + N steps give the same weights as 2N in one go."""
     from .model import Farmer
 
     tc, device = cfg.train, accelerator.device
@@ -177,7 +181,8 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     try:
         with bar:
             task = bar.add_task("train", total=total, completed=start, loss="-", bpd="-", ips="-")
-            for step in range(start, total):
+            end = min(total, start + stop_after) if stop_after > 0 else total
+            for step in range(start, end):
                 u, y, bad = next(batches)
                 skipped += bad
                 torch.manual_seed(tc.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
@@ -201,7 +206,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
                 completed = step + 1
                 seen += u.shape[0] * accelerator.num_processes
                 done = step + 1
-                if main and (done % tc.log_every == 0 or done == total):
+                if main and (done % tc.log_every == 0 or done == end):
                     now = time.time()
                     ips = seen / max(1e-9, now - last_log)
                     seen, last_log = 0, now
@@ -212,7 +217,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
                     metrics.flush()
                     bar.update(task, loss=f"{loss.item():.3f}", bpd=f"{loss.item():.3f}", ips=f"{ips:.0f}")
                 bar.update(task, completed=done)
-                if done % tc.ckpt_every == 0 and done != total:
+                if done % tc.ckpt_every == 0 and done != end:
                     checkpoint(done)
     except KeyboardInterrupt:
         if main:
@@ -222,9 +227,9 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     finally:
         if metrics:
             metrics.close()
-    checkpoint(total)
+    checkpoint(end)
     seconds = time.time() - t0
     bpd_after = evaluate_bpd(ema, data.test, tc.batch_size, tc.eval_batches, device) if main else float("nan")
     if skipped and main:
         console.print(f"[yellow]skipped {skipped} unreadable images in total[/]")
-    return TrainResult(run_dir, total, bpd_before, bpd_after, seconds, skipped)
+    return TrainResult(run_dir, end, bpd_before, bpd_after, seconds, skipped, raw)

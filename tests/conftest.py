@@ -25,10 +25,13 @@ def _randomise_out_proj(flow, std: float = 0.1) -> None:
             nn.init.normal_(block.out_proj.bias, std=std)
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    torch.set_num_threads(2)
+@pytest.fixture
+def single_thread():
+    """The model tests use tiny tensors: one intra-op thread is as fast and immune to CPU oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import torch
 
 from farmer_cli.model import AutoregressiveFlow
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PERMS = ["alternate", "always-flip"]
 
 
@@ -48,9 +50,10 @@ def test_inverse_undoes_forward(perm, randomise_out_proj):
     assert (z - x).abs().max() > 0.05, "randomised flow should not be (close to) the identity"
     assert (x_cached - x).abs().max() <= 1e-4
     assert (x_uncached - x).abs().max() <= 1e-4
-    # Cached and uncached decoding differ only by float32 rounding (different attention shapes), which the
-    # sequential inverse amplifies by up to exp(|alpha|) per block: compare relative to 1 + |x|.
-    assert ((x_cached - x_uncached).abs() / (1 + x_uncached.abs())).max() <= 1e-5
+    # Cached and uncached decoding differ only by float32 rounding (different attention shapes). One block
+    # agrees to 1e-5 (below); through 4 sequential inverses, each amplifying errors by up to exp(|alpha|), the
+    # rounding reaches ~1-3e-5 over many seeds, so the whole flow is held to 5e-5.
+    assert (x_cached - x_uncached).abs().max() <= 5e-5
     with torch.no_grad():
         for block in flow.blocks:  # one block: absolute agreement
             zb, _ = block(x)

@@ -8,6 +8,8 @@ from scipy import integrate, special, stats
 
 from farmer_cli.model import GMM, GMMHead
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def ref_log_prob(logits, means, stds, z):
     """scipy reference: logits (K,), means/stds (K, D), z (S, D) -> (S,)."""

@@ -37,14 +37,16 @@ def run(
     seed: Optional[int] = Option(None, "--seed", help="Random seed (weights, batch order, noise)."),
     resume: bool = Option(False, "--resume", help="Continue the run in --out (or the newest run) from its last "
                           "checkpoint; --steps may raise the total."),
+    stop_after: int = Option(0, "--stop-after", help="End this invocation after N steps (checkpoint saved, "
+                             "schedules unchanged); continue later with --resume. For time-limited jobs."),
     workers: int = Option(0, "--workers", help="DataLoader worker processes (use 4-16 for image folders on GPUs)."),
     overrides: List[str] = Option([], "--set", help=SET_HELP),
 ) -> None:
     with user_errors():
-        _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, workers, overrides)
+        _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, stop_after, workers, overrides)
 
 
-def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, workers, overrides):
+def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, stop_after, workers, overrides):
     from ..checkpoint import load_config
     from ..config import apply_overrides, load_preset
     from ..data import load_data
@@ -78,7 +80,7 @@ def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, se
                       f"{len(bundle.train)} train / {len(bundle.test)} test images, {len(bundle.class_names)} classes, "
                       f"{acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}")
     try:
-        result = train(cfg, bundle, run_dir, acc, resume=resume, workers=workers)
+        result = train(cfg, bundle, run_dir, acc, resume=resume, workers=workers, stop_after=stop_after)
     except TrainingDiverged as err:
         console.print(f"[red]error:[/] {err}")
         raise SystemExit(1) from None

@@ -1,0 +1,213 @@
+"""End-to-end CLI tests on the tiny preset (scikit-learn's 8x8 digits), CPU only.
+
+Commands run in subprocesses: Accelerate's state is a per-process singleton, and this is how users run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ENV = {**os.environ, "FARMER_NO_PROGRESS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def farmer(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "farmer_cli", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"farmer {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    farmer("train", "--preset", "tiny", "--out", str(run), "--steps", "30")
+    return run
+
+
+@pytest.fixture(scope="session")
+def digit_png(tmp_path_factory) -> Path:
+    from farmer_cli.config import DataConfig
+    from farmer_cli.data import load_data
+
+    u, _ = load_data(DataConfig(source="digits"), 1, 8).test[0]
+    path = tmp_path_factory.mktemp("img") / "digit.png"
+    Image.fromarray(u[0].numpy()).save(path)
+    return path
+
+
+def test_train_writes_a_complete_run(tiny_run: Path):
+    for name in ("config.json", "model.safetensors", "training_state.pt", "metrics.jsonl"):
+        assert (tiny_run / name).exists(), name
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["config"]["preset"] == "tiny" and cfg["class_names"] == [str(i) for i in range(10)]
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 30 and all(np.isfinite(r["bpd"]) for r in records)
+
+
+def test_train_improves_test_bits_per_dim(tmp_path: Path):
+    proc = farmer("train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--steps", "150")
+    line = next(ln for ln in proc.stderr.splitlines() if "test bits/dim" in ln and "->" in ln)
+    before, after = (float(v) for v in line.split("test bits/dim")[1].split(";")[0].split("->"))
+    assert after < before - 0.3, line
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path):
+    farmer("train", "--preset", "tiny", "--out", str(tmp_path / "full"), "--steps", "16")
+    farmer("train", "--preset", "tiny", "--out", str(tmp_path / "split"), "--steps", "16", "--stop-after", "8")
+    farmer("train", "--out", str(tmp_path / "split"), "--resume")
+    full = torch.load(tmp_path / "full" / "training_state.pt", weights_only=False)
+    split = torch.load(tmp_path / "split" / "training_state.pt", weights_only=False)
+    assert full["step"] == split["step"] == 16
+    for key in full["model"]:
+        torch.testing.assert_close(split["model"][key], full["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(split["ema"][key], full["ema"][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_train_on_image_folder_skips_corrupt_files(tmp_path: Path):
+    from farmer_cli.config import DataConfig
+    from farmer_cli.data import load_data
+
+    data = load_data(DataConfig(source="digits"), 1, 8).train
+    root = tmp_path / "folder"
+    for i in range(60):
+        u, y = data[i]
+        (root / f"class_{y}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(u[0].numpy()).resize((12, 10)).convert("RGB").save(root / f"class_{y}" / f"{i}.png")
+    (root / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    proc = farmer("train", "--preset", "tiny", "--data", str(root), "--out", str(tmp_path / "r"), "--steps", "6",
+                  "--batch-size", "16", "--set", "data.test_fraction=0.1")
+    assert "skipping unreadable image" in proc.stderr and "broken.png" in proc.stderr
+    assert "skipped" in proc.stderr and "unreadable images in total" in proc.stderr
+    names = json.loads((tmp_path / "r" / "config.json").read_text())["class_names"]
+    assert names == sorted(names) and all(n.startswith("class_") for n in names)
+
+
+def test_train_on_saved_hf_dataset(tmp_path: Path):
+    import datasets
+
+    from farmer_cli.config import DataConfig
+    from farmer_cli.data import load_data
+
+    data = load_data(DataConfig(source="digits"), 1, 8).train
+    images = [Image.fromarray(data[i][0][0].numpy()) for i in range(40)]
+    labels = [data[i][1] for i in range(40)]
+    features = datasets.Features({"img": datasets.Image(), "digit": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    datasets.Dataset.from_dict({"img": images, "digit": labels}, features=features).save_to_disk(tmp_path / "ds")
+    farmer("train", "--preset", "tiny", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "r"), "--steps", "3",
+           "--batch-size", "8")
+    assert (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_score_data_image_beats_noise(tiny_run: Path, digit_png: Path, tmp_path: Path):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(noise)
+    proc = farmer("score", str(digit_png), str(noise), "--ckpt", str(tiny_run), "--json")
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [Path(r["file"]).name for r in rows] == ["digit.png", "noise.png"]
+    assert rows[0]["bits_per_dim"] < rows[1]["bits_per_dim"]
+    table = farmer("score", str(digit_png.parent), "--ckpt", str(tiny_run), "--class", "3")
+    assert "digit.png" in table.stdout and "bits/dim" in table.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["score", "missing.png"], "no such file"),
+    (["score", "{notimage}"], "not a readable image"),
+    (["score", "{digit}", "--ckpt", "{nockpt}"], "not a farmer checkpoint"),
+    (["score", "{digit}", "--ckpt", "{badweights}"], "unreadable weights"),
+    (["score", "{digit}", "--ckpt", "{otherconfig}"], "do not fit the model"),
+    (["score", "{digit}", "--class", "11"], "out of range"),
+    (["train", "--preset", "quickstrat"], "did you mean 'quickstart'"),
+    (["train", "--preset", "tiny", "--set", "model.af_blockz=3"], "did you mean 'af_blocks'"),
+    (["train", "--preset", "tiny", "--set", "train.lr=fast"], "expects float"),
+    (["train", "--preset", "tiny", "--data", "/nonexistent/dir"], "not found"),
+    (["sample", "--class", "12"], "out of range"),
+    (["sample", "--class", "seven"], "unknown class"),
+    (["sample", "--n", "0"], "--n must be at least 1"),
+    (["sample", "--student"], "run `farmer distill"),
+])
+def test_bad_input_gives_one_line_error_and_status_2(args, message, tiny_run: Path, digit_png: Path, tmp_path: Path):
+    notimage = tmp_path / "notes.png"
+    notimage.write_text("hello")
+    nockpt = tmp_path / "empty"
+    nockpt.mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny_run / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    cfg["config"]["model"]["af_width"] = 48
+    (other / "config.json").write_text(json.dumps(cfg))
+    (other / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes())
+    subs = {"{notimage}": str(notimage), "{digit}": str(digit_png), "{nockpt}": str(nockpt), "{badweights}": str(bad),
+            "{otherconfig}": str(other)}
+    argv = [subs.get(a, a) for a in args]
+    if argv[0] in ("score", "sample") and "--ckpt" not in argv:
+        argv += ["--ckpt", str(tiny_run)]
+    proc = farmer(*argv, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sample_writes_grid_and_files(tiny_run: Path, tmp_path: Path):
+    out = tmp_path / "grid.png"
+    farmer("sample", "--ckpt", str(tiny_run), "--class", "3", "--class", "5", "--n", "4", "--cfg", "1.5",
+           "--out", str(out), "--out-dir", str(tmp_path / "each"), "--scale", "2")
+    with Image.open(out) as im:
+        assert im.size == (2 + 4 * (16 + 2), 2 + 2 * (16 + 2))  # 4 columns, 2 class rows, 2-pixel padding
+    files = sorted(p.name for p in (tmp_path / "each").iterdir())
+    assert len(files) == 8 and files[0].startswith("3-3_") and files[-1].startswith("5-5_")
+    with Image.open(tmp_path / "each" / files[0]) as im:
+        assert im.size == (8, 8)
+
+
+def test_sample_is_deterministic_for_a_seed(tiny_run: Path, tmp_path: Path):
+    for name in ("a", "b"):
+        farmer("sample", "--ckpt", str(tiny_run), "--n", "3", "--seed", "7", "--out", str(tmp_path / f"{name}.png"))
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_distill_then_sample_with_student(tmp_path: Path):
+    run = tmp_path / "r"
+    farmer("train", "--preset", "tiny", "--out", str(run), "--steps", "20")
+    proc = farmer("distill", "--ckpt", str(run), "--steps", "30")
+    assert (run / "student.safetensors").exists()
+    before, after = (float(v) for v in proc.stderr.split("held-out images):")[1].split("\n")[0].split("->"))
+    assert after < before
+    farmer("sample", "--ckpt", str(run), "--student", "--n", "2", "--out", str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").exists()
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_training_keeps_ranks_identical(tmp_path: Path):
+    # On a CPU-only machine `--multi_gpu` starts torchrun workers that Accelerate joins with gloo on the CPU
+    # (`--cpu` with several processes would need mpirun).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(launch + [str(Path(__file__).parent / "dist_check.py"), str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0 = torch.load(tmp_path / "rank0.pt")
+    w1 = torch.load(tmp_path / "rank1.pt")
+    assert w0.keys() == w1.keys()
+    for key in w0:
+        torch.testing.assert_close(w0[key], w1[key], rtol=0, atol=0, msg=key)
+    first = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in first.values())
+    proc = subprocess.run(launch + ["-m", "farmer_cli", "train", "--preset", "tiny", "--steps", "4", "--out",
+                                    str(tmp_path / "cli")], capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr and (tmp_path / "cli" / "model.safetensors").exists()

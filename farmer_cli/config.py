@@ -115,7 +115,7 @@ class DataConfig:
     label_column: str = ""  # HF datasets: detected when empty
     test_fraction: float = 0.1  # fixed held-out split (seeded) for bits/dim
     split_seed: int = 0
-    hflip: bool = False  # random horizontal flips in training (off: digits are not symmetric)
+    num_workers: int = 0  # DataLoader worker processes (4-16 for image folders on GPUs)
 
 
 @dataclass

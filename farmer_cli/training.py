@@ -126,7 +126,7 @@ class TrainResult:
 
 
 def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: bool = False,
-          workers: int = 0, quiet: bool = False, stop_after: int = 0) -> TrainResult:
+          quiet: bool = False, stop_after: int = 0) -> TrainResult:
     """Train (or resume) a Farmer model on ``data`` into ``run_dir``; returns a summary.
 
     ``stop_after`` > 0 ends this invocation after that many steps (checkpoint saved; the schedules still span the
@@ -171,7 +171,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     if main and not resume:
         console.print(f"test bits/dim before training: [bold]{bpd_before:.3f}[/] ({len(data.test)} test images)")
     loader = make_loader(data.train, tc.batch_size, accelerator.num_processes, accelerator.process_index,
-                         tc.seed, start, workers)
+                         tc.seed, start, cfg.data.num_workers)
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
     skipped, t0, seen, last_log = 0, time.time(), 0, time.time()
     null = cfg.model.num_classes

@@ -30,10 +30,11 @@ def labelled_figure(panel: Image.Image, title: str, row_labels: list[str], col_l
                     cell: tuple[int, int], pad: int = 2, margin: tuple[int, int] = (90, 36)) -> Image.Image:
     """Add a title, row labels (left) and column labels (top) around a grid made by :func:`grid`."""
     left, top = margin
-    out = Image.new("RGB", (panel.width + left, panel.height + top + 6), "white")
+    font = ImageFont.load_default()
+    title_width = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) + 8
+    out = Image.new("RGB", (max(panel.width + left, title_width), panel.height + top + 6), "white")
     out.paste(panel, (left, top))
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
     draw.text((4, 2), title, fill="black", font=font)
     ch, cw = cell
     for r, label in enumerate(row_labels):

@@ -39,7 +39,8 @@ def run(
                           "checkpoint; --steps may raise the total."),
     stop_after: int = Option(0, "--stop-after", help="End this invocation after N steps (checkpoint saved, "
                              "schedules unchanged); continue later with --resume. For time-limited jobs."),
-    workers: int = Option(0, "--workers", help="DataLoader worker processes (use 4-16 for image folders on GPUs)."),
+    workers: Optional[int] = Option(None, "--workers", help="DataLoader worker processes (default: the preset's "
+                                    "data.num_workers; 4-16 for image folders on GPUs)."),
     overrides: List[str] = Option([], "--set", help=SET_HELP),
 ) -> None:
     with user_errors():
@@ -59,7 +60,7 @@ def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, se
     else:
         cfg = load_preset(preset)
     cli = {"data.source": data, "train.steps": steps, "train.epochs": epochs, "train.batch_size": batch_size,
-           "train.lr": lr, "train.mixed_precision": mixed_precision, "train.seed": seed}
+           "train.lr": lr, "train.mixed_precision": mixed_precision, "train.seed": seed, "data.num_workers": workers}
     apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides))
     for name in ("steps", "batch_size"):
         if getattr(cfg.train, name) <= 0 and not (name == "steps" and cfg.train.epochs > 0):
@@ -80,7 +81,7 @@ def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, se
                       f"{len(bundle.train)} train / {len(bundle.test)} test images, {len(bundle.class_names)} classes, "
                       f"{acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}")
     try:
-        result = train(cfg, bundle, run_dir, acc, resume=resume, workers=workers, stop_after=stop_after)
+        result = train(cfg, bundle, run_dir, acc, resume=resume, stop_after=stop_after)
     except TrainingDiverged as err:
         console.print(f"[red]error:[/] {err}")
         raise SystemExit(1) from None

@@ -127,11 +127,13 @@ class Farmer(nn.Module):
 
     # ----- sampling -----
     @torch.no_grad()
-    def sample_tokens(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
-                      use_cache: bool = True, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Classes y (B,) -> AR tokens (B, n, D_ar): informative tokens one by one, then all redundant ones.
+    def sample_informative(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
+                           use_cache: bool = True, on_token: Callable[[int], None] | None = None):
+        """Classes y (B,) -> (informative tokens (B, n, d_I), redundant mixture or None).
 
-        With guidance (s.cfg > 0) the conditional and null-class passes run as one batch of 2B."""
+        Tokens are drawn one by one (KV cache: each step feeds one token). With guidance (s.cfg > 0) the
+        conditional and null-class passes run as one batch of 2B, and the redundant mixture has leading dim 2B
+        ([conditional; unconditional]); otherwise B."""
         prior, B, device = self.prior, y.shape[0], y.device
         guided = s.cfg > 0
         labels = torch.cat([y, torch.full_like(y, self.null_class)]) if guided else y
@@ -144,11 +146,19 @@ class Farmer(nn.Module):
             if on_token is not None:
                 on_token(i)
         if prior.red_head is None:
-            return z_info
+            return z_info, None
         prefix = torch.cat([z_info, z_info]) if guided else z_info
-        red = prior.red_head(prior.next_hidden(labels, prefix, cache))
-        pool = s.redundant_pool or 2 * prior.N
-        z_red = draw_tokens(red, prior.N, pool, s, generator)
+        return z_info, prior.red_head(prior.next_hidden(labels, prefix, cache))
+
+    @torch.no_grad()
+    def sample_tokens(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
+                      use_cache: bool = True, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Classes y (B,) -> AR tokens (B, n, D_ar): informative tokens one by one, then all N redundant vectors
+        from the one shared mixture (through the resampling pool when guided)."""
+        z_info, red = self.sample_informative(y, s, generator, use_cache, on_token)
+        if red is None:
+            return z_info
+        z_red = draw_tokens(red, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, generator)
         return torch.cat([z_info, z_red], dim=-1)
 
     @torch.no_grad()

@@ -69,10 +69,17 @@ def noise_interpolation(model: Farmer, u: torch.Tensor, blocks: list[int], level
     return Interpolation(partial, full, mse(partial), mse(full))
 
 
+@dataclass
+class VarianceSweep:
+    images: torch.Tensor  # uint8 (factors, columns, C, H, W)
+    redundant: torch.Tensor  # (factors, columns, N, d_R): the redundant vectors decoded in each row
+    means: torch.Tensor  # (columns, N, d_R): means of the mixture components picked for each vector
+
+
 @torch.no_grad()
 def variance_sweep(model: Farmer, label: int, factors: list[float], columns: int, s: SamplingConfig,
-                   seed: int = 0, student=None) -> torch.Tensor:
-    """-> uint8 (factors, columns, C, H, W): each column one informative sample, each row one variance factor."""
+                   seed: int = 0, student=None) -> VarianceSweep:
+    """Each column one informative sample, each row one variance factor."""
     if model.prior.d_R == 0:
         raise ValueError("this model has no redundant channels (model.channel_split = false)")
     gen = torch.Generator().manual_seed(seed)
@@ -83,9 +90,9 @@ def variance_sweep(model: Farmer, label: int, factors: list[float], columns: int
     comp = red.pick_components(N, gen)  # (columns, N): the same picks for every factor
     mu, sd = red.components(comp)
     eps = torch.randn(mu.shape, generator=gen)
-    rows = []
+    rows, reds = [], []
     for f in factors:
         z_red = mu + sd * (f**0.5) * eps
-        x = model.decode(torch.cat([z_info, z_red], dim=-1), y, student=student)
-        rows.append(quantize(x))
-    return torch.stack(rows)
+        rows.append(quantize(model.decode(torch.cat([z_info, z_red], dim=-1), y, student=student)))
+        reds.append(z_red)
+    return VarianceSweep(torch.stack(rows), torch.stack(reds), mu)

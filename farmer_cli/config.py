@@ -160,6 +160,7 @@ class SamplingConfig:
     t_sigma_eval: float = 0.9  # evaluation: component std x T_sigma,v
     t_resample: float = 1.1  # T_s
     redundant_pool: int = 0  # candidates per proposal for the redundant step; 0 = 2 x AR tokens
+    denoise: bool = True  # one score step x + sigma² ∇log p(x) after decoding (TARFlow; not in the FARMER paper)
 
 
 @dataclass
@@ -181,6 +182,13 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     preset: str = ""
+
+    def denoise_sigma(self) -> float:
+        """Noise level removed after decoding: the final training sigma when trained with Gaussian noise and
+        ``sampling.denoise`` is on; else 0 (no denoising)."""
+        if not self.sampling.denoise or self.train.noise != "gaussian":
+            return 0.0
+        return self.train.noise_end
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

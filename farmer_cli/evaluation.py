@@ -14,7 +14,7 @@ import torch
 
 from .config import SamplingConfig
 from .data import ImageDataset, collate
-from .model import Farmer, dequantize, quantize
+from .model import Farmer, dequantize
 from .scoring import score_batch
 
 
@@ -71,13 +71,14 @@ def generative_classifier(model: Farmer, dataset: ImageDataset, max_classes: int
 
 
 @torch.no_grad()
-def generate(model: Farmer, n: int, s: SamplingConfig, seed: int, batch: int, student=None, on_batch=None):
+def generate(model: Farmer, n: int, s: SamplingConfig, seed: int, batch: int, student=None, on_batch=None,
+             denoise_sigma: float = 0.0):
     """n class-balanced samples (labels 0,1,...,K-1,0,1,...) -> (uint8 (n, C, H, W), labels (n,))."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % model.cfg.num_classes
     images = []
     for y in labels.split(batch):
-        images.append(quantize(model.decode(model.sample_tokens(y, s, gen), y, student=student)))
+        images.append(model.sample(y, s, gen, student=student, denoise_sigma=denoise_sigma))
         if on_batch is not None:
             on_batch(len(y))
     return torch.cat(images), labels

@@ -78,7 +78,7 @@ class VarianceSweep:
 
 @torch.no_grad()
 def variance_sweep(model: Farmer, label: int, factors: list[float], columns: int, s: SamplingConfig,
-                   seed: int = 0, student=None) -> VarianceSweep:
+                   seed: int = 0, student=None, denoise_sigma: float = 0.0) -> VarianceSweep:
     """Each column one informative sample, each row one variance factor."""
     if model.prior.d_R == 0:
         raise ValueError("this model has no redundant channels (model.channel_split = false)")
@@ -93,6 +93,7 @@ def variance_sweep(model: Farmer, label: int, factors: list[float], columns: int
     rows, reds = [], []
     for f in factors:
         z_red = mu + sd * (f**0.5) * eps
-        rows.append(quantize(model.decode(torch.cat([z_info, z_red], dim=-1), y, student=student)))
+        x = model.decode(torch.cat([z_info, z_red], dim=-1), y, student=student)
+        rows.append(quantize(model.denoise(x, y, denoise_sigma)))
         reds.append(z_red)
     return VarianceSweep(torch.stack(rows), torch.stack(reds), mu)

@@ -108,8 +108,9 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
         with progress() as bar:
             task = bar.add_task("sampling", total=n_samples)
             images, labels = generate(model, n_samples, cfg.sampling, seed, batch_size, student_flow,
-                                      on_batch=lambda k: bar.advance(task, k))
-        result["sampling"] = cfg.sampling.__dict__ | {"student": student, "n_samples": n_samples}
+                                      on_batch=lambda k: bar.advance(task, k), denoise_sigma=cfg.denoise_sigma())
+        result["sampling"] = cfg.sampling.__dict__ | {"student": student, "n_samples": n_samples,
+                                                      "denoise_sigma": cfg.denoise_sigma()}
         if "sample-acc" in chosen:
             m["sample_acc"] = reference_classifier_accuracy(bundle.train, images, labels)
         if net is not None:

@@ -124,7 +124,7 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
         if columns < 1:
             exit_with("--n must be at least 1")
         label = resolve_class(class_ or "0", class_names, mc.num_classes)
-        images = variance_sweep(model, label, fs, columns, cfg.sampling, seed, student_flow).images
+        images = variance_sweep(model, label, fs, columns, cfg.sampling, seed, student_flow, cfg.denoise_sigma()).images
         panel = grid(images.flatten(0, 1), columns, scale=scale)
         name = class_names[label] if label < len(class_names) else str(label)
         figure = labelled_figure(panel, f"redundant-mixture variance sweep, class {name}: same informative tokens "

@@ -94,6 +94,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     s = sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides)
     student_flow = load_student(run_dir, model) if student else None
     gen = torch.Generator().manual_seed(seed)
+    sigma = cfg.denoise_sigma()
     K = cfg.model.num_classes
     if not classes:
         labels = list(range(K)) if K <= 10 else torch.randperm(K, generator=gen)[:8].tolist()
@@ -111,7 +112,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
         for y in chunks:
             tokens = model.sample_tokens(y, s, gen, on_token=lambda i: bar.advance(task))
             x = model.decode(tokens, y, student=student_flow, on_block=lambda t: bar.advance(task))
-            images.append(quantize(x))
+            images.append(quantize(model.denoise(x, y, sigma)))
     images = torch.cat(images)
     seconds = time.time() - t0
     size = cfg.model.image_size
@@ -125,6 +126,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
             arr = img.permute(1, 2, 0).squeeze(-1).numpy()
             Image.fromarray(arr).save(out_dir / f"{_safe(class_names, label)}_{i % n:04d}.png")
     how = f"cfg {s.cfg} ({s.guidance})" if s.cfg > 0 else f"unguided (T={s.temperature}, S={s.var_scale})"
+    how += f", denoised (sigma {sigma:g})" if sigma > 0 else ""
     console.print(f"{len(images)} samples of {len(labels)} class(es) from step {step} of {run_dir}, {how}, "
                   f"{'student' if student_flow is not None else 'teacher'} decoder: {seconds:.1f} s "
                   f"({len(images) / seconds:.1f} img/s) -> [bold]{out}[/]" + (f" and {out_dir}/" if out_dir else ""))

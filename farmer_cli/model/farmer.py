@@ -161,9 +161,23 @@ class Farmer(nn.Module):
         z_red = draw_tokens(red, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, generator)
         return torch.cat([z_info, z_red], dim=-1)
 
+    def denoise(self, x: torch.Tensor, y: torch.Tensor | None, sigma: float) -> torch.Tensor:
+        """One score-based denoising step (Tweedie): E[x_clean | x] = x + sigma² ∇_x log p(x).
+
+        A model trained on data plus N(0, sigma²) noise models the noisy density, so its exact log-likelihood
+        gives the score in one backward pass (as TARFlow does; the FARMER paper describes no denoising).
+        x (B, C, H, W) -> (B, C, H, W)."""
+        if sigma <= 0:
+            return x
+        with torch.enable_grad():
+            x = x.detach().float().requires_grad_(True)
+            log_p = -self.nll_continuous(x, y)["nll"].sum()
+            (score,) = torch.autograd.grad(log_p, x)
+        return (x + sigma**2 * score).detach()
+
     @torch.no_grad()
     def sample(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
-               use_cache: bool = True, student: nn.Module | None = None) -> torch.Tensor:
-        """Classes y (B,) -> uint8 images (B, C, H, W)."""
+               use_cache: bool = True, student: nn.Module | None = None, denoise_sigma: float = 0.0) -> torch.Tensor:
+        """Classes y (B,) -> uint8 images (B, C, H, W); denoised with ``denoise_sigma`` > 0."""
         tokens = self.sample_tokens(y, s, generator, use_cache)
-        return quantize(self.decode(tokens, y, use_cache, student))
+        return quantize(self.denoise(self.decode(tokens, y, use_cache, student), y, denoise_sigma))

@@ -177,10 +177,10 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     null = cfg.model.num_classes
     completed = start
     batches = iter(loader)
-    bar = progress(disable=quiet or not main, loss="loss", bpd="bpd", ips="img/s")
+    bar = progress(disable=quiet or not main, bpd="bits/dim", ips="img/s")
     try:
         with bar:
-            task = bar.add_task("train", total=total, completed=start, loss="-", bpd="-", ips="-")
+            task = bar.add_task("train", total=total, completed=start, bpd="-", ips="-")
             end = min(total, start + stop_after) if stop_after > 0 else total
             for step in range(start, end):
                 u, y, bad = next(batches)
@@ -210,12 +210,12 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
                     now = time.time()
                     ips = seen / max(1e-9, now - last_log)
                     seen, last_log = 0, now
-                    record = {"step": done, "loss": loss.item(), "bpd": loss.item(), "lr": sched.get_last_lr()[0],
+                    record = {"step": done, "bpd": loss.item(), "lr": sched.get_last_lr()[0],
                               "sigma": sigma, "grad_norm": float(grad_norm), "images_per_s": ips,
                               **{k: out[k].mean().item() for k in ("log_p_info", "log_p_red", "logdet")}}
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                    bar.update(task, loss=f"{loss.item():.3f}", bpd=f"{loss.item():.3f}", ips=f"{ips:.0f}")
+                    bar.update(task, bpd=f"{loss.item():.3f}", ips=f"{ips:.0f}")
                 bar.update(task, completed=done)
                 if done % tc.ckpt_every == 0 and done != end:
                     checkpoint(done)

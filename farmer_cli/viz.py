@@ -27,11 +27,12 @@ def grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int = 1, backgrou
 
 
 def labelled_figure(panel: Image.Image, title: str, row_labels: list[str], col_labels: list[str],
-                    cell: tuple[int, int], pad: int = 2, margin: tuple[int, int] = (90, 36)) -> Image.Image:
+                    cell: tuple[int, int], pad: int = 2, top: int = 36) -> Image.Image:
     """Add a title, row labels (left) and column labels (top) around a grid made by :func:`grid`."""
-    left, top = margin
     font = ImageFont.load_default()
-    title_width = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) + 8
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = max([int(measure.textlength(r, font=font)) for r in row_labels] + [0]) + 12
+    title_width = int(measure.textlength(title, font=font)) + 8
     out = Image.new("RGB", (max(panel.width + left, title_width), panel.height + top + 6), "white")
     out.paste(panel, (left, top))
     draw = ImageDraw.Draw(out)

@@ -136,7 +136,7 @@ def test_inspect_cli_figures_and_table(tiny_run: Path, digit_png: Path, tmp_path
     with Image.open(out) as im:
         w, h = im.size
     scale, cell = 6, 8 * 6  # 48 px cells for 8x8 images
-    assert w >= 90 + 2 + 7 * (cell + 2) and h == 36 + 6 + 2 + 2 * (cell + 2)  # 2 block rows; 3 + gap + 3 columns
+    assert w >= 2 + 7 * (cell + 2) and h == 36 + 6 + 2 + 2 * (cell + 2)  # 2 block rows; 3 + gap + 3 columns
     farmer("inspect-channels", "--ckpt", str(tiny_run), "--mode", "variance", "--out", str(tmp_path / "v.png"))
     with Image.open(tmp_path / "v.png") as im:
         assert im.size[1] == 36 + 6 + 2 + 9 * (cell + 2)  # nine default factors

@@ -1,0 +1,71 @@
+"""Training-loop pieces: schedules, deterministic sharded batch order, divergence detection, atomic checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from farmer_cli.config import load_preset
+from farmer_cli.data import load_data
+from farmer_cli.model import Farmer
+from farmer_cli.training import TrainingDiverged, batch_indices, lr_factor, noise_sigma, train
+
+
+def test_lr_warmup_then_cosine():
+    assert lr_factor(0, 10, 100, 0.01) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.01) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.01) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor(100, 10, 100, 0.01) == pytest.approx(0.01)
+
+
+def test_noise_sigma_cosine_anneal():
+    assert noise_sigma(0, 100, 0.1, 0.005) == pytest.approx(0.1)
+    assert noise_sigma(50, 100, 0.1, 0.005) == pytest.approx(0.0525)
+    assert noise_sigma(100, 100, 0.1, 0.005) == pytest.approx(0.005)
+
+
+def test_batches_are_sharded_disjoint_and_resumable():
+    it0, it1 = batch_indices(100, 8, 2, 0, 3, 0), batch_indices(100, 8, 2, 1, 3, 0)
+    first = [(next(it0), next(it1)) for _ in range(12)]  # 12 global batches of 16 > one epoch (6 batches)
+    for a, b in first[:6]:
+        assert len(a) == len(b) == 8 and not set(a) & set(b)
+    epoch = [i for a, b in first[:6] for i in a + b]
+    assert len(set(epoch)) == 96  # no repeats within an epoch
+    resumed = batch_indices(100, 8, 2, 0, 3, 7)
+    assert [next(resumed) for _ in range(5)] == [a for a, _ in first[7:12]]
+
+
+class _Exploding(Farmer):
+    """Produces a non-finite log-det from the 4th call of forward (training step 3) on."""
+
+    calls = 0
+
+    def forward(self, u, y=None, noise="uniform", sigma=0.0):
+        out = super().forward(u, y, noise, sigma)
+        type(self).calls += 1
+        if type(self).calls > 3:
+            out["logdet"] = out["logdet"] * float("inf")
+            out["bpd"] = out["bpd"] + out["logdet"]
+        return out
+
+
+def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch):
+    from farmer_cli import model as model_pkg
+    from farmer_cli.runtime import make_accelerator
+
+    cfg = load_preset("tiny")
+    cfg.train.steps, cfg.train.ckpt_every = 10, 2
+    monkeypatch.setattr(model_pkg, "Farmer", _Exploding)
+    data = load_data(cfg.data, 1, 8)
+    with pytest.raises(TrainingDiverged, match=r"step 3: .*logdet"):
+        train(cfg, data, tmp_path / "run", make_accelerator("no"), quiet=True)
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    state = torch.load(tmp_path / "run" / "training_state.pt", weights_only=False)
+    assert state["step"] == 2
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # no temporary files left behind
+    assert math.isfinite(sum(v.sum().item() for v in weights.values()))

@@ -135,7 +135,7 @@ def test_inspect_cli_figures_and_table(tiny_run: Path, digit_png: Path, tmp_path
     assert "a=0.5" in proc.stdout and "block" in proc.stdout.lower()
     with Image.open(out) as im:
         w, h = im.size
-    scale, cell = 6, 8 * 6  # 48 px cells for 8x8 images
+    cell = 8 * 8  # 64 px cells for 8x8 images
     assert w >= 2 + 7 * (cell + 2) and h == 36 + 6 + 2 + 2 * (cell + 2)  # 2 block rows; 3 + gap + 3 columns
     farmer("inspect-channels", "--ckpt", str(tiny_run), "--mode", "variance", "--out", str(tmp_path / "v.png"))
     with Image.open(tmp_path / "v.png") as im:

@@ -87,7 +87,7 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
         exit_with("this model has no redundant channels (model.channel_split = false): nothing to inspect")
     student_flow = load_student(run_dir, model) if student else None
     size = mc.image_size
-    scale = max(1, 48 // size)
+    scale = max(1, 64 // size)
     cell = (size * scale, size * scale)
     if mode == "interpolate":
         chosen = parse_blocks(blocks, mc.af_blocks)
@@ -115,7 +115,7 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
         for a in lv:
             table.add_column(f"a={a:g}", justify="right")
         for i, b in enumerate(chosen):
-            table.add_row(str(b), *[f"{res.mse_partial[i, j]:.4f} / {res.mse_full[i, j]:.4f}" for j in range(L)])
+            table.add_row(str(b), *[f"{res.mse_partial[i, j]:.4f}/{res.mse_full[i, j]:.4f}" for j in range(L)])
         stdout.print(table)
     else:
         fs = _floats(factors, "factors")

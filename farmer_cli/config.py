@@ -46,6 +46,7 @@ class ModelConfig:
     informative_dims: int = 128  # d_I (after token merge)
     informative_components: int = 64  # K_I
     redundant_components: int = 200  # K_R
+    token_basis: str = "pixel"  # "pixel" (the paper) or "dct": orthonormal per-patch DCT before the AF (ours)
     token_merge: int = 1  # merge m x m neighbouring AF tokens into one AR token (2 for patch 8, NOTES §9.1)
     final_permute: str = "none"  # "none" or "flip": token order between AF and AR (NOTES Table 2)
     mlp_ratio: float = 4.0
@@ -96,6 +97,8 @@ class ModelConfig:
             )
         if self.af_permutation not in ("alternate", "always-flip"):
             raise ConfigError("model.af_permutation must be 'alternate' or 'always-flip'")
+        if self.token_basis not in ("pixel", "dct"):
+            raise ConfigError("model.token_basis must be 'pixel' or 'dct'")
         if self.final_permute not in ("none", "flip"):
             raise ConfigError("model.final_permute must be 'none' or 'flip'")
         for name in ("af_width", "ar_width"):

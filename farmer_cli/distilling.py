@@ -18,7 +18,6 @@ from .config import Config
 from .data import DataBundle
 from .model import Farmer, dequantize
 from .model.distill import distill_loss, make_student
-from .model.patchify import patchify
 from .runtime import console, progress
 from .training import TrainingDiverged, lr_factor, make_loader
 
@@ -32,8 +31,9 @@ def student_error(model: Farmer, student, data: DataBundle, batch: int, seed: in
     The latents are the teacher's encodings of test images (so the true inverse is the image itself)."""
     u = torch.stack([data.test[i][0] for i in range(min(batch, len(data.test)))])
     x = dequantize(u, "uniform", generator=torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
-    z, _ = model.flow(patchify(x, model.cfg.patch_size))
-    return ((student.one_pass_inverse(z) - patchify(x, model.cfg.patch_size)) ** 2).mean().item()
+    tokens = model.to_tokens(x)
+    z, _ = model.flow(tokens)
+    return ((student.one_pass_inverse(z) - tokens) ** 2).mean().item()
 
 
 def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: bool = False,
@@ -73,7 +73,7 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
         for step in range(start, dc.steps):
             u, _, _ = next(batches)
             torch.manual_seed(cfg.train.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
-            x = patchify(dequantize(u.to(device), "uniform"), cfg.model.patch_size)
+            x = model.to_tokens(dequantize(u.to(device), "uniform"))
             with accelerator.autocast():
                 loss, per_block = distill_loss(teacher, student, x, dc.latent_noise_max)
             if not torch.isfinite(loss):

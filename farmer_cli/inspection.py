@@ -22,7 +22,6 @@ import torch
 
 from .config import SamplingConfig
 from .model import Farmer, dequantize, quantize
-from .model.patchify import patchify, unpatchify
 
 
 @dataclass
@@ -37,11 +36,11 @@ class Interpolation:
 def noise_interpolation(model: Farmer, u: torch.Tensor, blocks: list[int], levels: list[float], seed: int = 0,
                         student=None) -> Interpolation:
     """u: uint8 (C, H, W); blocks: 1-based AF block indices; levels in [0, 1]."""
-    cfg, d_I = model.cfg, model.prior.d_I
+    d_I = model.prior.d_I
     if model.prior.d_R == 0:
         raise ValueError("this model has no redundant channels (model.channel_split = false)")
     x = dequantize(u[None], "none")
-    _, _, states = model.flow(patchify(x, cfg.patch_size), return_intermediates=True)
+    _, _, states = model.flow(model.to_tokens(x), return_intermediates=True)
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(model.to_ar_tokens(states[-1]).shape, generator=gen)
     a = torch.tensor(levels).view(-1, 1, 1)
@@ -59,7 +58,7 @@ def noise_interpolation(model: Farmer, u: torch.Tensor, blocks: list[int], level
                 back = student.one_pass_inverse(tokens, upto=t)
             else:
                 back = model.flow.inverse(tokens, upto=t)
-            results[name].append(quantize(unpatchify(back, cfg.patch_size, cfg.channels, cfg.image_size)))
+            results[name].append(quantize(model.from_tokens(back)))
     partial, full = torch.stack(results["partial"]), torch.stack(results["full"])
     ref = u.float() / 255.0
 

@@ -1,6 +1,6 @@
 """FARMER: autoregressive flow + GMM autoregressive prior, trained end to end on exact NLL (NOTES §1.5).
 
-    u (B, C, H, W) uint8 --dequantize--> x = (u + noise)/128 - 1 --patchify--> (B, N, d)
+    u (B, C, H, W) uint8 --dequantize--> x = (u + noise)/128 - 1 --patchify (+ optional DCT)--> (B, N, d)
       --AF--> Z (B, N, d), log|det| --merge m x m, final permute--> AR tokens (B, N/m², m²·d)
       --prior--> log p(Z^I | c) + log p(Z^R | Z^I, c)
 
@@ -21,7 +21,7 @@ from torch import nn
 from ..config import ModelConfig, SamplingConfig
 from .flow import AutoregressiveFlow
 from .guidance import draw_tokens
-from .patchify import merge_tokens, patchify, split_tokens, unpatchify
+from .patchify import dct_basis, merge_tokens, patchify, split_tokens, unpatchify
 from .prior import ARPrior
 
 
@@ -59,6 +59,18 @@ class Farmer(nn.Module):
             cfg.af_max_log_scale, cfg.af_permutation, cfg.num_classes if cfg.af_class_conditional else 0,
         )
         self.prior = ARPrior(cfg)
+        basis = dct_basis(cfg.patch_size, cfg.channels) if cfg.token_basis == "dct" else None
+        self.register_buffer("basis", basis, persistent=False)
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> AF input tokens (B, N, d): patchify, then the optional orthonormal DCT basis."""
+        t = patchify(x, self.cfg.patch_size)
+        return t if self.basis is None else t @ self.basis.T
+
+    def from_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_tokens`."""
+        t = t if self.basis is None else t @ self.basis
+        return unpatchify(t, self.cfg.patch_size, self.cfg.channels, self.cfg.image_size)
 
     @property
     def null_class(self) -> int:
@@ -86,7 +98,7 @@ class Farmer(nn.Module):
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantised image x (B, C, H, W) -> AR tokens (B, n, D_ar), AF log-det (B,)."""
         y = self._labels(y, x.shape[0], x.device)
-        z, logdet = self.flow(patchify(x, self.cfg.patch_size), self._flow_class(y))
+        z, logdet = self.flow(self.to_tokens(x), self._flow_class(y))  # the DCT basis has |det| = 1
         return self.to_ar_tokens(z), logdet
 
     @torch.no_grad()
@@ -99,7 +111,7 @@ class Farmer(nn.Module):
             x = student.one_pass_inverse(z, self._flow_class(y))
         else:
             x = self.flow.inverse(z, self._flow_class(y), use_cache=use_cache, on_block=on_block)
-        return unpatchify(x, self.cfg.patch_size, self.cfg.channels, self.cfg.image_size)
+        return self.from_tokens(x)
 
     # ----- likelihood -----
     def nll(self, u: torch.Tensor, y: torch.Tensor | None = None, noise: str = "uniform", sigma: float = 0.0,

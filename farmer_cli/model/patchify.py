@@ -44,3 +44,19 @@ def split_tokens(z: torch.Tensor, m: int) -> torch.Tensor:
     d = D // (m * m)
     z = z.reshape(B, s, s, m, m, d).permute(0, 1, 3, 2, 4, 5)
     return z.reshape(B, s * s * m * m, d)
+
+
+def dct_basis(p: int, channels: int) -> torch.Tensor:
+    """Orthonormal (d, d) matrix Q, d = C·p², taking a token in (channel, row, col) order to its per-channel 2-D
+    DCT-II coefficients ordered from low to high spatial frequency (u + v, then u, then channel).
+
+    tokens @ Q.T gives coefficients; coefficients @ Q gives tokens back. |det Q| = 1, so the likelihood is
+    unchanged. With it the first channels of a token hold its coarse structure and the last ones fine detail."""
+    n = torch.arange(p, dtype=torch.float64)
+    D = torch.cos(torch.pi * (2 * n[None] + 1) * n[:, None] / (2 * p)) * (2.0 / p) ** 0.5
+    D[0] /= 2**0.5
+    per_channel = torch.kron(D, D)  # (p², p²): row u*p+v is the (u, v) basis image
+    Q = torch.block_diag(*[per_channel] * channels)  # (d, d), rows ordered (channel, u, v)
+    keys = [((u + v), u, c) for c in range(channels) for u in range(p) for v in range(p)]
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    return Q[order].float()

@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 console = Console(stderr=True, soft_wrap=True)  # progress, notes, warnings and errors
 stdout = Console()  # results (tables) so they can be piped
+if not stdout.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+    stdout = Console(width=160)
 
 RUNS_DIR = Path("runs")
 

@@ -18,7 +18,7 @@ from .config import Config
 from .data import DataBundle
 from .model import Farmer, dequantize
 from .model.distill import distill_loss, make_student
-from .runtime import console, progress
+from .runtime import attention_backend, console, progress
 from .training import TrainingDiverged, lr_factor, make_loader
 
 DISTILL_STATE = "distill_state.pt"
@@ -74,7 +74,7 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
             u, _, _ = next(batches)
             torch.manual_seed(cfg.train.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
             x = model.to_tokens(dequantize(u.to(device), "uniform"))
-            with accelerator.autocast():
+            with accelerator.autocast(), attention_backend(device, accelerator.mixed_precision):
                 loss, per_block = distill_loss(teacher, student, x, dc.latent_noise_max)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"distillation step {step}: non-finite loss; the last good student is kept")

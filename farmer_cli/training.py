@@ -25,7 +25,7 @@ import torch
 from .checkpoint import (MODEL_FILE, load_training_state, save_config, save_training_state, save_weights)
 from .config import Config
 from .data import DataBundle, ImageDataset, collate
-from .runtime import console, progress
+from .runtime import attention_backend, console, progress
 from .scoring import score_batch
 
 
@@ -191,7 +191,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
                 y = torch.where(drop, torch.full_like(y, null), y)
                 model.train()
                 sigma = noise_sigma(step, total, tc.noise_start, tc.noise_end)
-                with accelerator.autocast():
+                with accelerator.autocast(), attention_backend(device, accelerator.mixed_precision):
                     out = model(u, y, noise=tc.noise, sigma=sigma)
                 loss = out["bpd"].mean()
                 check_finite(step, out, loss)

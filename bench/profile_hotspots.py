@@ -1,10 +1,12 @@
 """Profile one training step and one sampling call of the quickstart model (torch.profiler), print the top
 operators, and time the fixes side by side (medians of interleaved repeats):
 
-  * fused AdamW (one kernel over all parameters) vs the per-parameter loop the optimiser uses by default on CPU
-  * KV-cached vs uncached sampling (see bench/sampling.py for the full table)
+  * attention backend under bf16 autocast on CPU: plain matmul-softmax ("math") vs the fused flash kernel, whose
+    CPU backward was the top hot spot (farmer now picks "math" there: farmer_cli/runtime.py attention_backend)
+  * fused AdamW (one kernel over all parameters) vs the per-parameter loop
+  * KV-cached vs uncached sampling is in bench/sampling.py
 
-    python bench/profile.py [--rows 12]
+    python bench/profile_hotspots.py [--rows 12]
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from common import interleaved, report
@@ -32,9 +35,9 @@ def main() -> None:
     optimisers = {"fused": torch.optim.AdamW(model.parameters(), 1e-4, fused=True),
                   "foreach_off": torch.optim.AdamW(model.parameters(), 1e-4, foreach=False)}
 
-    def train_step(opt):
+    def train_step(opt, backend=SDPBackend.MATH):
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with sdpa_kernel(backend), torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(u, y, noise="gaussian", sigma=0.05)["bpd"].mean()
             loss.backward()
             opt.step()
@@ -46,16 +49,24 @@ def main() -> None:
         model.sample(y[:16], cfg.sampling, torch.Generator().manual_seed(0))
         model.train()
 
-    for name, fn in (("training step (bf16 autocast, batch 64, fused AdamW)", train_step(optimisers["fused"])),
+    for name, fn in (("training step, flash attention (bf16 autocast, batch 64)",
+                      train_step(optimisers["fused"], SDPBackend.FLASH_ATTENTION)),
+                     ("training step, math attention (bf16 autocast, batch 64)", train_step(optimisers["fused"])),
                      ("sampling call (16 images, guided)", sample)):
         fn()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
         print(f"\n== {name}: top operators by self CPU time ==")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
-    t = interleaved({k: train_step(o) for k, o in optimisers.items()}, args.repeats)
-    report("profile", [{"change": "AdamW fused=True vs per-parameter loop", "before_s": t["foreach_off"],
-                        "after_s": t["fused"], "speedup": t["foreach_off"] / t["fused"]}])
+    t = interleaved({"flash": train_step(optimisers["fused"], SDPBackend.FLASH_ATTENTION),
+                     "math": train_step(optimisers["fused"]), "loop": train_step(optimisers["foreach_off"])},
+                    args.repeats)
+    report("profile", [
+        {"change": "attention: math vs flash kernel (bf16, CPU)", "before_s": t["flash"], "after_s": t["math"],
+         "speedup": t["flash"] / t["math"]},
+        {"change": "AdamW fused vs per-parameter loop", "before_s": t["loop"], "after_s": t["math"],
+         "speedup": t["loop"] / t["math"]},
+    ])
 
 
 if __name__ == "__main__":

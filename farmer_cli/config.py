@@ -257,8 +257,17 @@ def _coerce(value: Any, kind: type, name: str, origin: str) -> Any:
         raise ConfigError(f"{origin}: '{name}' expects {kind.__name__}, got {value!r}") from None
 
 
+def _preset_dir():
+    """Installed: the ``farmer_cli.presets`` package (mapped from ./presets by pyproject.toml). Run from a source
+    checkout (``python -m farmer_cli`` or pytest at the repository root): the ./presets folder itself."""
+    try:
+        return resources.files("farmer_cli.presets")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "presets"
+
+
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("farmer_cli.presets").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".toml"))
 
 
 def load_preset(name_or_path: str) -> Config:
@@ -274,7 +283,7 @@ def load_preset(name_or_path: str) -> Config:
             raise ConfigError(
                 f"unknown preset '{name_or_path}'{_suggest(name_or_path, names)}; available: {', '.join(names)}"
             )
-        text = (resources.files("farmer_cli.presets") / f"{name_or_path}.toml").read_text()
+        text = (_preset_dir() / f"{name_or_path}.toml").read_text()
         origin = f"preset {name_or_path}"
     try:
         raw = tomllib.loads(text)

@@ -40,7 +40,8 @@ def run(
     columns: int = Option(6, "--n", help="Samples per row in variance mode."),
     seed: int = Option(0, "--seed", help="Seed of the noise / samples."),
     student: bool = Option(False, "--student", help="Invert with the distilled student instead of the cached inverse."),
-    out: Path = Option(Path("inspect.png"), "--out", "-o", help="Figure PNG."),
+    out: Optional[Path] = Option(None, "--out", "-o", help="Figure PNG (default: inspect.png, or "
+                                 "inspect-variance.png in variance mode)."),
 ) -> None:
     with user_errors():
         _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, student, out)
@@ -80,6 +81,7 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
 
     if mode not in ("interpolate", "variance"):
         exit_with("--mode must be 'interpolate' or 'variance'")
+    out = out or Path("inspect.png" if mode == "interpolate" else "inspect-variance.png")
     run_dir = find_checkpoint(ckpt)
     model, cfg, class_names, _ = load_model(run_dir)
     mc = cfg.model

@@ -43,7 +43,7 @@ def run(
     seed: int = Option(0, "--seed", help="Random seed; the same seed gives the same images on CPU."),
     batch_size: int = Option(64, "--batch-size", "-b", help="Images decoded at once."),
     out: Path = Option(Path("samples.png"), "--out", "-o", help="Grid PNG (rows = classes)."),
-    out_dir: Optional[Path] = Option(None, "--out-dir", help="Also write every image as <class>_<index>.png here."),
+    out_dir: Optional[Path] = Option(None, "--out-dir", help="Also write every image as <class>-<name>_<index>.png here."),
     scale: int = Option(0, "--scale", help="Enlarge grid cells this many times (0: auto, to at least 64 px)."),
     student: bool = Option(False, "--student", help="Decode with the distilled one-step student (run farmer distill first)."),
     overrides: List[str] = Option([], "--set", help="Override sampling settings, e.g. --set sampling.t_resample=2."),

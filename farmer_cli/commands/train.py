@@ -1,6 +1,6 @@
 """Train a FARMER model (autoregressive flow + GMM prior, end to end on exact NLL).
 
-With no options: the CPU quickstart (5,000 real 28x28 MNIST digits shipped in a wheel) in under 10 minutes on
+With no options: the CPU quickstart (5,000 real 28x28 MNIST digits shipped in a wheel) in about 5 minutes on
 2 CPU cores. Multi-GPU / mixed precision: `accelerate launch -m farmer_cli train --preset imagenet256-patch8
 --data /path/to/imagenet/train`.
 

@@ -89,15 +89,14 @@ def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
 
 def load_weights(module: torch.nn.Module, path: Path) -> int:
     """Load a safetensors file into ``module`` strictly; returns the step stored with it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     if not path.exists():
         raise CheckpointError(f"{path}: missing")
     try:
-        state = load_file(path)
-        with open(path, "rb") as fh:  # the header holds the metadata
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            state = {key: fh.get_tensor(key) for key in fh.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable weights ({err})") from None
     try:
@@ -106,7 +105,7 @@ def load_weights(module: torch.nn.Module, path: Path) -> int:
         first = str(err).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the model in config.json ({first}); "
                               "checkpoint from another version or config") from None
-    return int(header.get("__metadata__", {}).get("step", 0))
+    return int(metadata.get("step", 0))
 
 
 def load_model(run_dir: Path, device: str | torch.device = "cpu"):

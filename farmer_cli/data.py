@@ -220,14 +220,15 @@ def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
                       source.class_names)
 
 
-def load_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
-    """One file -> uint8 (C, S, S); raises DataError naming the file when it is missing or not an image."""
+def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One file -> (uint8 (C, S, S), its original (width, height)); raises DataError naming the file when it is
+    missing or not an image."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     try:
         with Image.open(p) as img:
             img.load()
-            return to_uint8(img, channels, size)
+            return to_uint8(img, channels, size), img.size
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DataError(f"{p}: not a readable image ({err})") from None

@@ -97,7 +97,7 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
         if any(not 0.0 <= a <= 1.0 for a in lv):
             exit_with(f"--levels {levels}: every level must be within [0, 1]")
         if image is not None:
-            u, source = load_image(image, mc.channels, size), str(image)
+            (u, _), source = load_image(image, mc.channels, size), str(image)
         else:
             u, _ = load_data(cfg.data, mc.channels, size).test[0]
             source = f"first test image of {cfg.data.source}"

@@ -81,7 +81,6 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     import torch
 
     from ..checkpoint import load_model, load_student
-    from ..model import quantize
     from ..runtime import console, find_checkpoint, progress
     from ..viz import grid, save_png
 
@@ -110,9 +109,8 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     with progress() as bar:
         task = bar.add_task("sample", total=len(chunks) * per_chunk)
         for y in chunks:
-            tokens = model.sample_tokens(y, s, gen, on_token=lambda i: bar.advance(task))
-            x = model.decode(tokens, y, student=student_flow, on_block=lambda t: bar.advance(task))
-            images.append(quantize(model.denoise(x, y, sigma)))
+            images.append(model.sample(y, s, gen, student=student_flow, denoise_sigma=sigma,
+                                       on_token=lambda i: bar.advance(task), on_block=lambda t: bar.advance(task)))
     images = torch.cat(images)
     seconds = time.time() - t0
     size = cfg.model.image_size

@@ -189,7 +189,12 @@ class Farmer(nn.Module):
 
     @torch.no_grad()
     def sample(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
-               use_cache: bool = True, student: nn.Module | None = None, denoise_sigma: float = 0.0) -> torch.Tensor:
-        """Classes y (B,) -> uint8 images (B, C, H, W); denoised with ``denoise_sigma`` > 0."""
-        tokens = self.sample_tokens(y, s, generator, use_cache)
-        return quantize(self.denoise(self.decode(tokens, y, use_cache, student), y, denoise_sigma))
+               use_cache: bool = True, student: nn.Module | None = None, denoise_sigma: float = 0.0,
+               on_token: Callable[[int], None] | None = None,
+               on_block: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Classes y (B,) -> uint8 images (B, C, H, W); denoised with ``denoise_sigma`` > 0.
+
+        ``on_token`` / ``on_block`` are called after each sampled token / inverted AF block (progress bars)."""
+        tokens = self.sample_tokens(y, s, generator, use_cache, on_token)
+        x = self.decode(tokens, y, use_cache, student, on_block)
+        return quantize(self.denoise(x, y, denoise_sigma))

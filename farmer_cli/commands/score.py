@@ -54,7 +54,6 @@ def collect_images(paths: list[Path]) -> list[Path]:
 
 def _score(images, ckpt, class_, samples, batch_size, as_json):
     import torch
-    from PIL import Image
 
     from ..checkpoint import load_model
     from ..data import load_image
@@ -67,19 +66,18 @@ def _score(images, ckpt, class_, samples, batch_size, as_json):
     model, cfg, class_names, _ = load_model(find_checkpoint(ckpt))
     mc = cfg.model
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)
-    tensors = [load_image(f, mc.channels, mc.image_size) for f in files]  # fails early, naming the bad file
+    loaded = [load_image(f, mc.channels, mc.image_size) for f in files]  # fails early, naming the bad file
     rows = []
     gen = torch.Generator().manual_seed(0)
     with progress(disable=len(files) < 2 * batch_size) as bar:
         task = bar.add_task("score", total=len(files))
         for start in range(0, len(files), batch_size):
-            u = torch.stack(tensors[start : start + batch_size])
+            u = torch.stack([t for t, _ in loaded[start : start + batch_size]])
             y = None if label is None else torch.full((u.shape[0],), label)
             nll, bpd = score_batch(model, u, y, samples, gen)
             for i, f in enumerate(files[start : start + batch_size]):
-                with Image.open(f) as im:
-                    size = f"{im.width}x{im.height}"
-                rows.append({"file": str(f), "size": size, "bits_per_dim": round(bpd[i].item(), 4),
+                width, height = loaded[start + i][1]
+                rows.append({"file": str(f), "size": f"{width}x{height}", "bits_per_dim": round(bpd[i].item(), 4),
                              "nll_nats": round(nll[i].item(), 2), "class": class_ if class_ is not None else None,
                              "samples": samples})
             bar.advance(task, u.shape[0])
@@ -90,7 +88,8 @@ def _score(images, ckpt, class_, samples, batch_size, as_json):
     from rich.table import Table
 
     cond = f"class {class_}" if class_ is not None else "unconditional"
-    table = Table(title=f"{cond} likelihood, {mc.image_size}x{mc.image_size}x{mc.channels}, K={samples}")
+    table = Table(title=f"{cond} likelihood at {mc.image_size}x{mc.image_size}x{mc.channels}, mean of {samples} "
+                  "dequantisation draws (--samples)")
     for col in ("file", "size", "bits/dim", "NLL (nats)"):
         table.add_column(col, justify="left" if col == "file" else "right")
     for r in rows:

@@ -195,8 +195,14 @@ def test_distill_then_sample_with_student(tmp_path: Path):
 def test_two_process_accelerate_training_keeps_ranks_identical(tmp_path: Path):
     # On a CPU-only machine `--multi_gpu` starts torchrun workers that Accelerate joins with gloo on the CPU
     # (`--cpu` with several processes would need mpirun).
+    import socket
+
+    with socket.socket() as sock:  # a free rendezvous port: the default 29500 may still be held by an earlier run
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port)]
     proc = subprocess.run(launch + [str(Path(__file__).parent / "dist_check.py"), str(tmp_path)],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The paper's ablation (NOTES Table 2) at laptop scale, on the embedded MNIST digits, same steps for each variant:
+"""The paper's ablation (the paper's ablation table, v2 Table 3) at laptop scale, on the embedded MNIST digits, same steps for each variant:
 
   (a) AF with a Gaussian base, TARFlow-like: K = 1, no channel split (the prior is one more affine AF block)
   (b) FARMER without the channel split (every channel informative, per-token GMMs)
@@ -21,9 +21,10 @@ from pathlib import Path
 
 from common import report
 from farmer_cli.checkpoint import load_model
-from farmer_cli.config import apply_overrides, load_preset
+from farmer_cli.config_files import apply_overrides, load_preset
 from farmer_cli.data import load_data
-from farmer_cli.evaluation import bits_per_dim, generate, reference_classifier_accuracy
+from farmer_cli.evaluation import generate, reference_classifier_accuracy
+from farmer_cli.scoring import bits_per_dim
 from farmer_cli.runtime import make_accelerator
 from farmer_cli.training import train
 
@@ -50,15 +51,14 @@ def main() -> None:
             data = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.time()
-                train(cfg, data, Path(tmp) / "run", acc, quiet=True)
+                train(cfg, data, Path(tmp) / "run", acc)
                 minutes.append((time.time() - t0) / 60)
                 model, _, _, _ = load_model(Path(tmp) / "run")  # the EMA weights, as users get them
             params = sum(p.numel() for p in model.parameters())
             bpds.append(bits_per_dim(model, data.test, True, 1, 100, 0)["mean"])
             for cfg_w, store in ((2.0, accs_guided), (0.0, accs_unguided)):
                 cfg.sampling.cfg = cfg_w
-                images, labels = generate(model, args.samples, cfg.sampling, seed, 100,
-                                          denoise_sigma=cfg.denoise_sigma())
+                images, labels = generate(model, args.samples, cfg.sampling, seed, 100)
                 store.append(reference_classifier_accuracy(data.train, images, labels)["accuracy"])
             print(f"{name} seed {seed}: test bpd {bpds[-1]:.3f}, sample acc guided {accs_guided[-1]:.2f} "
                   f"unguided {accs_unguided[-1]:.2f}, {minutes[-1]:.1f} min", flush=True)

@@ -15,7 +15,7 @@ import resource
 import torch
 
 from common import interleaved, report
-from farmer_cli.config import apply_overrides, load_preset
+from farmer_cli.config_files import apply_overrides, load_preset
 from farmer_cli.model import Farmer
 from farmer_cli.runtime import attention_backend
 

@@ -18,9 +18,12 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError
+from .config_files import from_dict
 
 FORMAT_VERSION = 1
-CONFIG_FILE, MODEL_FILE, STATE_FILE, STUDENT_FILE = "config.json", "model.safetensors", "training_state.pt", "student.safetensors"
+CONFIG_FILE, MODEL_FILE, STUDENT_FILE = "config.json", "model.safetensors", "student.safetensors"
+TRAIN_STATE_FILE, DISTILL_STATE_FILE = "training_state.pt", "distill_state.pt"
+METRICS_FILE, DISTILL_METRICS_FILE = "metrics.jsonl", "distill_metrics.jsonl"
 
 
 class CheckpointError(ValueError):
@@ -47,48 +50,79 @@ def save_config(run_dir: Path, cfg: Config, class_names: list[str], extra: dict[
     atomic_write(run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
 
 
-def save_weights(path: Path, state: dict[str, torch.Tensor], step: int) -> None:
+def save_weights(path: Path, state: dict[str, torch.Tensor], step: int, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"step": str(step), "format_version": str(FORMAT_VERSION)}))
+    meta = {"step": str(step), "format_version": str(FORMAT_VERSION), **(metadata or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def save_training_state(run_dir: Path, state: dict[str, Any]) -> None:
-    atomic_write(run_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+def weights_fingerprint(path: Path) -> str:
+    """A cheap identity of a weights file: its step, size and a hash of its first and last MiB (header and
+    tensors). Stored with a distilled student so a student is never used with another teacher."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        digest.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        digest.update(fh.read(1 << 20))
+    return f"{size}-{digest.hexdigest()[:32]}"
 
 
-def load_training_state(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / STATE_FILE
+def save_training_state(run_dir: Path, name: str, state: dict[str, Any]) -> None:
+    """Tensors and plain values only (state dicts, optimiser state, step), so it loads with ``weights_only``."""
+    atomic_write(run_dir / name, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(run_dir: Path, name: str, modules: list[str]) -> dict[str, Any]:
+    """Load ``name`` safely: ``torch.load(weights_only=True)`` unpickles tensors and plain containers only, so a
+    crafted file cannot run code. Checks that the state holds ``modules``, the optimiser, scheduler and step."""
+    path = run_dir / name
     if not path.exists():
-        raise CheckpointError(f"{run_dir}: no {STATE_FILE} to resume from (was the run started with this version?)")
+        raise CheckpointError(f"{run_dir}: no {name} to resume from (was the run started with this version?)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"{path}: unreadable training state ({err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable or unsafe training state ({first[:200]}); it was not loaded") from None
+    missing = [k for k in [*modules, "optimizer", "scheduler", "step"] if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a farmer training state (missing {', '.join(missing)})")
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        raise CheckpointError(f"{path}: not a farmer training state (step {state['step']!r})")
+    return state
 
 
 def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
-    """-> (config, class names, the whole JSON payload)."""
+    """-> (config, class names, the whole JSON payload); CheckpointError for anything malformed."""
     path = run_dir / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir}: not a farmer checkpoint (no {CONFIG_FILE})")
     try:
         payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a farmer config (a JSON object was expected)")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {payload.get('format_version')!r}, this farmer reads "
                               f"{FORMAT_VERSION}; retrain or use the farmer version that wrote it")
     try:
-        cfg = Config.from_dict(payload["config"], origin=str(path))
-    except (ConfigError, KeyError) as err:
-        raise CheckpointError(f"{path}: config does not match this farmer version ({err})") from None
-    return cfg, payload.get("class_names", []), payload
+        cfg = from_dict(payload.get("config"), origin=str(path))
+    except ConfigError as err:
+        raise CheckpointError(f"config does not match this farmer version: {err}") from None
+    names = payload.get("class_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: class_names must be a list of strings")
+    return cfg, names, payload
 
 
-def load_weights(module: torch.nn.Module, path: Path) -> int:
-    """Load a safetensors file into ``module`` strictly; returns the step stored with it."""
+def _check_header(module: torch.nn.Module, path: Path) -> dict[str, str]:
+    """Compare the tensor names and shapes in a safetensors header with ``module`` (which may live on the meta
+    device, so nothing is allocated for a config that does not fit); returns the file's metadata."""
     from safetensors import SafetensorError, safe_open
 
     if not path.exists():
@@ -96,30 +130,53 @@ def load_weights(module: torch.nn.Module, path: Path) -> int:
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
-            state = {key: fh.get_tensor(key) for key in fh.keys()}
+            shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable weights ({err})") from None
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit the model in config.json ({first}); "
-                              "checkpoint from another version or config") from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    wrong = sorted(set(expected) ^ set(shapes)) or [k for k in expected if expected[k] != shapes[k]]
+    if wrong:
+        key = wrong[0]
+        raise CheckpointError(f"{path}: weights do not fit the model in config.json ({key}: file "
+                              f"{shapes.get(key, 'absent')}, model {expected.get(key, 'absent')}); checkpoint from "
+                              "another version or config")
+    return metadata
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> int:
+    """Load a safetensors file into ``module`` strictly (names and shapes checked first); returns its step."""
+    from safetensors.torch import load_file
+
+    metadata = _check_header(module, path)
+    module.load_state_dict(load_file(str(path)), strict=True)
     return int(metadata.get("step", 0))
 
 
+def check_model_file(cfg: Config, run_dir: Path) -> None:
+    """Check ``model.safetensors`` against ``cfg`` on the meta device: nothing is allocated for a config that does
+    not fit its weights (or asks for an absurd size)."""
+    from .model import Farmer
+
+    with torch.device("meta"):
+        _check_header(Farmer(cfg.model), run_dir / MODEL_FILE)
+
+
 def load_model(run_dir: Path, device: str | torch.device = "cpu"):
-    """-> (Farmer in eval mode with the EMA weights, config, class names, step)."""
+    """-> (Farmer in eval mode with the EMA weights on ``device``, config, class names, step).
+
+    The weights file is checked against the config before any memory is allocated."""
     from .model import Farmer
 
     cfg, class_names, _ = load_config(run_dir)
-    model = Farmer(cfg.model)
+    check_model_file(cfg, run_dir)
+    model = Farmer(cfg.model, trained_noise_sigma=cfg.train.final_noise_sigma())
     step = load_weights(model, run_dir / MODEL_FILE)
     return model.to(device).eval(), cfg, class_names, step
 
 
 def load_student(run_dir: Path, model):
-    """The distilled student AF of ``model`` from ``student.safetensors`` (clear error when there is none)."""
+    """The distilled student AF of ``model`` from ``student.safetensors`` (clear error when there is none, or when
+    it was distilled from other teacher weights than the run's ``model.safetensors``)."""
     from .model.distill import make_student
 
     path = run_dir / STUDENT_FILE
@@ -127,5 +184,9 @@ def load_student(run_dir: Path, model):
         raise CheckpointError(f"{run_dir} has no distilled student ({STUDENT_FILE}); run "
                               f"`farmer distill --ckpt {run_dir}` first, or sample without --student")
     student = make_student(model.flow)
+    metadata = _check_header(student, path)
+    if metadata.get("teacher") != weights_fingerprint(run_dir / MODEL_FILE):
+        raise CheckpointError(f"{path} was distilled from other weights than {run_dir / MODEL_FILE} (the run was "
+                              f"retrained or replaced); run `farmer distill --ckpt {run_dir}` again")
     load_weights(student, path)
     return student.eval().requires_grad_(False)

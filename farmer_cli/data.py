@@ -18,16 +18,22 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
+
+log = logging.getLogger("farmer")
+
+# What a bad image file raises: truncated or unknown formats, and PIL's decompression-bomb guard (a tiny file that
+# claims 20000x20000 pixels).
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -36,18 +42,39 @@ class DataError(ValueError):
     """The data source cannot be used; the message names it and says what to do."""
 
 
-@dataclass
 class Source:
-    """An indexable collection: ``get(i)`` -> (PIL image or uint8 (C,H,W) tensor, label)."""
+    """An indexable collection: ``get(i)`` -> (PIL image, path or uint8 (C,H,W) tensor, label). Sources are plain
+    picklable objects (no lambdas), so DataLoader workers work under the spawn start method too."""
 
-    name: str
-    class_names: list[str]
-    length: int
-    getter: Any
-    splits: tuple[list[int], list[int]] | None = None  # (train, test) indices when the source defines them
+    def __init__(self, name: str, class_names: list[str], length: int,
+                 splits: tuple[list[int], list[int]] | None = None) -> None:
+        self.name, self.class_names, self.length = name, class_names, length
+        self.splits = splits  # (train, test) indices when the source defines them
 
     def get(self, i: int):
-        return self.getter(i)
+        raise NotImplementedError
+
+
+class TensorSource(Source):
+    """Images already decoded: uint8 (N, C, H, W) and labels (N,)."""
+
+    def __init__(self, name: str, images: torch.Tensor, labels: np.ndarray) -> None:
+        super().__init__(name, [str(i) for i in range(int(labels.max()) + 1)], len(labels))
+        self.images, self.labels = images, labels
+
+    def get(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+class FileSource(Source):
+    """Image files with class indices (an ImageNet-style folder)."""
+
+    def __init__(self, name: str, class_names: list[str], paths: list[Path], labels: list[int]) -> None:
+        super().__init__(name, class_names, len(paths))
+        self.paths, self.labels = paths, labels
+
+    def get(self, i: int):
+        return self.paths[i], self.labels[i]
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -62,16 +89,14 @@ def _mnist5k() -> Source:
     with gzip.open(path, "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
     images = torch.from_numpy(table[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)
-    labels = table[:, 784].astype(np.int64)
-    return Source("mnist5k", [str(i) for i in range(10)], len(labels), lambda i: (images[i], int(labels[i])))
+    return TensorSource("mnist5k", images, table[:, 784].astype(np.int64))
 
 
 def _digits() -> Source:
     path = _package_file("sklearn", "datasets/data/digits.csv.gz")
     table = np.loadtxt(path, delimiter=",", dtype=np.float32)
     images = torch.from_numpy(np.round(table[:, :64] * 255.0 / 16.0).astype(np.uint8)).reshape(-1, 1, 8, 8)
-    labels = table[:, 64].astype(np.int64)
-    return Source("digits", [str(i) for i in range(10)], len(labels), lambda i: (images[i], int(labels[i])))
+    return TensorSource("digits", images, table[:, 64].astype(np.int64))
 
 
 def _folder(root: Path) -> Source:
@@ -85,7 +110,7 @@ def _folder(root: Path) -> Source:
         labels += [k] * len(files)
     if not paths:
         raise DataError(f"{root}: the class folders hold no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return Source(str(root), classes, len(paths), lambda i: (paths[i], labels[i]))
+    return FileSource(str(root), classes, paths, labels)
 
 
 def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
@@ -127,14 +152,24 @@ def _hf(source: str, cfg: DataConfig) -> Source:
         names = [str(v) for v in sorted(set(ds[label_col]))]
     else:
         names = ["all"]
-    lookup = {n: i for i, n in enumerate(names)}
+    return HFSource(source, names, ds, image_col, label_col, splits)
 
-    def get(i: int):
-        row = ds[i]
-        label = row[label_col] if label_col else 0
-        return row[image_col], (label if hasattr(feature, "names") or not label_col else lookup[str(label)])
 
-    return Source(source, names, len(ds), get, splits)
+class HFSource(Source):
+    """A ``datasets`` dataset with an image column and an optional label column (ClassLabel or raw values)."""
+
+    def __init__(self, name: str, class_names: list[str], ds, image_col: str, label_col: str, splits) -> None:
+        super().__init__(name, class_names, len(ds), splits)
+        self.ds, self.image_col, self.label_col = ds, image_col, label_col
+        feature = ds.features.get(label_col) if label_col else None
+        self.lookup = None if feature is None or hasattr(feature, "names") else {n: i for i, n in enumerate(class_names)}
+
+    def get(self, i: int):
+        row = self.ds[i]
+        if not self.label_col:
+            return row[self.image_col], 0
+        label = row[self.label_col]
+        return row[self.image_col], (label if self.lookup is None else self.lookup[str(label)])
 
 
 def open_source(cfg: DataConfig) -> Source:
@@ -186,8 +221,8 @@ class ImageDataset(torch.utils.data.Dataset):
         item, label = self.source.get(self.indices[k])
         try:
             return to_uint8(item, self.channels, self.size), label
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-            print(f"warning: skipping unreadable image {item}: {err}", file=sys.stderr)
+        except IMAGE_ERRORS as err:
+            log.warning("skipping unreadable image %s: %s", item, err)
             return None
 
 
@@ -230,5 +265,39 @@ def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor
         with Image.open(p) as img:
             img.load()
             return to_uint8(img, channels, size), img.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+    except IMAGE_ERRORS as err:
         raise DataError(f"{p}: not a readable image ({err})") from None
+
+
+def iterate_batches(dataset: ImageDataset, batch: int, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``limit`` examples (0: all) in order, as (uint8 (b, C, S, S), labels (b,)) batches."""
+    n = len(dataset) if limit <= 0 else min(limit, len(dataset))
+    subset = torch.utils.data.Subset(dataset, range(n))
+    for u, y, _ in torch.utils.data.DataLoader(subset, batch_size=batch, collate_fn=collate):
+        yield u, y
+
+
+def batch_indices(n: int, batch: int, world: int, rank: int, seed: int, start_step: int) -> Iterator[list[int]]:
+    """Index lists for this process from global step ``start_step`` on, forever.
+
+    Epoch e shuffles with seed (seed, e); a global batch is ``batch x world`` examples, rank r takes slice r."""
+    global_batch = batch * world
+    per_epoch = max(1, n // global_batch)
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        if n < global_batch:  # tiny data sets: repeat the permutation to fill one batch
+            perm = (perm * (global_batch // n + 1))[:global_batch]
+        for b in range(offset, per_epoch):
+            chunk = perm[b * global_batch : (b + 1) * global_batch]
+            yield chunk[rank * batch : (rank + 1) * batch]
+            step += 1
+
+
+def make_loader(dataset: ImageDataset, batch: int, world: int, rank: int, seed: int, start_step: int, workers: int):
+    """A DataLoader yielding (uint8 images, labels, skipped count) batches in :func:`batch_indices` order."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_indices(len(dataset), batch, world, rank, seed, start_step),
+        collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+    )

@@ -4,6 +4,7 @@ statistics."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -12,28 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SamplingConfig
-from .data import ImageDataset, collate
+from .config import Config, SamplingConfig
+from .data import DataBundle, ImageDataset, iterate_batches
 from .model import Farmer, dequantize
-from .scoring import score_batch
+from .scoring import bits_per_dim
 
-
-def _batches(dataset: ImageDataset, batch: int, limit: int):
-    n = len(dataset) if limit <= 0 else min(limit, len(dataset))
-    subset = torch.utils.data.Subset(dataset, range(n))
-    for u, y, _ in torch.utils.data.DataLoader(subset, batch_size=batch, collate_fn=collate):
-        yield u, y
-
-
-@torch.no_grad()
-def bits_per_dim(model: Farmer, dataset: ImageDataset, conditional: bool, draws: int, batch: int, limit: int,
-                 seed: int = 0) -> dict:
-    """Mean and standard error of test bits/dim over images (each averaged over ``draws`` dequantisations)."""
-    gen = torch.Generator().manual_seed(seed)
-    values = [score_batch(model, u, y if conditional else None, draws, gen)[1] for u, y in _batches(dataset, batch, limit)]
-    v = torch.cat(values).double()
-    return {"mean": v.mean().item(), "stderr": (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan"),
-            "n": len(v), "draws": draws}
+METRICS = ("fid", "pr", "bpd", "classify", "sample-acc")
 
 
 @torch.no_grad()
@@ -41,44 +26,35 @@ def generative_classifier(model: Farmer, dataset: ImageDataset, max_classes: int
                           seed: int = 0) -> dict:
     """Accuracy of argmax_y log p(x | y) (Bayes' rule with a uniform class prior) on test images.
 
-    The AF is unconditional (unless model.af_class_conditional), so each image is encoded once and only the AR
-    prior runs once per class. With more than ``max_classes`` classes, only images of the first ``max_classes``
-    classes are used and the argmax runs over those classes (reported)."""
+    With more than ``max_classes`` classes, only images of the first ``max_classes`` classes are used and the
+    argmax runs over those classes (reported)."""
     K = min(model.cfg.num_classes, max_classes)
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
+    classes = torch.arange(K, device=device)
     correct = total = 0
-    for u, y in _batches(dataset, batch, 0):
+    for u, y in iterate_batches(dataset, batch):
         keep = y < K
         u, y = u[keep], y[keep]
         if len(y) == 0:
             continue
         if limit > 0 and total >= limit:
             break
-        x = dequantize(u, "uniform", generator=gen)
-        B = x.shape[0]
-        classes = torch.arange(K).repeat_interleave(B)
-        if model.cfg.af_class_conditional:
-            log_px = -model.nll_continuous(x.repeat(K, 1, 1, 1), classes)["nll"]
-        else:
-            tokens, logdet = model.encode(x)
-            info, red = model.prior(tokens.repeat(K, 1, 1), classes)
-            log_px = info + red + logdet.repeat(K)
-        pred = log_px.view(K, B).argmax(0)
+        x = dequantize(u, "uniform", generator=gen).to(device)
+        pred = model.class_log_likelihoods(x, classes).argmax(1).cpu()
         correct += (pred == y).sum().item()
-        total += B
-    return {"accuracy": correct / max(1, total), "n": total, "classes": K,
-            "capped": K < model.cfg.num_classes}
+        total += len(y)
+    return {"accuracy": correct / max(1, total), "n": total, "classes": K, "capped": K < model.cfg.num_classes}
 
 
 @torch.no_grad()
-def generate(model: Farmer, n: int, s: SamplingConfig, seed: int, batch: int, student=None, on_batch=None,
-             denoise_sigma: float = 0.0):
+def generate(model: Farmer, n: int, s: SamplingConfig, seed: int, batch: int, student=None, on_batch=None):
     """n class-balanced samples (labels 0,1,...,K-1,0,1,...) -> (uint8 (n, C, H, W), labels (n,))."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % model.cfg.num_classes
     images = []
     for y in labels.split(batch):
-        images.append(model.sample(y, s, gen, student=student, denoise_sigma=denoise_sigma))
+        images.append(model.sample(y, s, gen, student=student).cpu())
         if on_batch is not None:
             on_batch(len(y))
     return torch.cat(images), labels
@@ -91,7 +67,7 @@ def reference_classifier_accuracy(train: ImageDataset, images: torch.Tensor, lab
     from sklearn.linear_model import LogisticRegression
 
     xs, ys = [], []
-    for u, y in _batches(train, 256, limit):
+    for u, y in iterate_batches(train, 256, limit):
         xs.append(u.flatten(1).float() / 255.0)
         ys.append(y)
     clf = LogisticRegression(max_iter=300, C=0.05)
@@ -111,7 +87,7 @@ def reference_stats(net, weights_sha: str, dataset: ImageDataset, key: dict, bat
     if path.exists():
         data = np.load(path)
         return torch.from_numpy(data["features"]), data["mu"], data["cov"], True
-    images = torch.cat([u for u, _ in _batches(dataset, batch, limit)])
+    images = torch.cat([u for u, _ in iterate_batches(dataset, batch, limit)])
     feats = inception_features(net, images)
     mu, cov = feature_stats(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,3 +105,55 @@ def fid_and_pr(net, fake_images: torch.Tensor, real_feats: torch.Tensor, mu_r, c
     precision, recall = precision_recall(real_feats, fake, k)
     return {"fid": frechet_distance(mu_f, cov_f, mu_r, cov_r), "precision": precision, "recall": recall,
             "n_fake": len(fake), "n_real": len(real_feats), "k": k}
+
+
+def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *, split: str = "test",
+             n_samples: int = 1000, batch: int = 100, bpd_draws: int = 1, limit: int = 0, max_classes: int = 100,
+             seed: int = 0, student=None, inception=None, on_stage=lambda name: None,
+             on_samples=lambda k: None) -> dict:
+    """The evaluation protocol: every requested metric of ``METRICS`` as one JSON-ready dict.
+
+    ``inception``: (network, protocol dict) from :mod:`farmer_cli.metrics`, needed for fid and pr;
+    ``on_stage(name)`` / ``on_samples(k)`` report progress. Non-finite figures become None."""
+    reference = data.test if split == "test" else data.train
+    result: dict = {"data": cfg.data.source, "split": split, "seed": seed, "metrics": {}}
+    m = result["metrics"]
+    if "bpd" in metrics:
+        on_stage("scoring test bits/dim")
+        m["bpd_unconditional"] = bits_per_dim(model, reference, False, bpd_draws, batch, limit, seed)
+        m["bpd_conditional"] = bits_per_dim(model, reference, True, bpd_draws, batch, limit, seed)
+    if "classify" in metrics:
+        on_stage("generative classifier")
+        m["classify"] = generative_classifier(model, reference, max_classes, batch, limit, seed)
+    if any(x in metrics for x in ("fid", "pr", "sample-acc")):
+        on_stage("sampling")
+        images, labels = generate(model, n_samples, cfg.sampling, seed, batch, student, on_batch=on_samples)
+        result["sampling"] = dataclasses.asdict(cfg.sampling) | {
+            "student": student is not None, "n_samples": n_samples, "denoise_sigma": model.denoise_sigma(cfg.sampling)}
+        if "sample-acc" in metrics:
+            m["sample_acc"] = reference_classifier_accuracy(data.train, images, labels)
+        if inception is not None and ("fid" in metrics or "pr" in metrics):
+            on_stage("Inception features")
+            net, protocol = inception
+            key = {"source": cfg.data.source, "split": split, "resolution": cfg.model.image_size,
+                   "channels": cfg.model.channels, "split_seed": cfg.data.split_seed,
+                   "test_fraction": cfg.data.test_fraction}
+            real, mu_r, cov_r, cached = reference_stats(net, protocol["weights_sha256"], reference, key, batch, 0)
+            result["protocol"] = protocol | {"reference_cached": cached}
+            fid = fid_and_pr(net, images, real, mu_r, cov_r)
+            if "fid" in metrics:
+                m["fid"] = {"value": fid["fid"], "n_fake": fid["n_fake"], "n_real": fid["n_real"]}
+            if "pr" in metrics:
+                m["precision_recall"] = {k: fid[k] for k in ("precision", "recall", "k", "n_fake", "n_real")}
+    return json_safe(result)
+
+
+def json_safe(value):
+    """Replace NaN and infinities (not valid JSON) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -1,4 +1,4 @@
-"""What the informative and redundant channels hold (NOTES §8; supplement Fig. 8), as images and numbers.
+"""What the informative and redundant channels hold (paper §4.3, Fig. 7; supplement Fig. 8), as images and numbers.
 
 Noise interpolation: encode an image, take the latent Z^t after AF block t, regroup it like the AR tokens
 (merge, final permute) so "redundant" means the same channels the prior treats as redundant, then
@@ -77,22 +77,20 @@ class VarianceSweep:
 
 @torch.no_grad()
 def variance_sweep(model: Farmer, label: int, factors: list[float], columns: int, s: SamplingConfig,
-                   seed: int = 0, student=None, denoise_sigma: float = 0.0) -> VarianceSweep:
-    """Each column one informative sample, each row one variance factor."""
+                   seed: int = 0, student=None) -> VarianceSweep:
+    """Each column one informative sample, each row one variance factor (denoised as ``s.denoise`` says)."""
     if model.prior.d_R == 0:
         raise ValueError("this model has no redundant channels (model.channel_split = false)")
     gen = torch.Generator().manual_seed(seed)
     y = torch.full((columns,), label)
-    z_info, red = model.sample_informative(y, s, gen)
-    red = red.index(slice(0, columns))  # the conditional mixture
-    N = model.prior.N
-    comp = red.pick_components(N, gen)  # (columns, N): the same picks for every factor
+    z_info, red, _ = model.sample_informative(y, s, gen)  # red: the conditional shared mixture
+    comp = red.pick_components(model.prior.N, gen)  # (columns, N): the same picks for every factor
     mu, sd = red.components(comp)
     eps = torch.randn(mu.shape, generator=gen)
     rows, reds = [], []
     for f in factors:
         z_red = mu + sd * (f**0.5) * eps
         x = model.decode(torch.cat([z_info, z_red], dim=-1), y, student=student)
-        rows.append(quantize(model.denoise(x, y, denoise_sigma)))
+        rows.append(quantize(model.denoise(x, y, model.denoise_sigma(s))))
         reds.append(z_red)
     return VarianceSweep(torch.stack(rows), torch.stack(reds), mu)

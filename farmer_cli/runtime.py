@@ -1,31 +1,32 @@
-"""Run-time plumbing: Accelerator and precision, run directories, checkpoint discovery, progress bars."""
+"""Run-time plumbing: devices, Accelerator and precision, attention backend, run directories, checkpoint discovery.
+
+Reports through the ``farmer`` logger (the commands render it); imports no UI.
+"""
 
 from __future__ import annotations
 
-import os
+import contextlib
+import logging
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-console = Console(stderr=True, soft_wrap=True)  # progress, notes, warnings and errors
-stdout = Console()  # results (tables) so they can be piped
-if not stdout.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
-    stdout = Console(width=160)
+log = logging.getLogger("farmer")
 
 RUNS_DIR = Path("runs")
+
+
+class DeviceError(ValueError):
+    """The requested device does not exist on this machine."""
 
 
 def resolve_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
     """Map ``auto|no|bf16|fp16`` to what this machine should run; returns (precision, warning or None).
 
     fp16 on a CPU is pathological (one 2048² matmul takes about a minute), so it becomes bf16 with a warning.
-    ``auto`` picks bf16 on GPUs that support it (else fp16) and on CPUs with AVX512-BF16/AMX (else fp32)."""
+    ``auto`` picks bf16 on GPUs that support it (else fp16) and on CPUs with AVX512-BF16/AMX (else fp32).
+    ``requested`` has passed the config gate (``train.mixed_precision`` is a Literal)."""
     import torch
 
-    if requested not in ("auto", "no", "bf16", "fp16"):
-        raise ValueError(f"mixed precision must be auto, no, bf16 or fp16, not '{requested}'")
     if cuda:
         if requested == "auto":
             return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
@@ -39,7 +40,7 @@ def resolve_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
 
 
 def make_accelerator(precision: str, cpu: bool = False):
-    """An Accelerator for this process with the resolved precision; prints a warning if one was needed."""
+    """An Accelerator for this process with the resolved precision; logs a warning if one was needed."""
     import torch
     from accelerate import Accelerator
 
@@ -47,16 +48,36 @@ def make_accelerator(precision: str, cpu: bool = False):
     resolved, warning = resolve_precision(precision, cuda)
     acc = Accelerator(mixed_precision=resolved, cpu=cpu or not cuda)
     if warning and acc.is_main_process:
-        console.print(f"[yellow]warning:[/] {warning}")
+        log.warning(warning)
     return acc
+
+
+def resolve_device(spec: str = "auto"):
+    """``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` -> torch.device; DeviceError when the
+    device is not there."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device '{spec}': use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise DeviceError(f"device '{spec}' asked for, but this machine has no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device '{spec}' asked for, but this machine has {count} GPU(s): cuda:0..cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise DeviceError(f"device '{spec}' is not supported: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def attention_backend(device, precision: str):
     """Context for forward passes: on a CPU under bf16 autocast, the plain matmul-softmax attention ("math"
     backend) trains the quickstart 1.47x faster than the fused flash kernel, whose CPU backward dominated the
     profile (bench/profile_hotspots.py); elsewhere PyTorch's default choice."""
-    import contextlib
-
     import torch
 
     if torch.device(device).type == "cpu" and precision == "bf16":
@@ -67,14 +88,27 @@ def attention_backend(device, precision: str):
 
 
 def new_run_dir(preset: str) -> Path:
+    """``runs/<preset>-<timestamp>``, with a numeric suffix where that name is already taken (two runs started in
+    the same second never share a directory). The name is created here, so a concurrent caller gets another."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return RUNS_DIR / f"{preset or 'run'}-{stamp}"
+    base = f"{preset or 'run'}-{stamp}"
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    for k in range(1000):
+        candidate = RUNS_DIR / (base if k == 0 else f"{base}-{k}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not find a free run name under {RUNS_DIR}/ for {base}")
 
 
-def find_checkpoint(ckpt: Path | None, what: str = "model.safetensors") -> Path:
-    """``--ckpt DIR`` or, without it, the newest run under ./runs/ holding ``what`` (says which it took)."""
-    from .checkpoint import CheckpointError
+def find_checkpoint(ckpt: Path | None, what: str | None = None) -> Path:
+    """``--ckpt DIR`` or, without it, the newest run under ./runs/ holding ``what`` (default: the model weights;
+    logs which it took)."""
+    from .checkpoint import MODEL_FILE, CheckpointError
 
+    what = what or MODEL_FILE
     if ckpt is not None:
         if not ckpt.is_dir():
             raise CheckpointError(f"{ckpt}: no such checkpoint directory")
@@ -83,13 +117,6 @@ def find_checkpoint(ckpt: Path | None, what: str = "model.safetensors") -> Path:
     if not candidates:
         raise CheckpointError("no checkpoint given and none found under ./runs/: train one with `farmer train` "
                               "or pass --ckpt DIR")
-    console.print(f"using the newest checkpoint: [bold]{candidates[-1]}[/]")
+    log.info("using the newest checkpoint: %s", candidates[-1])
     return candidates[-1]
 
-
-def progress(disable: bool = False, **fields: str) -> Progress:
-    """A rich progress bar: description, bar, n/total, extra ``{task.fields[...]}`` columns, elapsed and ETA."""
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
-    columns += [TextColumn(f"{label} {{task.fields[{key}]}}") for key, label in fields.items()]
-    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-    return Progress(*columns, console=console, disable=disable or os.environ.get("FARMER_NO_PROGRESS") == "1")

@@ -1,29 +1,28 @@
-"""Pictures: image grids and labelled figures (PIL only)."""
+"""Pictures: image grids (torchvision) and labelled figures (PIL)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
 def grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int = 1, background: int = 255) -> Image.Image:
-    """uint8 (B, C, H, W) -> one PIL image with ``ncol`` columns (row-major), ``pad`` pixels between cells,
+    """uint8 (B, C, H, W) -> one RGB PIL image with ``ncol`` columns (row-major), ``pad`` pixels between cells,
     each cell enlarged ``scale`` times (nearest neighbour)."""
-    B, C, H, W = images.shape
-    rows = -(-B // ncol)
-    h, w = H * scale, W * scale
-    canvas = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, 3), background, dtype=np.uint8)
-    arr = images.permute(0, 2, 3, 1).cpu().numpy()
-    if C == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
-    for i in range(B):
-        r, c = divmod(i, ncol)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = arr[i]
-    return Image.fromarray(canvas)
+    from torchvision.utils import make_grid
+
+    cells = images.cpu()
+    if scale > 1:
+        cells = cells.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    if cells.shape[1] == 1:
+        cells = cells.expand(-1, 3, -1, -1)
+    if cells.shape[0] == 1:  # make_grid returns a lone image unpadded
+        canvas = torch.nn.functional.pad(cells[0], (pad,) * 4, value=background)
+    else:
+        canvas = make_grid(cells, nrow=ncol, padding=pad, pad_value=background)
+    return Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
 
 
 def labelled_figure(panel: Image.Image, title: str, row_labels: list[str], col_labels: list[str],

@@ -36,7 +36,7 @@ def single_thread():
 
 @pytest.fixture
 def tiny_cfg():
-    """Factory: tiny_cfg(**overrides) -> the brief's tiny ModelConfig (8x8x1, patch 2, N=16, d=4)."""
+    """Factory: tiny_cfg(**overrides) -> the tiny ModelConfig of presets/tiny.toml (8x8x1, patch 2, N=16, d=4)."""
     return _tiny_cfg
 
 

@@ -1,21 +1,28 @@
-"""Run under `accelerate launch --num_processes 2 --cpu`: train the tiny preset a few steps with the library's
-training loop, then every rank saves its own in-memory weights so the test can check they are identical."""
+"""Run under `accelerate launch --multi_gpu --num_processes 2`: train the tiny preset a few steps with the library's
+loop, then distil its AF a few steps; every rank saves its own in-memory weights of both so the test can check
+that the ranks stayed identical (gradients were synchronised)."""
 
 import sys
 from pathlib import Path
 
 import torch
 
-from farmer_cli.config import load_preset
+from farmer_cli.checkpoint import load_model
+from farmer_cli.config_files import load_preset
 from farmer_cli.data import load_data
+from farmer_cli.distilling import distill
 from farmer_cli.runtime import make_accelerator
 from farmer_cli.training import train
 
 out = Path(sys.argv[1])
 cfg = load_preset("tiny")
 cfg.train.steps = 6
+cfg.distill.steps = 4
 acc = make_accelerator("no")
 assert acc.num_processes == 2, acc.num_processes
 bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
-result = train(cfg, bundle, out / "run", acc, quiet=True)
+result = train(cfg, bundle, out / "run", acc)
 torch.save({k: v.detach().cpu() for k, v in result.model.state_dict().items()}, out / f"rank{acc.process_index}.pt")
+model, cfg, _, _ = load_model(out / "run", device=acc.device)
+student = distill(model, cfg, bundle, out / "run", acc).student
+torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, out / f"student{acc.process_index}.pt")

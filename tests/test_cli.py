@@ -211,9 +211,46 @@ def test_two_process_accelerate_training_keeps_ranks_identical(tmp_path: Path):
     assert w0.keys() == w1.keys()
     for key in w0:
         torch.testing.assert_close(w0[key], w1[key], rtol=0, atol=0, msg=key)
+    s0, s1 = torch.load(tmp_path / "student0.pt"), torch.load(tmp_path / "student1.pt")
+    for key in s0:  # distillation under DDP: gradients synchronised, students identical
+        torch.testing.assert_close(s0[key], s1[key], rtol=0, atol=0, msg=key)
     first = load_file(tmp_path / "run" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in first.values())
     proc = subprocess.run(launch + ["-m", "farmer_cli", "train", "--preset", "tiny", "--steps", "4", "--out",
                                     str(tmp_path / "cli")], capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr and (tmp_path / "cli" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_process_sigterm_saves_and_resumes(tmp_path: Path):
+    """SIGTERM to `accelerate launch` (as a scheduler sends it) reaches both ranks; they agree on one step, save it,
+    and a 2-process --resume continues from there without repeating a logged step."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port), "-m", "farmer_cli", "train"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(launch + ["--preset", "tiny", "--steps", "100000", "--out", str(run), "--set",
+                                      "train.log_every=1", "--set", "train.ckpt_every=100000"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert "stopped by SIGTERM" in err, err[-3000:]
+    saved = torch.load(run / "training_state.pt", weights_only=True)["step"]
+    assert saved >= 4
+    proc = subprocess.run(launch + ["--out", str(run), "--resume", "--stop-after", "2"], capture_output=True,
+                          text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, saved + 3))

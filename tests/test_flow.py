@@ -1,15 +1,18 @@
-"""Autoregressive flow (NOTES §1.2): invertibility, exact log-determinant, causality, permutation convention.
+"""Autoregressive flow (paper §3.2, Fig. 2): invertibility, exact log-determinant, causality, permutation
+convention; and activation checkpointing of the transformer stacks.
 
 Expected values come from the math only: the inverse must undo the forward, the log-det must equal
 log|det dZ/dX| from torch.autograd, block t's map (in its own token order) must be lower block-triangular with
 an identity first token, and the composed flow must be P_t ∘ f_t ∘ P_t per block with P_t = flip on odd t
-("alternate") or on every t ("always-flip").
+("alternate") or on every t ("always-flip"). Checkpointing must change nothing but what is kept for backward.
 """
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from farmer_cli.model import AutoregressiveFlow
+from farmer_cli.model import ARPrior, AutoregressiveFlow, TransformerStack
+from farmer_cli.model import attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -205,3 +208,126 @@ def test_class_conditional_flow(randomise_out_proj):
     assert (back - x).abs().max() <= 1e-4
     assert (z - z_other).abs().max() > 1e-4, "class-conditional flow ignores its class"
     assert torch.isfinite(logdet).all()
+
+
+# Activation checkpointing ---------------------------------------------------------------------------------------
+
+
+def outputs_and_grads(module, inputs, upstream, forward):
+    """forward(module, inputs) -> (output, grads of <output, upstream> w.r.t. inputs and every parameter)."""
+    out = forward(module, inputs)
+    return out, torch.autograd.grad((out * upstream).sum(), [inputs, *module.parameters()])
+
+
+def assert_same_outputs_and_grads(a, b, atol=1e-6):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    assert torch.allclose(out_a, out_b, rtol=0, atol=atol)
+    assert len(grads_a) == len(grads_b)
+    for ga, gb in zip(grads_a, grads_b):
+        assert torch.allclose(ga, gb, rtol=0, atol=atol)
+
+
+def stack_pair(layers=3, width=32, causal=True):
+    torch.manual_seed(10)
+    plain = TransformerStack(width, layers, heads=2, mlp_ratio=2.0, causal=causal).train()
+    ckpt = TransformerStack(width, layers, heads=2, mlp_ratio=2.0, causal=causal, checkpoint=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    return plain, ckpt
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_checkpointed_stack_has_same_outputs_and_gradients(causal):
+    plain, ckpt = stack_pair(causal=causal)
+    h = torch.randn(2, 8, 32).requires_grad_(True)
+    upstream = torch.randn(2, 8, 32)
+    run = lambda m, x: m(x)
+    assert_same_outputs_and_grads(outputs_and_grads(plain, h, upstream, run), outputs_and_grads(ckpt, h, upstream, run))
+
+
+def test_checkpointing_keeps_only_layer_inputs_for_backward():
+    """What autograd saves for backward (bytes through a saved-tensors hook) shrinks to the layers' inputs."""
+    saved = {}
+    for stack in stack_pair(layers=4):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            stack(torch.randn(2, 16, 32, requires_grad=True))
+        saved[stack.checkpoint] = total
+    assert saved[True] * 5 < saved[False], saved
+
+
+def test_checkpointing_is_inactive_in_eval_no_grad_and_cached_decoding(monkeypatch):
+    calls = []
+    real = attention.activation_checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "activation_checkpoint", counting)
+    _, stack = stack_pair(layers=2)
+    h = torch.randn(1, 4, 32)
+    stack(h)
+    assert len(calls) == 2  # training, grad enabled, no cache: every layer
+    calls.clear()
+    stack.eval()(h)
+    stack.train()
+    with torch.no_grad():
+        stack(h)
+    cache = stack.new_cache()
+    stack(h[:, :3], cache)
+    stack(h[:, 3:], cache)
+    stack.checkpoint = False  # the attribute switches it off
+    stack(h)
+    assert not calls
+
+
+def test_checkpointing_under_a_forward_only_attention_backend():
+    """Training selects an attention kernel with ``sdpa_kernel`` around the forward pass only (CPU bf16: the math
+    kernel); the recomputation in backward must use the same kernel, or checkpoint's consistency check fails."""
+    plain, ckpt = stack_pair(layers=2)
+    h = torch.randn(2, 8, 32).requires_grad_(True)
+    upstream = torch.randn(2, 8, 32)
+
+    def run(m, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.MATH):
+            return m(x).float()
+
+    assert_same_outputs_and_grads(outputs_and_grads(plain, h, upstream, run), outputs_and_grads(ckpt, h, upstream, run))
+
+
+def test_checkpoint_switch_reaches_every_stack(randomise_out_proj, tiny_cfg):
+    """AutoregressiveFlow(checkpoint=True) and ARPrior(cfg with grad_checkpoint) checkpoint every stack, and a
+    training pass gives the same outputs and gradients as without."""
+    x = torch.randn(2, 8, 4).requires_grad_(True)
+    flows = []
+    for checkpoint in (False, True):
+        torch.manual_seed(11)
+        flow = AutoregressiveFlow(4, 8, 3, width=32, layers=2, heads=2, checkpoint=checkpoint).train()
+        randomise_out_proj(flow)
+        flows.append(flow)
+    assert all(block.stack.checkpoint for block in flows[1].blocks)
+
+    def fwd(m, v):  # z (B, N, d) and the log-det (B,) as one (B, N·d + 1) tensor
+        z, logdet = m(v)
+        return torch.cat([z.flatten(1), logdet[:, None]], dim=1)
+
+    upstream = torch.randn(2, 8 * 4 + 1)
+    assert_same_outputs_and_grads(*(outputs_and_grads(f, x, upstream, fwd) for f in flows))
+
+    priors = []
+    for checkpoint in (False, True):
+        torch.manual_seed(12)
+        priors.append(ARPrior(tiny_cfg(grad_checkpoint=checkpoint)).train())
+    assert priors[1].stack.checkpoint and not priors[0].stack.checkpoint
+    cfg = tiny_cfg()
+    z = torch.randn(2, cfg.ar_tokens, cfg.ar_token_dim).requires_grad_(True)
+    y = torch.tensor([1, 7])
+    fwd = lambda m, v: torch.stack(m(v, y))  # (log p(Z^I), log p(Z^R)), (2, B)
+    upstream = torch.randn(2, 2)
+    assert_same_outputs_and_grads(*(outputs_and_grads(p, z, upstream, fwd) for p in priors))

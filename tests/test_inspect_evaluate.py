@@ -11,7 +11,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from farmer_cli.config import SamplingConfig, load_preset
+from farmer_cli.config import SamplingConfig
+from farmer_cli.config_files import load_preset
 from farmer_cli.inspection import noise_interpolation, variance_sweep
 from farmer_cli.metrics import WeightsError, find_fid_weights, frechet_distance, precision_recall
 from farmer_cli.model import Farmer

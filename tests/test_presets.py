@@ -1,11 +1,12 @@
-"""Presets load, validate, and the paper presets reproduce Table 1's parameter counts (NOTES §6)."""
+"""Presets load, validate, and the paper presets reproduce Table 1's parameter counts (paper §4.1, Table 1)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from farmer_cli.config import ConfigError, apply_overrides, load_preset, preset_names
+from farmer_cli.config import ConfigError
+from farmer_cli.config_files import apply_overrides, load_preset, preset_names
 from farmer_cli.model import Farmer
 
 
@@ -27,7 +28,7 @@ def test_every_preset_builds():
 
 @pytest.mark.parametrize("name, af, ar", [
     ("imagenet256-1.1b-patch8", 828e6, 295e6),
-    ("imagenet256-1.1b-patch16", 849e6, 295e6),  # NOTES: the same sum at patch 16 gives 849M (Table 1 rounds to 828M)
+    ("imagenet256-1.1b-patch16", 849e6, 295e6),  # by our count 849M at patch 16 (Table 1 rounds to 828M)
     ("imagenet256-patch8", 1.4e9, None),
     ("imagenet256-patch16", 1.4e9, None),
 ])
@@ -37,8 +38,9 @@ def test_paper_parameter_counts(name: str, af: float, ar: float | None):
     if ar is not None:
         assert abs(count(model.prior) - ar) / ar < 0.05, count(model.prior)
     else:
-        # NOTES §9.2: with linear GMM heads from width 1024 the 1.9B AR comes to ~582M, not the reported 498M;
-        # the paper's head design is unknown, so we check our own arithmetic instead of Table 1.
+        # With linear GMM heads from width 1024 the 1.9B AR comes to ~582M, not the reported 498M; the head design
+        # is not specified in the paper (see README, Choices the paper leaves open), so we check our own arithmetic
+        # instead of Table 1.
         assert abs(count(model.prior) - 582e6) / 582e6 < 0.05, count(model.prior)
 
 

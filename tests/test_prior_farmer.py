@@ -1,8 +1,9 @@
-"""AR prior with channel split (NOTES §1.3-1.5) and the whole FARMER model, plus the token reshapes (§1.1, §9.1).
+"""AR prior with channel split (paper §3.2-3.3; Eqs. 6, 13, 14) and the whole FARMER model, plus the token
+reshapes (patchify: paper §3.2; token merge: not specified in the paper, see README, Choices the paper leaves open).
 
 References are built independently: the prior's factorisation is re-assembled from next_hidden on prefixes and
 the GMM heads; the K=1 / no-split model is checked as one deeper affine flow whose Jacobian comes from autograd
-(NOTES App. A.1); the bits/dim conversion is checked on a uniform density over [-1, 1]^D (exactly 8 bits/dim).
+(paper Appendix A.1); the bits/dim conversion is checked on a uniform density over [-1, 1]^D (exactly 8 bits/dim).
 """
 
 import math
@@ -249,7 +250,7 @@ def test_ar_token_layout_with_merge_and_flip(tiny_cfg, randomise_out_proj):
 
 
 def test_k1_without_split_is_a_deeper_affine_flow(tiny_cfg, randomise_out_proj):
-    """NOTES App. A.1: with K=1 and no channel split, the AR prior is one more affine AF step
+    """Paper Appendix A.1: with K=1 and no channel split, the AR prior is one more affine AF step
     z'_i = (z_i - mu_i(z_<i)) / sigma_i(z_<i), and log p(x) = log N(z'; 0, I) + log|det dz'/dx|.
     The log-det of the whole map x -> z' is taken from autograd, not from the model."""
     torch.manual_seed(10)

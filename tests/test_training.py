@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from farmer_cli.config import load_preset
-from farmer_cli.data import load_data
+from farmer_cli.config_files import load_preset
+from farmer_cli.data import batch_indices, load_data
 from farmer_cli.model import Farmer
-from farmer_cli.training import TrainingDiverged, batch_indices, lr_factor, noise_sigma, train
+from farmer_cli.engine import TrainingDiverged, lr_factor
+from farmer_cli.training import noise_sigma, train
 
 
 def test_lr_warmup_then_cosine():
@@ -54,15 +55,15 @@ class _Exploding(Farmer):
 
 
 def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch):
-    from farmer_cli import model as model_pkg
+    from farmer_cli import training
     from farmer_cli.runtime import make_accelerator
 
     cfg = load_preset("tiny")
     cfg.train.steps, cfg.train.ckpt_every = 10, 2
-    monkeypatch.setattr(model_pkg, "Farmer", _Exploding)
+    monkeypatch.setattr(training, "Farmer", _Exploding)
     data = load_data(cfg.data, 1, 8)
     with pytest.raises(TrainingDiverged, match=r"step 3: .*logdet"):
-        train(cfg, data, tmp_path / "run", make_accelerator("no"), quiet=True)
+        train(cfg, data, tmp_path / "run", make_accelerator("no"))
     weights = load_file(tmp_path / "run" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     state = torch.load(tmp_path / "run" / "training_state.pt", weights_only=False)

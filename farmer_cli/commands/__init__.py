@@ -1,7 +1,7 @@
-"""One thin module per subcommand: parse options, call the library, print with rich.
+"""One thin module per subcommand: parse options, call the library, render with rich (see ui.py).
 
-Every command turns the library's user-facing errors (bad config, data, checkpoint or argument) into one red
-line on stderr and exit status 2 via :func:`user_errors`.
+Every command turns the library's user-facing errors (bad config, data, checkpoint, device or argument) into one
+red line on stderr and exit status 2 via :func:`user_errors`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,19 @@ class UsageError(ValueError):
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
+    """Show the library's messages; turn any user-facing error into one line on stderr and exit status 2."""
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
     from ..data import DataError
+    from ..metrics import WeightsError
+    from ..runtime import DeviceError
+    from .ui import console, escape, show_library_messages
 
+    show_library_messages()
     try:
         yield
-    except (ConfigError, DataError, CheckpointError, UsageError) as err:
-        from ..runtime import console
-
-        console.print(f"[red]error:[/] {err}", markup=True, highlight=False)
+    except (ConfigError, DataError, CheckpointError, DeviceError, WeightsError, UsageError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
 
 
@@ -37,23 +40,55 @@ def exit_with(message: str) -> None:
 
 
 def resolve_class(spec: str, class_names: list[str], num_classes: int) -> int:
-    """A class given as an index ("3") or a name from the checkpoint's label map ("golden retriever")."""
-    if spec.strip().lstrip("-").isdigit():
-        index = int(spec)
-        if not 0 <= index < num_classes:
-            exit_with(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")
-        return index
+    """A class given by name or index: a name from the checkpoint's label map wins (class folders named "1".."10"
+    mean those folders), otherwise a whole number is an index 0..K-1."""
+    if spec in class_names:
+        return class_names.index(spec)
     lowered = [n.lower() for n in class_names]
     if spec.lower() in lowered:
         return lowered.index(spec.lower())
+    text = spec.strip()
+    if text.isascii() and text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < num_classes:
+            exit_with(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")
+        return index
     import difflib
 
     close = difflib.get_close_matches(spec.lower(), lowered, n=1)
     hint = f" (did you mean '{class_names[lowered.index(close[0])]}'?)" if close else ""
-    exit_with(f"unknown class '{spec}'{hint}; give an index 0..{num_classes - 1} or a name from the label map")
-    return -1
+    raise UsageError(f"unknown class '{spec}'{hint}; give an index 0..{num_classes - 1} or a name from the label map")
 
 
 CKPT_HELP = "Checkpoint (run) directory. Default: the newest run under ./runs/."
 SET_HELP = "Override any config value, e.g. --set train.lr=3e-4 --set model.af_blocks=8 (repeatable)."
+CLASS_HELP = ("Class name from the checkpoint's label map, or index 0..K-1. A name wins over an index: with class "
+              "folders named 1..10, '--class 1' means folder '1'.")
 Option = typer.Option
+
+
+def check_output_image(path, option: str = "--out") -> None:
+    """Before any work: ``path`` must name an image format PIL writes and lie in a directory that exists (or can be
+    made) and is writable, so nothing computed is lost at the end."""
+    import os
+
+    from PIL import Image
+
+    if path.suffix.lower() not in Image.registered_extensions():
+        exit_with(f"{option} {path}: give a file name with an image extension, e.g. {path.with_suffix('.png')}")
+    if path.is_dir():
+        exit_with(f"{option} {path} is a directory; give a file name such as {path / 'figure.png'}")
+    check_output_dir(path.parent, option)
+    if path.exists() and not os.access(path, os.W_OK):
+        exit_with(f"{option} {path} exists and is not writable")
+
+
+def check_output_dir(path, option: str = "--out-dir") -> None:
+    """Before any work: ``path`` is a writable directory, or can be created as one."""
+    import os
+
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        exit_with(f"{option} {path}: {existing} is a file, not a directory")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        exit_with(f"{option} {path}: {existing} is not writable")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from . import CKPT_HELP, SET_HELP, Option, exit_with, user_errors
+from . import CKPT_HELP, SET_HELP, Option, user_errors
 
 NAME = "distill"
 
@@ -36,29 +36,30 @@ def run(
 
 def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides):
     from ..checkpoint import load_model
-    from ..config import apply_overrides
+    from ..config_files import apply_overrides
     from ..data import load_data
     from ..distilling import distill
-    from ..runtime import console, find_checkpoint, make_accelerator
-    from ..training import TrainingDiverged
+    from ..rundir import claim_on_main
+    from ..runtime import find_checkpoint, make_accelerator
+    from .ui import LoopProgress, console, escape
 
     run_dir = find_checkpoint(ckpt)
     model, cfg, _, step = load_model(run_dir)
     cli = {"data.source": data, "distill.steps": steps, "distill.batch_size": batch_size, "distill.lr": lr,
            "train.mixed_precision": mixed_precision}
     apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides))
-    if cfg.distill.steps < 1 or cfg.distill.batch_size < 1:
-        exit_with("--steps and --batch-size must be at least 1")
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     acc = make_accelerator(cfg.train.mixed_precision)
-    if acc.is_main_process:
-        console.print(f"distilling the AF of {run_dir} (step {step}) for {cfg.distill.steps} steps")
-    try:
-        result = distill(model, cfg, bundle, run_dir, acc, resume=resume)
-    except TrainingDiverged as err:
-        console.print(f"[red]error:[/] {err}")
-        raise SystemExit(1) from None
-    if acc.is_main_process:
-        console.print(f"done in {result['seconds'] / 60:.1f} min: loss {result['first_loss']:.4f} -> "
-                      f"{result['last_loss']:.4f}; student in [bold]{run_dir}/student.safetensors[/]")
-        console.print(f"next: farmer sample --ckpt {run_dir} --student --class 3 --n 16")
+    main = acc.is_main_process
+    run_dir, _lock = claim_on_main(acc, run_dir, resume=True)  # writes the student into the run: one writer at a time
+    if main:
+        console.print(f"distilling the AF of {escape(str(run_dir))} (step {step}) for {cfg.distill.steps} steps")
+    with LoopProgress("distill", cfg.distill.steps, "loss", "loss", enabled=main,
+                      resume_hint=f"farmer distill --ckpt {run_dir} --resume") as bar:
+        result = distill(model, cfg, bundle, run_dir, acc, resume=resume, on_event=bar)
+    if main:
+        console.print(f"student inverse error (MSE vs the true inverse, held-out images): "
+                      f"{result.error_before:.2e} -> [bold]{result.error_after:.2e}[/]")
+        console.print(f"done in {result.seconds / 60:.1f} min: loss {result.first_loss:.4f} -> "
+                      f"{result.last_loss:.4f}; student in [bold]{escape(str(run_dir))}/student.safetensors[/]")
+        console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --student --class 3 --n 16")

@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -27,7 +28,7 @@ from typing import List, Optional
 from . import CKPT_HELP, Option, exit_with, user_errors
 
 NAME = "evaluate"
-ALL_METRICS = ("fid", "pr", "bpd", "classify", "sample-acc")
+MAX_SAMPLES = 200_000  # generated images are kept in memory for the Inception features
 
 
 def run(
@@ -56,107 +57,90 @@ def run(
 
 def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws, limit,
               max_classes, seed, sampling_overrides, as_json):
-    from ..checkpoint import load_model, load_student
-    from ..config import apply_overrides
+    from ..checkpoint import atomic_write, load_model, load_student
+    from ..config_files import apply_overrides
     from ..data import load_data
-    from ..evaluation import (bits_per_dim, fid_and_pr, generate, generative_classifier,
-                              reference_classifier_accuracy, reference_stats)
+    from ..evaluation import METRICS, evaluate
     from ..metrics import WeightsError, find_fid_weights, fid_protocol, load_inception
-    from ..runtime import console, find_checkpoint, progress, stdout
+    from ..runtime import find_checkpoint
+    from .ui import console, escape, progress, stdout
 
     if n_samples < 1:
         exit_with("--n-samples must be at least 1")
+    if n_samples > MAX_SAMPLES:
+        exit_with(f"--n-samples must be at most {MAX_SAMPLES:,} (the paper's FID uses 50,000)")
     if split not in ("test", "train"):
         exit_with("--split must be 'test' or 'train'")
     if min(batch_size, bpd_draws, max_classes) < 1:
         exit_with("--batch-size, --bpd-draws and --max-classes must be at least 1")
-    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else list(ALL_METRICS)
-    unknown = [m for m in chosen if m not in ALL_METRICS]
+    if limit < 0:
+        exit_with("--limit must be 0 (all) or a positive number of images")
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else list(METRICS)
+    unknown = [m for m in chosen if m not in METRICS]
     if unknown:
-        exit_with(f"unknown metric '{unknown[0]}'; choose from {', '.join(ALL_METRICS)}")
+        exit_with(f"unknown metric '{unknown[0]}'; choose from {', '.join(METRICS)}")
     run_dir = find_checkpoint(ckpt)
+    if not os.access(run_dir, os.W_OK):
+        exit_with(f"{run_dir} is not writable: evaluate writes eval-<step>.json there; copy the run or fix permissions")
     model, cfg, class_names, step = load_model(run_dir)
     overrides = ([f"data.source={data}"] if data else []) + ([f"sampling.cfg={cfg_weight}"] if cfg_weight is not None else [])
     apply_overrides(cfg, overrides + list(sampling_overrides))
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
-    reference = bundle.test if split == "test" else bundle.train
     student_flow = load_student(run_dir, model) if student else None
 
-    net = weights = None
+    inception = None
     if "fid" in chosen or "pr" in chosen:
         try:
             weights = find_fid_weights(fid_weights)
-            net = load_inception(weights)
+            inception = (load_inception(weights), fid_protocol(weights))
         except WeightsError as err:
             if metrics:  # asked for explicitly: fail clearly
-                exit_with(str(err))
-            console.print(f"[yellow]skipping fid and pr:[/] {err}")
+                raise
+            console.print(f"[yellow]skipping fid and pr:[/] {escape(str(err))}")
             chosen = [m for m in chosen if m not in ("fid", "pr")]
 
     t0 = time.time()
-    result: dict = {"checkpoint": str(run_dir), "step": step, "data": cfg.data.source, "split": split, "seed": seed,
-                    "metrics": {}}
-    m = result["metrics"]
-    if "bpd" in chosen:
-        console.print("scoring test bits/dim ...")
-        m["bpd_unconditional"] = bits_per_dim(model, reference, False, bpd_draws, batch_size, limit, seed)
-        m["bpd_conditional"] = bits_per_dim(model, reference, True, bpd_draws, batch_size, limit, seed)
-    if "classify" in chosen:
-        console.print("generative classifier ...")
-        m["classify"] = generative_classifier(model, reference, max_classes, batch_size, limit, seed)
-    if any(x in chosen for x in ("fid", "pr", "sample-acc")):
-        with progress() as bar:
-            task = bar.add_task("sampling", total=n_samples)
-            images, labels = generate(model, n_samples, cfg.sampling, seed, batch_size, student_flow,
-                                      on_batch=lambda k: bar.advance(task, k), denoise_sigma=cfg.denoise_sigma())
-        result["sampling"] = cfg.sampling.__dict__ | {"student": student, "n_samples": n_samples,
-                                                      "denoise_sigma": cfg.denoise_sigma()}
-        if "sample-acc" in chosen:
-            m["sample_acc"] = reference_classifier_accuracy(bundle.train, images, labels)
-        if net is not None:
-            console.print("Inception features ...")
-            key = {"source": cfg.data.source, "split": split, "resolution": cfg.model.image_size,
-                   "channels": cfg.model.channels, "split_seed": cfg.data.split_seed,
-                   "test_fraction": cfg.data.test_fraction}
-            protocol = fid_protocol(weights)
-            real, mu_r, cov_r, cached = reference_stats(net, protocol["weights_sha256"], reference, key, batch_size, 0)
-            result["protocol"] = protocol | {"reference_cached": cached}
-            fid = fid_and_pr(net, images, real, mu_r, cov_r)
-            if "fid" in chosen:
-                m["fid"] = {"value": fid["fid"], "n_fake": fid["n_fake"], "n_real": fid["n_real"]}
-            if "pr" in chosen:
-                m["precision_recall"] = {k: fid[k] for k in ("precision", "recall", "k", "n_fake", "n_real")}
-    result["seconds"] = round(time.time() - t0, 1)
-    (run_dir / f"eval-{step}.json").write_text(json.dumps(result, indent=2))
+    with progress() as bar:
+        task = bar.add_task("sampling", total=n_samples, visible=False)
+        result = evaluate(model, cfg, bundle, chosen, split=split, n_samples=n_samples, batch=batch_size,
+                          bpd_draws=bpd_draws, limit=limit, max_classes=max_classes, seed=seed, student=student_flow,
+                          inception=inception, on_stage=lambda name: console.print(f"{name} ..."),
+                          on_samples=lambda k: bar.update(task, advance=k, visible=True))
+    result = {"checkpoint": str(run_dir), "step": step, **result, "seconds": round(time.time() - t0, 1)}
+    path = run_dir / f"eval-{step}.json"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, allow_nan=False)))
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
         return
     _print_table(result, stdout)
-    console.print(f"written to {run_dir / f'eval-{step}.json'}")
+    console.print(f"written to {escape(str(path))}")
 
 
 def _print_table(result: dict, out) -> None:
     from rich.table import Table
 
+    from .ui import escape, figure
+
     m = result["metrics"]
-    table = Table(title=f"{result['checkpoint']} (step {result['step']}), {result['data']} {result['split']} split, "
-                  f"{result['seconds']} s")
+    table = Table(title=escape(f"{result['checkpoint']} (step {result['step']}), {result['data']} {result['split']} "
+                               f"split, {result['seconds']} s"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("N", justify="right")
     if "fid" in m:
-        table.add_row("FID (biased at small N)", f"{m['fid']['value']:.2f}", str(m["fid"]["n_fake"]))
+        table.add_row("FID (biased at small N)", figure(m["fid"]["value"], ".2f"), str(m["fid"]["n_fake"]))
     if "precision_recall" in m:
         pr = m["precision_recall"]
-        table.add_row("precision / recall (k=3)", f"{pr['precision']:.3f} / {pr['recall']:.3f}", str(pr["n_fake"]))
+        table.add_row("precision / recall (k=3)", f"{figure(pr['precision'], '.3f')} / {figure(pr['recall'], '.3f')}",
+                      str(pr["n_fake"]))
     for key, label in (("bpd_unconditional", "bits/dim, unconditional"), ("bpd_conditional", "bits/dim, class-conditional")):
         if key in m:
-            table.add_row(label, f"{m[key]['mean']:.4f} ± {m[key]['stderr']:.4f}", str(m[key]["n"]))
+            table.add_row(label, f"{figure(m[key]['mean'], '.4f')} ± {figure(m[key]['stderr'], '.4f')}", str(m[key]["n"]))
     if "classify" in m:
         c = m["classify"]
         note = f" (first {c['classes']} classes)" if c["capped"] else ""
-        table.add_row(f"generative classifier accuracy{note}", f"{c['accuracy']:.3f}", str(c["n"]))
+        table.add_row(f"generative classifier accuracy{note}", figure(c["accuracy"], ".3f"), str(c["n"]))
     if "sample_acc" in m:
-        table.add_row("samples recognised by a reference classifier", f"{m['sample_acc']['accuracy']:.3f}",
+        table.add_row("samples recognised by a reference classifier", figure(m["sample_acc"]["accuracy"], ".3f"),
                       str(m["sample_acc"]["n"]))
     out.print(table)

@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from . import CKPT_HELP, Option, exit_with, resolve_class, user_errors
+from . import CKPT_HELP, CLASS_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
 
 NAME = "inspect-channels"
 DEFAULT_FACTORS = "0,0.2,0.4,0.8,1.0,1.2,1.5,2.0,4.0"
@@ -36,7 +36,8 @@ def run(
     blocks: str = Option("all", "--blocks", help="AF blocks (1-based), e.g. 1,4,8, or 'all'."),
     levels: str = Option("0,0.25,0.5,0.75,1.0", "--levels", help="Noise levels a in [0, 1]."),
     factors: str = Option(DEFAULT_FACTORS, "--factors", help="Variance factors (variance mode)."),
-    class_: Optional[str] = Option(None, "--class", "-c", help="Class for variance mode (index or name). Default 0."),
+    class_: Optional[str] = Option(None, "--class", "-c", help="Class for variance mode. " + CLASS_HELP + " Default: "
+                                   "the first class."),
     columns: int = Option(6, "--n", help="Samples per row in variance mode."),
     seed: int = Option(0, "--seed", help="Seed of the noise / samples."),
     student: bool = Option(False, "--student", help="Invert with the distilled student instead of the cached inverse."),
@@ -48,12 +49,18 @@ def run(
 
 
 def _floats(text: str, name: str) -> list[float]:
+    import math
+
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         exit_with(f"--{name} must be comma-separated numbers, got '{text}'")
     if not values:
         exit_with(f"--{name} is empty")
+    if not all(math.isfinite(v) for v in values):
+        exit_with(f"--{name} must be finite numbers, got '{text}'")
+    if len(values) > 32:
+        exit_with(f"--{name}: at most 32 values, got {len(values)}")
     return values
 
 
@@ -76,12 +83,16 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
     from ..checkpoint import load_model, load_student
     from ..data import load_data, load_image
     from ..inspection import noise_interpolation, variance_sweep
-    from ..runtime import console, find_checkpoint, stdout
+    from ..runtime import find_checkpoint
     from ..viz import grid, labelled_figure, save_png
+    from .ui import console, escape, stdout
 
     if mode not in ("interpolate", "variance"):
         exit_with("--mode must be 'interpolate' or 'variance'")
     out = out or Path("inspect.png" if mode == "interpolate" else "inspect-variance.png")
+    check_output_image(out)
+    if not 1 <= columns <= 64:
+        exit_with("--n must be between 1 and 64")
     run_dir = find_checkpoint(ckpt)
     model, cfg, class_names, _ = load_model(run_dir)
     mc = cfg.model
@@ -123,13 +134,11 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
         fs = _floats(factors, "factors")
         if any(f < 0 for f in fs):
             exit_with("--factors must be >= 0")
-        if columns < 1:
-            exit_with("--n must be at least 1")
-        label = resolve_class(class_ or "0", class_names, mc.num_classes)
-        images = variance_sweep(model, label, fs, columns, cfg.sampling, seed, student_flow, cfg.denoise_sigma()).images
+        label = 0 if class_ is None else resolve_class(class_, class_names, mc.num_classes)
+        images = variance_sweep(model, label, fs, columns, cfg.sampling, seed, student_flow).images
         panel = grid(images.flatten(0, 1), columns, scale=scale)
         name = class_names[label] if label < len(class_names) else str(label)
         figure = labelled_figure(panel, f"redundant-mixture variance sweep, class {name}: same informative tokens "
                                  "per column", [f"var x{f:g}" for f in fs], [], cell)
         save_png(figure, out)
-    console.print(f"figure -> [bold]{out}[/]")
+    console.print(f"figure -> [bold]{escape(str(out))}[/]")

@@ -18,18 +18,18 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import CKPT_HELP, Option, exit_with, resolve_class, user_errors
+from . import (CKPT_HELP, CLASS_HELP, Option, check_output_dir, check_output_image, exit_with, resolve_class,
+               user_errors)
 
 NAME = "sample"
-SAMPLING_PRESETS = {"unguided": {"cfg": 0.0, "var_scale": 0.9, "temperature": 1.3},
-                    "neutral": {"cfg": 0.0, "var_scale": 1.0, "temperature": 1.0}}
+MAX_IMAGES = 10_000  # per call: every image is kept in memory for the grid
 
 
 def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
-    classes: List[str] = Option([], "--class", "-c", help="Class index or name; repeat for several; 'random' for a "
-                                "random class. Default: every class (at most 10; else 8 random)."),
-    n: int = Option(8, "--n", help="Samples per class (one grid row per class)."),
+    classes: List[str] = Option([], "--class", "-c", help=CLASS_HELP + " Repeat for several; 'random' for a random "
+                                "class. Default: every class (at most 10; else 8 random)."),
+    n: int = Option(8, "--n", help="Samples per class (one grid row per class); at most 10,000 images per call."),
     cfg_weight: Optional[float] = Option(None, "--cfg", help="Guidance weight w (0 = unguided). Default: the preset's."),
     temperature: Optional[float] = Option(None, "--temperature", "-t", help="Unguided mixture temperature T: "
                                           "logits / T (T > 1 flattens the mixture weights)."),
@@ -54,26 +54,17 @@ def run(
 
 
 def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides):
-    """The checkpoint's sampling settings with a named preset, then explicit flags, then --set applied."""
-    from ..config import apply_overrides
+    """The checkpoint's sampling settings with a named preset, then explicit flags, then --set applied (each
+    through the config gate)."""
+    from ..config_files import apply_overrides, apply_sampling_preset
 
-    s = cfg.sampling
     if preset_sampling is not None:
-        if preset_sampling not in SAMPLING_PRESETS:
-            exit_with(f"unknown --preset-sampling '{preset_sampling}'; choose {', '.join(SAMPLING_PRESETS)}")
-        for k, v in SAMPLING_PRESETS[preset_sampling].items():
-            setattr(s, k, v)
+        apply_sampling_preset(cfg, preset_sampling)
     flags = {"cfg": cfg_weight, "temperature": temperature, "var_scale": var_scale, "guidance": guidance,
              "cond_candidates": candidates, "uncond_candidates": candidates}
-    bad = [o for o in overrides if not o.startswith("sampling.")]
-    if bad:
-        exit_with(f"--set here takes sampling.* keys only, got '{bad[0]}'")
-    apply_overrides(cfg, [f"sampling.{k}={v}" for k, v in flags.items() if v is not None] + list(overrides))
-    if s.guidance not in ("resample", "simple"):
-        exit_with("--guidance must be 'resample' or 'simple'")
-    if s.cfg < 0 or s.temperature <= 0 or s.var_scale < 0 or min(s.cond_candidates, s.uncond_candidates) < 1:
-        exit_with("need --cfg >= 0, --temperature > 0, --var-scale >= 0 and --candidates >= 1")
-    return s
+    apply_overrides(cfg, [f"sampling.{k}={v}" for k, v in flags.items() if v is not None] + list(overrides),
+                    allowed=("sampling",))
+    return cfg.sampling
 
 
 def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
@@ -81,19 +72,28 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     import torch
 
     from ..checkpoint import load_model, load_student
-    from ..runtime import console, find_checkpoint, progress
+    from ..runtime import find_checkpoint
     from ..viz import grid, save_png
+    from .ui import console, escape, progress
 
     if n < 1:
         exit_with("--n must be at least 1")
     if batch_size < 1:
         exit_with("--batch-size must be at least 1")
+    if n * max(1, len(classes)) > MAX_IMAGES:
+        exit_with(f"--n {n} x {max(1, len(classes))} class(es) is more than {MAX_IMAGES:,} images in one call; "
+                  "sample in several calls (different --seed), or use farmer evaluate for large sample sets")
+    if not 0 <= scale <= 64:
+        exit_with("--scale must be between 0 (auto) and 64")
+    check_output_image(out)
+    if out_dir is not None:
+        check_output_dir(out_dir)
     run_dir = find_checkpoint(ckpt)
     model, cfg, class_names, step = load_model(run_dir)
     s = sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides)
     student_flow = load_student(run_dir, model) if student else None
     gen = torch.Generator().manual_seed(seed)
-    sigma = cfg.denoise_sigma()
+    sigma = model.denoise_sigma(s)
     K = cfg.model.num_classes
     if not classes:
         labels = list(range(K)) if K <= 10 else torch.randperm(K, generator=gen)[:8].tolist()
@@ -109,8 +109,8 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     with progress() as bar:
         task = bar.add_task("sample", total=len(chunks) * per_chunk)
         for y in chunks:
-            images.append(model.sample(y, s, gen, student=student_flow, denoise_sigma=sigma,
-                                       on_token=lambda i: bar.advance(task), on_block=lambda t: bar.advance(task)))
+            images.append(model.sample(y, s, gen, student=student_flow, on_token=lambda i: bar.advance(task),
+                                       on_block=lambda t: bar.advance(task)))
     images = torch.cat(images)
     seconds = time.time() - t0
     size = cfg.model.image_size
@@ -125,9 +125,10 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
             Image.fromarray(arr).save(out_dir / f"{_safe(class_names, label)}_{i % n:04d}.png")
     how = f"cfg {s.cfg} ({s.guidance})" if s.cfg > 0 else f"unguided (T={s.temperature}, S={s.var_scale})"
     how += f", denoised (sigma {sigma:g})" if sigma > 0 else ""
-    console.print(f"{len(images)} samples of {len(labels)} class(es) from step {step} of {run_dir}, {how}, "
+    console.print(f"{len(images)} samples of {len(labels)} class(es) from step {step} of {escape(str(run_dir))}, {how}, "
                   f"{'student' if student_flow is not None else 'teacher'} decoder: {seconds:.1f} s "
-                  f"({len(images) / seconds:.1f} img/s) -> [bold]{out}[/]" + (f" and {out_dir}/" if out_dir else ""))
+                  f"({len(images) / seconds:.1f} img/s) -> [bold]{escape(str(out))}[/]"
+                  + (f" and {escape(str(out_dir))}/" if out_dir else ""))
 
 
 def _safe(class_names: list[str], label: int) -> str:

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from . import CKPT_HELP, Option, exit_with, resolve_class, user_errors
+from . import CKPT_HELP, CLASS_HELP, Option, exit_with, resolve_class, user_errors
 
 NAME = "score"
 
@@ -25,8 +25,8 @@ NAME = "score"
 def run(
     images: List[Path] = typer.Argument(..., help="Image files or directories (every image inside is scored)."),
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
-    class_: Optional[str] = Option(None, "--class", "-c", help="Class index or name for a class-conditional "
-                                   "likelihood. Default: unconditional (the null class)."),
+    class_: Optional[str] = Option(None, "--class", "-c", help="Class-conditional likelihood of this class. "
+                                   + CLASS_HELP + " Default: unconditional (the null class)."),
     samples: int = Option(4, "--samples", "-k", help="Dequantisation draws averaged per image."),
     batch_size: int = Option(64, "--batch-size", "-b", help="Images per forward pass."),
     as_json: bool = Option(False, "--json", help="Print one JSON object per image instead of a table."),
@@ -57,11 +57,14 @@ def _score(images, ckpt, class_, samples, batch_size, as_json):
 
     from ..checkpoint import load_model
     from ..data import load_image
-    from ..runtime import find_checkpoint, progress, stdout
+    from ..runtime import find_checkpoint
     from ..scoring import score_batch
+    from .ui import console, escape, figure, progress, stdout
 
     if samples < 1 or batch_size < 1:
         exit_with("--samples and --batch-size must be at least 1")
+    if samples > 1024:
+        exit_with("--samples must be at most 1024 (each draw scores the whole batch again)")
     files = collect_images(images)
     model, cfg, class_names, _ = load_model(find_checkpoint(ckpt))
     mc = cfg.model
@@ -77,21 +80,34 @@ def _score(images, ckpt, class_, samples, batch_size, as_json):
             nll, bpd = score_batch(model, u, y, samples, gen)
             for i, f in enumerate(files[start : start + batch_size]):
                 width, height = loaded[start + i][1]
-                rows.append({"file": str(f), "size": f"{width}x{height}", "bits_per_dim": round(bpd[i].item(), 4),
-                             "nll_nats": round(nll[i].item(), 2), "class": class_ if class_ is not None else None,
+                rows.append({"file": str(f), "size": f"{width}x{height}", "bits_per_dim": _rounded(bpd[i], 4),
+                             "nll_nats": _rounded(nll[i], 2), "class": class_ if class_ is not None else None,
                              "samples": samples})
             bar.advance(task, u.shape[0])
+    undefined = sum(r["bits_per_dim"] is None for r in rows)
+    if undefined:
+        console.print(f"[yellow]warning:[/] the likelihood of {undefined} image(s) is not a finite number (reported "
+                      "as null / n/a): the checkpoint's weights may be damaged")
     if as_json:
         for r in rows:
             print(json.dumps(r))
         return
     from rich.table import Table
 
-    cond = f"class {class_}" if class_ is not None else "unconditional"
+    cond = f"class {escape(class_)}" if class_ is not None else "unconditional"
     table = Table(title=f"{cond} likelihood at {mc.image_size}x{mc.image_size}x{mc.channels}, mean of {samples} "
                   "dequantisation draws (--samples)")
     for col in ("file", "size", "bits/dim", "NLL (nats)"):
         table.add_column(col, justify="left" if col == "file" else "right")
     for r in rows:
-        table.add_row(r["file"], r["size"], f"{r['bits_per_dim']:.3f}", f"{r['nll_nats']:.1f}")
+        table.add_row(escape(r["file"]), r["size"], figure(r["bits_per_dim"], ".3f"), figure(r["nll_nats"], ".1f"))
     stdout.print(table)
+
+
+def _rounded(value, digits: int):
+    """A figure for JSON: rounded, or None where it is not finite (NaN is not valid JSON)."""
+    import math
+
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else None
+

@@ -22,13 +22,15 @@ NAME = "train"
 
 
 def run(
-    preset: str = Option("quickstart", "--preset", "-p", help="Preset name (tiny, quickstart, imagenet64-bpd, "
-                         "imagenet256-patch16, imagenet256-patch8, imagenet256-1.1b-patch16, imagenet256-1.1b-patch8) "
-                         "or a path to a .toml file."),
+    preset: Optional[str] = Option(None, "--preset", "-p", help="Preset name (tiny, quickstart, imagenet64-bpd, "
+                                   "imagenet256-patch16, imagenet256-patch8, imagenet256-1.1b-patch16, "
+                                   "imagenet256-1.1b-patch8) or a path to a .toml file. Default: quickstart."),
     data: Optional[str] = Option(None, "--data", "-d", help="Data source: mnist5k, digits, an image folder with one "
                                  "sub-folder per class, or a saved Hugging Face dataset path/hub name. Default: the preset's."),
-    out: Optional[Path] = Option(None, "--out", "-o", help="Run directory. Default: runs/<preset>-<timestamp>."),
-    steps: Optional[int] = Option(None, "--steps", help="Optimiser steps (default: the preset's)."),
+    out: Optional[Path] = Option(None, "--out", "-o", help="Run directory. Default: runs/<preset>-<timestamp>. An "
+                                 "existing run is only continued (--resume) or replaced (--overwrite)."),
+    steps: Optional[int] = Option(None, "--steps", help="Optimiser steps (default: the preset's). Given here, it "
+                                  "wins over a preset's train.epochs."),
     epochs: Optional[int] = Option(None, "--epochs", help="Train this many epochs instead of --steps."),
     batch_size: Optional[int] = Option(None, "--batch-size", "-b", help="Batch size per process."),
     lr: Optional[float] = Option(None, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
@@ -36,7 +38,10 @@ def run(
                                             "where the hardware runs it fast, else fp32. fp16 on CPU becomes bf16."),
     seed: Optional[int] = Option(None, "--seed", help="Random seed (weights, batch order, noise)."),
     resume: bool = Option(False, "--resume", help="Continue the run in --out (or the newest run) from its last "
-                          "checkpoint; --steps may raise the total."),
+                          "checkpoint. Its model, data and schedule settings are kept: options that would change "
+                          "them are refused (logging, checkpoint cadence, workers and precision may change)."),
+    overwrite: bool = Option(False, "--overwrite", help="Replace the run already in --out (its weights, state, "
+                             "metrics and student are deleted first)."),
     stop_after: int = Option(0, "--stop-after", help="End this invocation after N steps (checkpoint saved, "
                              "schedules unchanged); continue later with --resume. For time-limited jobs."),
     workers: Optional[int] = Option(None, "--workers", help="DataLoader worker processes (default: the preset's "
@@ -44,27 +49,47 @@ def run(
     overrides: List[str] = Option([], "--set", help=SET_HELP),
 ) -> None:
     with user_errors():
-        _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, stop_after, workers, overrides)
+        _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, overwrite, stop_after,
+               workers, overrides)
 
 
-def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, stop_after, workers, overrides):
-    from ..checkpoint import load_config
-    from ..config import apply_overrides, load_preset
+def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, overwrite, stop_after,
+           workers, overrides):
+    import copy
+
+    from ..checkpoint import TRAIN_STATE_FILE, check_model_file, load_config
+    from ..config_files import apply_overrides, load_preset
     from ..data import load_data
-    from ..runtime import console, find_checkpoint, make_accelerator, new_run_dir
-    from ..training import TrainingDiverged, train
+    from ..rundir import claim_on_main, resume_conflicts
+    from ..runtime import find_checkpoint, make_accelerator, new_run_dir
+    from ..training import total_steps, train
+    from .ui import LoopProgress, console, escape
 
+    if stop_after < 0:
+        exit_with("--stop-after must be 0 (off) or a positive number of steps")
+    if steps is not None and epochs is not None:
+        exit_with("give --steps or --epochs, not both")
+    if resume and overwrite:
+        exit_with("--resume continues a run and --overwrite replaces it: give one of them")
     if resume:
-        out = find_checkpoint(out, "training_state.pt")
-        cfg, _, _ = load_config(out)
+        out = find_checkpoint(out, TRAIN_STATE_FILE)
+        stored, _, _ = load_config(out)
+        if preset is not None and preset != stored.preset:
+            exit_with(f"--resume continues {out}, trained with preset '{stored.preset}', not '{preset}'; "
+                      "start a new run (another --out) for a different preset")
+        cfg = copy.deepcopy(stored)
     else:
-        cfg = load_preset(preset)
-    cli = {"data.source": data, "train.steps": steps, "train.epochs": epochs, "train.batch_size": batch_size,
-           "train.lr": lr, "train.mixed_precision": mixed_precision, "train.seed": seed, "data.num_workers": workers}
+        cfg = load_preset(preset or "quickstart")
+    cli = {"data.source": data, "train.steps": steps, "train.epochs": 0 if steps is not None else epochs,
+           "train.batch_size": batch_size, "train.lr": lr, "train.mixed_precision": mixed_precision,
+           "train.seed": seed, "data.num_workers": workers}
     apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides))
-    for name in ("steps", "batch_size"):
-        if getattr(cfg.train, name) <= 0 and not (name == "steps" and cfg.train.epochs > 0):
-            exit_with(f"--{name.replace('_', '-')} must be positive")
+    if resume:
+        conflicts = resume_conflicts(stored, cfg)
+        if conflicts:
+            exit_with(f"--resume keeps the settings of {out}, but this would change {'; '.join(conflicts)}. "
+                      "Start a new run (another --out) to change them")
+        check_model_file(cfg, out)
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     if cfg.model.num_classes != len(bundle.class_names):
         if resume:
@@ -72,24 +97,29 @@ def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, se
                       f"{cfg.model.num_classes}")
         console.print(f"the data has {len(bundle.class_names)} classes: setting model.num_classes = "
                       f"{len(bundle.class_names)} (preset had {cfg.model.num_classes})")
-        cfg.model.num_classes = len(bundle.class_names)
-    run_dir = out or new_run_dir(cfg.preset)
+        apply_overrides(cfg, [f"model.num_classes={len(bundle.class_names)}"])
     acc = make_accelerator(cfg.train.mixed_precision)
-    if acc.is_main_process:
+    main = acc.is_main_process
+    run_dir = out or (new_run_dir(cfg.preset) if main else None)
+    run_dir, _lock = claim_on_main(acc, run_dir, resume=resume, overwrite=overwrite)
+    total = total_steps(cfg, len(bundle.train), acc.num_processes)
+    if main:
         n_params = _count_params(cfg)
-        console.print(f"run [bold]{run_dir}[/]: preset {cfg.preset}, {n_params / 1e6:.2f}M parameters, "
-                      f"{len(bundle.train)} train / {len(bundle.test)} test images, {len(bundle.class_names)} classes, "
-                      f"{acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision}")
-    try:
-        result = train(cfg, bundle, run_dir, acc, resume=resume, stop_after=stop_after)
-    except TrainingDiverged as err:
-        console.print(f"[red]error:[/] {err}")
-        raise SystemExit(1) from None
-    if acc.is_main_process:
+        console.print(f"run [bold]{escape(str(run_dir))}[/]: preset {escape(cfg.preset)}, {n_params / 1e6:.2f}M "
+                      f"parameters, {len(bundle.train)} train / {len(bundle.test)} test images, "
+                      f"{len(bundle.class_names)} classes, {acc.num_processes} process(es) on {acc.device}, "
+                      f"precision {acc.mixed_precision}, global batch {cfg.train.batch_size * acc.num_processes}, "
+                      f"{total} steps")
+    with LoopProgress("train", total, "bpd", "bits/dim", enabled=main,
+                      resume_hint=f"farmer train --out {run_dir} --resume") as bar:
+        result = train(cfg, bundle, run_dir, acc, resume=resume, stop_after=stop_after, on_event=bar)
+    if main:
+        if result.skipped:
+            console.print(f"[yellow]skipped {result.skipped} unreadable images in total[/]")
         before = "" if resume else f"{result.bpd_before:.3f} -> "
         console.print(f"done: {result.steps} steps in {result.seconds / 60:.1f} min; test bits/dim "
-                      f"{before}[bold]{result.bpd_after:.3f}[/]; checkpoint in [bold]{run_dir}[/]")
-        console.print(f"next: farmer sample --ckpt {run_dir} --class 3 --n 16")
+                      f"{before}[bold]{result.bpd_after:.3f}[/]; checkpoint in [bold]{escape(str(run_dir))}[/]")
+        console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --class 3 --n 16")
 
 
 def _count_params(cfg) -> int:

@@ -5,13 +5,21 @@ Attention is causal (token i attends to tokens <= i) unless ``causal=False`` (th
 
 For sequential decoding a :class:`KVCache` stores every layer's keys and values: feeding the next ``t`` tokens
 costs O(t · prefix) instead of recomputing attention over the whole prefix.
+
+For training, activation checkpointing (``checkpoint=True``) keeps only each layer's input and recomputes the
+layer's activations in the backward pass: activation memory drops from O(layers · activations per layer) to
+O(layers · B·T·W + activations of one layer) at the cost of one more forward pass per step.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 
 class KVCache:
@@ -31,10 +39,18 @@ class KVCache:
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
 
-    def select(self, index: torch.Tensor) -> None:
-        """Keep batch rows ``index`` (e.g. drop the unconditional half after guidance)."""
-        self.keys = [k[index] if k is not None else None for k in self.keys]
-        self.values = [v[index] if v is not None else None for v in self.values]
+
+def _recompute_with_forward_attention_backends() -> tuple[contextlib.AbstractContextManager,
+                                                            contextlib.AbstractContextManager]:
+    """``context_fn`` for checkpointing: the recomputation in backward runs with the attention backends that were
+    enabled in the forward pass. (Training picks a backend with ``sdpa_kernel`` around the forward pass only; with
+    another kernel the recomputation saves different tensors and fails checkpoint's consistency check.)"""
+    flags = torch.backends.cuda  # despite the name, these flags steer the CPU kernels too
+    enabled = [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+                                           (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+                                           (SDPBackend.CUDNN_ATTENTION, flags.cudnn_sdp_enabled()),
+                                           (SDPBackend.MATH, flags.math_sdp_enabled())) if on]
+    return contextlib.nullcontext(), sdpa_kernel(enabled)
 
 
 class SelfAttention(nn.Module):
@@ -80,21 +96,31 @@ class TransformerStack(nn.Module):
     """L pre-norm transformer layers followed by a final LayerNorm.
 
     ``forward(h)``: (B, T, W) -> (B, T, W). ``causal`` is an attribute so a trained causal stack can be turned
-    bidirectional (the distillation student) without new parameters.
+    bidirectional (the distillation student) without new parameters. ``checkpoint`` (also an attribute) runs each
+    layer under activation checkpointing whenever that can save memory: in training mode, with grad enabled and
+    without a KV cache; otherwise (evaluation, ``torch.no_grad``, cached decoding) it has no effect. Outputs and
+    gradients are the same either way.
     """
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, causal: bool = True) -> None:
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, causal: bool = True,
+                 checkpoint: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(width, heads, mlp_ratio) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.causal = causal
+        self.checkpoint = checkpoint
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
 
     def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        recompute = self.checkpoint and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h = layer(h, self.causal, cache, i)
+            if recompute:
+                h = activation_checkpoint(layer, h, self.causal, None, i, use_reentrant=False,
+                                          context_fn=_recompute_with_forward_attention_backends)
+            else:
+                h = layer(h, self.causal, cache, i)
         if cache is not None:
             cache.length += h.shape[1]
         return self.norm(h)

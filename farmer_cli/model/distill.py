@@ -1,4 +1,4 @@
-"""One-step distillation of the AF inverse (NOTES §4, supplement Algorithm 2).
+"""One-step distillation of the AF inverse (paper §3.5, supplement Algorithm 2).
 
 Student: a copy of the trained teacher AF with every attention made bidirectional. Student block g_t maps
 Z^t -> Z^(t-1) in one parallel pass with the teacher block's affine form and permutation, its shift and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch import nn
 
 from .flow import AutoregressiveFlow
 
@@ -29,14 +30,28 @@ def make_student(teacher: AutoregressiveFlow) -> AutoregressiveFlow:
     return student
 
 
-def distill_loss(teacher: AutoregressiveFlow, student: AutoregressiveFlow, x: torch.Tensor, noise_max: float,
+class OnePassInverse(nn.Module):
+    """The student as a module whose ``forward`` is its one-pass inverse, so a DDP / FSDP wrapper sees the
+    training computation as a forward call (and synchronises its gradients). ``flow`` holds the weights."""
+
+    def __init__(self, flow: AutoregressiveFlow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None, return_intermediates: bool = False):
+        return self.flow.one_pass_inverse(z, y, return_intermediates=return_intermediates)
+
+
+def distill_loss(teacher: AutoregressiveFlow, student: nn.Module, x: torch.Tensor, noise_max: float,
                  y: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
-    """x: patchified images (B, N, d) -> (loss, per-block losses from block n down to block 1)."""
+    """x: patchified images (B, N, d) -> (loss, per-block losses from block n down to block 1).
+
+    ``student``: an :class:`OnePassInverse` (possibly wrapped by DDP / FSDP)."""
     with torch.no_grad():
         _, _, states = teacher(x, y, return_intermediates=True)  # [Z^0, ..., Z^n]
     z_n = states[-1]
     s = torch.rand(z_n.shape[0], 1, 1, device=z_n.device) * noise_max
-    _, outputs = student.one_pass_inverse(z_n + s * torch.randn_like(z_n), y, return_intermediates=True)
+    _, outputs = student(z_n + s * torch.randn_like(z_n), y, return_intermediates=True)
     targets = states[-2::-1]  # Z^(n-1), ..., Z^0
     losses = [((out - tgt.float()) ** 2).mean() for out, tgt in zip(outputs, targets)]
     return torch.stack(losses).mean(), [v.item() for v in losses]

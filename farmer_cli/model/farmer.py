@@ -1,4 +1,4 @@
-"""FARMER: autoregressive flow + GMM autoregressive prior, trained end to end on exact NLL (NOTES §1.5).
+"""FARMER: autoregressive flow + GMM autoregressive prior, trained end to end on exact NLL (paper Eqs. 6, 13, 14).
 
     u (B, C, H, W) uint8 --dequantize--> x = (u + noise)/128 - 1 --patchify (+ optional DCT)--> (B, N, d)
       --AF--> Z (B, N, d), log|det| --merge m x m, final permute--> AR tokens (B, N/m², m²·d)
@@ -13,14 +13,15 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig, SamplingConfig
 from .flow import AutoregressiveFlow
-from .guidance import draw_tokens
+from .gmm import GMM
+from .guidance import draw, draw_tokens
 from .patchify import dct_basis, merge_tokens, patchify, split_tokens, unpatchify
 from .prior import ARPrior
 
@@ -30,7 +31,7 @@ def dequantize(u: torch.Tensor, noise: str = "uniform", sigma: float = 0.0,
     """uint8 (B, C, H, W) -> float32 in about [-1, 1].
 
     ``uniform``: x = (u + U(0,1))/128 - 1 (likelihood evaluation, supplement's ImageNet-64 training);
-    ``gaussian``: x = (u + 0.5)/128 - 1 + sigma·N(0,1) (training, sigma annealed; NOTES §1.1);
+    ``gaussian``: x = (u + 0.5)/128 - 1 + sigma·N(0,1) (training, sigma annealed; paper §3.2);
     ``none``: x = (u + 0.5)/128 - 1 (bin centres).
     """
     u = u.float()
@@ -47,16 +48,30 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) * 128.0 - 0.5).round().clamp(0, 255).to(torch.uint8)
 
 
-class Farmer(nn.Module):
-    """The whole model. ``nll`` for training and scoring, ``encode``/``decode`` for the latent, ``sample``."""
+class InformativeSample(NamedTuple):
+    """What the AR prior's token-by-token pass produces: informative tokens (B, n, d_I) and the shared redundant
+    mixtures, conditional (B,) and, when guided, unconditional (B,); both None without a channel split."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    tokens: torch.Tensor
+    redundant: GMM | None
+    redundant_null: GMM | None
+
+
+class Farmer(nn.Module):
+    """The whole model. ``nll`` for training and scoring, ``encode``/``decode`` for the latent, ``sample``.
+
+    ``trained_noise_sigma``: the Gaussian dequantisation sigma at the end of training (0 for uniform noise); the
+    density the model learned is smoothed by it, and :meth:`sample` removes it with one denoising step."""
+
+    def __init__(self, cfg: ModelConfig, trained_noise_sigma: float = 0.0) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.trained_noise_sigma = trained_noise_sigma
         self.flow = AutoregressiveFlow(
             cfg.token_dim, cfg.tokens, cfg.af_blocks, cfg.af_width, cfg.af_layers, cfg.af_heads, cfg.mlp_ratio,
             cfg.af_max_log_scale, cfg.af_permutation, cfg.num_classes if cfg.af_class_conditional else 0,
+            checkpoint=cfg.grad_checkpoint,
         )
         self.prior = ARPrior(cfg)
         basis = dct_basis(cfg.patch_size, cfg.channels) if cfg.token_basis == "dct" else None
@@ -137,15 +152,27 @@ class Farmer(nn.Module):
         return {"nll": nll, "bpd": nll / (D * math.log(2.0)), "log_p_info": log_info, "log_p_red": log_red,
                 "logdet": logdet}
 
+    def class_log_likelihoods(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """log p(x | c) in nats for every image and every class: x (B, C, H, W) dequantised, classes (K,) -> (B, K).
+
+        An unconditional AF encodes each image once and only the AR prior runs once per class."""
+        B, K = x.shape[0], classes.shape[0]
+        labels = classes.to(x.device).repeat_interleave(B)  # class-major: rows k*B .. k*B+B-1 are class k
+        if self.cfg.af_class_conditional:
+            log_px = -self.nll_continuous(x.repeat(K, 1, 1, 1), labels)["nll"] + self.cfg.dims * math.log(128.0)
+        else:
+            tokens, logdet = self.encode(x)
+            info, red = self.prior(tokens.repeat(K, 1, 1), labels)
+            log_px = info + red + logdet.repeat(K)
+        return log_px.view(K, B).T
+
     # ----- sampling -----
     @torch.no_grad()
     def sample_informative(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
-                           use_cache: bool = True, on_token: Callable[[int], None] | None = None):
-        """Classes y (B,) -> (informative tokens (B, n, d_I), redundant mixture or None).
-
-        Tokens are drawn one by one (KV cache: each step feeds one token). With guidance (s.cfg > 0) the
-        conditional and null-class passes run as one batch of 2B, and the redundant mixture has leading dim 2B
-        ([conditional; unconditional]); otherwise B."""
+                           use_cache: bool = True, on_token: Callable[[int], None] | None = None) -> InformativeSample:
+        """Classes y (B,) -> the informative tokens, drawn one by one (KV cache: each step feeds one token), and
+        the shared redundant mixture(s). With guidance (s.cfg > 0) the conditional and null-class passes run as
+        one batch of 2B internally."""
         prior, B, device = self.prior, y.shape[0], y.device
         guided = s.cfg > 0
         labels = torch.cat([y, torch.full_like(y, self.null_class)]) if guided else y
@@ -158,20 +185,27 @@ class Farmer(nn.Module):
             if on_token is not None:
                 on_token(i)
         if prior.red_head is None:
-            return z_info, None
+            return InformativeSample(z_info, None, None)
         prefix = torch.cat([z_info, z_info]) if guided else z_info
-        return z_info, prior.red_head(prior.next_hidden(labels, prefix, cache))
+        red = prior.red_head(prior.next_hidden(labels, prefix, cache))
+        if not guided:
+            return InformativeSample(z_info, red, None)
+        return InformativeSample(z_info, red.index(slice(0, B)), red.index(slice(B, 2 * B)))
 
     @torch.no_grad()
     def sample_tokens(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
                       use_cache: bool = True, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
         """Classes y (B,) -> AR tokens (B, n, D_ar): informative tokens one by one, then all N redundant vectors
         from the one shared mixture (through the resampling pool when guided)."""
-        z_info, red = self.sample_informative(y, s, generator, use_cache, on_token)
+        z_info, red, red_null = self.sample_informative(y, s, generator, use_cache, on_token)
         if red is None:
             return z_info
-        z_red = draw_tokens(red, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, generator)
+        z_red = draw(red, red_null, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, generator)
         return torch.cat([z_info, z_red], dim=-1)
+
+    def denoise_sigma(self, s: SamplingConfig) -> float:
+        """The noise level one denoising step removes after decoding: 0 when ``s.denoise`` is off."""
+        return self.trained_noise_sigma if s.denoise else 0.0
 
     def denoise(self, x: torch.Tensor, y: torch.Tensor | None, sigma: float) -> torch.Tensor:
         """One score-based denoising step (Tweedie): E[x_clean | x] = x + sigma² ∇_x log p(x).
@@ -189,12 +223,12 @@ class Farmer(nn.Module):
 
     @torch.no_grad()
     def sample(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
-               use_cache: bool = True, student: nn.Module | None = None, denoise_sigma: float = 0.0,
+               use_cache: bool = True, student: nn.Module | None = None,
                on_token: Callable[[int], None] | None = None,
                on_block: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Classes y (B,) -> uint8 images (B, C, H, W); denoised with ``denoise_sigma`` > 0.
+        """Classes y (B,) -> uint8 images (B, C, H, W), denoised by :meth:`denoise_sigma` when ``s.denoise``.
 
         ``on_token`` / ``on_block`` are called after each sampled token / inverted AF block (progress bars)."""
         tokens = self.sample_tokens(y, s, generator, use_cache, on_token)
         x = self.decode(tokens, y, use_cache, student, on_block)
-        return quantize(self.denoise(x, y, denoise_sigma))
+        return quantize(self.denoise(x, y, self.denoise_sigma(s)))

@@ -1,4 +1,4 @@
-"""Autoregressive flow (AF): TARFlow-style stack of affine next-token transforms (NOTES §1.2).
+"""Autoregressive flow (AF): TARFlow-style stack of affine next-token transforms (paper §3.2, Fig. 2).
 
 Block t reads its input tokens in a permuted order (identity or flip), and for every token i > 1 predicts from
 the tokens before it a shift mu_i and a log-scale alpha_i:
@@ -29,16 +29,17 @@ class AFBlock(nn.Module):
         dim: d, channels per token. tokens: N. width/layers/heads: the causal transformer.
         num_classes: > 0 makes the block class-conditional (a class embedding added to every position; index
             ``num_classes`` is the null class); 0 (the paper's choice) makes it unconditional.
+        checkpoint: activation checkpointing of the transformer in training (see :class:`TransformerStack`).
     """
 
     def __init__(self, dim: int, tokens: int, width: int, layers: int, heads: int, mlp_ratio: float,
-                 max_log_scale: float, num_classes: int = 0) -> None:
+                 max_log_scale: float, num_classes: int = 0, checkpoint: bool = False) -> None:
         super().__init__()
         self.dim, self.max_log_scale = dim, max_log_scale
         self.in_proj = nn.Linear(dim, width)
         self.pos = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
         self.class_emb = nn.Embedding(num_classes + 1, width) if num_classes else None
-        self.stack = TransformerStack(width, layers, heads, mlp_ratio)
+        self.stack = TransformerStack(width, layers, heads, mlp_ratio, checkpoint=checkpoint)
         self.out_proj = nn.Linear(width, 2 * dim)
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
@@ -84,8 +85,9 @@ class AFBlock(nn.Module):
         return x
 
     def one_pass_inverse(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Student form (NOTES §4): x_i = z_i·exp(alpha_i(z)) + mu_i(z), params from position i-1 of the stack
-        run over z (bidirectional when ``stack.causal`` is False), x_1 = z_1. One parallel pass."""
+        """Student form (paper §3.5, supplement Algorithm 2): x_i = z_i·exp(alpha_i(z)) + mu_i(z), params from
+        position i-1 of the stack run over z (bidirectional when ``stack.causal`` is False), x_1 = z_1. One
+        parallel pass."""
         alpha, mu = self._shifted_params(z, y)
         return z.float() * torch.exp(alpha) + mu
 
@@ -98,14 +100,17 @@ class AutoregressiveFlow(nn.Module):
     """n AF blocks; block t permutes tokens in (flip or identity), transforms, and permutes back out.
 
     ``permutation="alternate"`` flips every odd block (TARFlow); ``"always-flip"`` flips every block.
+    ``checkpoint`` turns on activation checkpointing in every block's transformer (training only; see
+    :class:`TransformerStack`).
     """
 
     def __init__(self, dim: int, tokens: int, blocks: int, width: int, layers: int, heads: int,
                  mlp_ratio: float = 4.0, max_log_scale: float = 3.0, permutation: str = "alternate",
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, checkpoint: bool = False) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            AFBlock(dim, tokens, width, layers, heads, mlp_ratio, max_log_scale, num_classes) for _ in range(blocks)
+            AFBlock(dim, tokens, width, layers, heads, mlp_ratio, max_log_scale, num_classes, checkpoint)
+            for _ in range(blocks)
         )
         self.flips = [permutation == "always-flip" or t % 2 == 1 for t in range(blocks)]
 

@@ -1,4 +1,4 @@
-"""Diagonal Gaussian mixtures: the GMM head, log-density and sampling (NOTES §1.3, §3).
+"""Diagonal Gaussian mixtures: the GMM head, log-density and sampling (paper §3.2; §3.4, Algorithm 1).
 
 A mixture over R^D with K components is (logits (..., K), means (..., K, D), stds (..., K, D)):
 
@@ -7,7 +7,7 @@ A mixture over R^D with K components is (logits (..., K), means (..., K, D), std
 Two temperature knobs act on it, as one representation for every caller:
     ``logit_scale``  multiplies the mixture logits (Algorithm 1's T_pi; the CLI's mixture temperature T gives 1/T)
     ``std_scale``    multiplies every component std (Algorithm 1's T_sigma; a variance scale s gives sqrt(s))
-Everything here is computed in float32.
+Log-densities are float32; the quadratic form inside :meth:`GMM.log_prob` is accumulated in float64 (see there).
 """
 
 from __future__ import annotations
@@ -40,15 +40,39 @@ class GMM:
         return GMM(self.logits[idx], self.means[idx], self.stds[idx])
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """z (..., S, D) scored under mixtures (..., K, D), S points per mixture -> (..., S).
+        """z (..., S, D) scored under mixtures (..., K, D), S points per mixture -> (..., S) float32.
 
-        The leading dims of z and of the mixture must match; S points share one mixture (S = 1 for per-token
-        mixtures, S = N for the shared redundant mixture)."""
-        z = z.float()[..., :, None, :]  # (..., S, 1, D)
-        means, stds = self.means[..., None, :, :], self.stds[..., None, :, :]  # (..., 1, K, D)
-        comp = -0.5 * (((z - means) / stds) ** 2 + LOG_2PI) - torch.log(stds)
-        log_w = F.log_softmax(self.logits.float(), dim=-1)[..., None, :]  # (..., 1, K)
-        return torch.logsumexp(log_w + comp.sum(-1), dim=-1)
+        The leading dims of z and of the mixture must match; S points share one mixture (S = 1 for
+        per-token mixtures, S = N for the shared redundant mixture).
+
+        No (..., S, K, D) tensor larger than the mixture itself is built, forward or backward:
+
+        * S = 1: the differences z - mu (..., 1, K, D) are the size of the means; computed directly, in float32.
+        * S > 1: with p = 1/std² the Gaussian quadratic expands to
+
+              sum_j ((z_j - mu_kj) / std_kj)² = (z²) @ pᵀ - 2 z @ (mu·p)ᵀ + sum_j mu_kj² p_kj       (..., S, K)
+
+          two (S, D) x (D, K) matmuls plus a per-component constant. For the patch-8 redundant term (S = 256,
+          K = 200, D = 640) each intermediate of the broadcast form took 131 MB per image; here the largest is
+          (S, D) in float64, 1.3 MB. The three terms are each of order sum_j z_j²/std_kj² while near a
+          component's mean their sum is ~D, so they cancel: in float32 that costs up to ~1e2 nats at std 1e-3.
+          Centring z and mu on a per-mixture reference does not help (the terms stay of order |z - ref|²/std²,
+          and points spread over the mixture by far more than one std). The expansion therefore runs in
+          float64, outside autocast, which keeps it within ~1e-6 nats of the exact value at those scales.
+          (float64 is unsupported on MPS.) For S = 1 the float64 copies would cost more than the differences.
+
+        Weights, normalisers and the logsumexp are float32.
+        """
+        if z.shape[-2] == 1:
+            quad = (((z.float() - self.means.float()) / self.stds.float()) ** 2).sum(-1)[..., None, :]  # (..., 1, K)
+        else:
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                z64, mu, prec = z.double(), self.means.double(), self.stds.double().pow(-2)
+                quad = ((z64 * z64) @ prec.mT - 2 * z64 @ (mu * prec).mT
+                        + (mu * mu * prec).sum(-1)[..., None, :]).float()  # (..., S, K)
+        log_norm = -0.5 * z.shape[-1] * LOG_2PI - torch.log(self.stds.float()).sum(-1)  # (..., K)
+        log_w = F.log_softmax(self.logits.float(), dim=-1)  # (..., K)
+        return torch.logsumexp((log_w + log_norm)[..., None, :] - 0.5 * quad, dim=-1)
 
     def pick_components(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``count`` component indices per mixture: (..., count) int64."""
@@ -76,15 +100,15 @@ def square_plus(x: torch.Tensor) -> torch.Tensor:
 class GMMHead(nn.Module):
     """Linear map from a hidden state (..., W) to a K-component diagonal GMM over R^D.
 
-    std = min_scale + square_plus(raw): positive, smooth, bounded below. Weights start small (std 0.02·init_gain)
+    std = min_scale + square_plus(raw): positive, smooth, bounded below. Weights start small (std 0.02)
     so an untrained head is close to a standard normal yet the components' symmetry is broken.
     """
 
-    def __init__(self, width: int, components: int, dim: int, min_scale: float, init_gain: float = 1.0) -> None:
+    def __init__(self, width: int, components: int, dim: int, min_scale: float) -> None:
         super().__init__()
         self.K, self.D, self.min_scale = components, dim, min_scale
         self.proj = nn.Linear(width, components * (1 + 2 * dim))
-        nn.init.normal_(self.proj.weight, std=0.02 * init_gain)
+        nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: torch.Tensor) -> GMM:

@@ -1,6 +1,6 @@
 """Drawing latent tokens from the prior's mixtures: unguided, resampling CFG (Algorithm 1) or simple CFG.
 
-Target of guidance with weight w (NOTES §3): p'(z) ∝ p_c(z)^(w+1) / p_u(z)^w.
+Target of guidance with weight w (paper §3.4, Algorithm 1): p'(z) ∝ p_c(z)^(w+1) / p_u(z)^w.
 
 * ``draw_unguided``: decoupled GMM sampling (supplement Table 5): mixture logits / T, component variance x s.
 * ``draw_resampled`` (Algorithm 1): s_c candidates from the conditional mixture and s_u from the unconditional
@@ -8,7 +8,7 @@ Target of guidance with weight w (NOTES §3): p'(z) ∝ p_c(z)^(w+1) / p_u(z)^w.
   candidates and (w+1)·(log p_c − log p_u) for unconditional ones, with densities at the evaluation temperatures
   (logits x T_pi,v, std x T_sigma,v); times T_s; softmax over all candidates; draw ``draws`` indices with
   replacement (1 for an informative token, N for the redundant step's shared pool).
-* ``draw_simple`` (JetFormer-style, NOTES §3 last bullet): pick a component k from the conditional mixture, then
+* ``draw_simple`` (JetFormer-style, paper §3.4): pick a component k from the conditional mixture, then
   sample each dimension from N_c,k^(1+w) / N_u,k^w. For Gaussians this density is itself Gaussian with precision
   (1+w)/σ_c² − w/σ_u² and is sampled exactly (JetFormer uses rejection sampling for the same density); where that
   precision is not positive the conditional component is used, as JetFormer's fallback does.
@@ -59,16 +59,23 @@ def draw_simple(g_c: GMM, g_u: GMM, draws: int, s: SamplingConfig, generator: to
     return mean + eps * safe.rsqrt()
 
 
-def draw_tokens(g: GMM, draws: int, pool: int, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw from mixtures predicted for a batch that is [conditional; unconditional] when s.cfg > 0.
+def draw(g_c: GMM, g_u: GMM | None, draws: int, pool: int, s: SamplingConfig,
+         generator: torch.Generator | None) -> torch.Tensor:
+    """Draw from conditional mixtures g_c (B,), guided by the unconditional ones g_u (B,) when s.cfg > 0.
 
-    g: mixtures with leading dim 2B (guided) or B (unguided); pool: candidates per proposal for resampling.
-    Returns (B, draws, D)."""
-    if s.cfg <= 0:
-        return draw_unguided(g, draws, s, generator)
-    B = g.logits.shape[0] // 2
-    g_c, g_u = g.index(slice(0, B)), g.index(slice(B, 2 * B))
+    pool: candidates per proposal for resampling (0: s_c and s_u). Returns (B, draws, D)."""
+    if s.cfg <= 0 or g_u is None:
+        return draw_unguided(g_c, draws, s, generator)
     if s.guidance == "simple":
         return draw_simple(g_c, g_u, draws, s, generator)
     n_c, n_u = (s.cond_candidates, s.uncond_candidates) if pool == 0 else (pool, pool)
     return draw_resampled(g_c, g_u, draws, n_c, n_u, s, generator)
+
+
+def draw_tokens(g: GMM, draws: int, pool: int, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`draw` for mixtures predicted for one batch that is [conditional; unconditional] when s.cfg > 0
+    (leading dim 2B; B unguided). Returns (B, draws, D)."""
+    if s.cfg <= 0:
+        return draw_unguided(g, draws, s, generator)
+    B = g.logits.shape[0] // 2
+    return draw(g.index(slice(0, B)), g.index(slice(B, 2 * B)), draws, pool, s, generator)

@@ -1,4 +1,4 @@
-"""AR prior over the AF latent with the informative / redundant channel split (NOTES §1.3–1.4, §2).
+"""AR prior over the AF latent with the informative / redundant channel split (paper §3.2–3.3).
 
 Each AR token z_i (after the optional token merge) is split channel-wise into z_i^I (first d_I channels,
 informative) and z_i^R (the remaining d_R, redundant). A causal transformer reads
@@ -12,6 +12,8 @@ K_R-component GMM G_{N+1} from which every z_i^R is scored i.i.d.:
     log p(Z | c) = sum_i log G_i(z_i^I | z_<i^I, c)  +  sum_i log G_{N+1}(z_i^R | Z^I, c)
 
 Index ``num_classes`` of the class table is the learned null class used for classifier-free guidance.
+``cfg.grad_checkpoint`` turns on activation checkpointing of the transformer in training (see
+:class:`TransformerStack`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class ARPrior(nn.Module):
         nn.init.normal_(self.class_emb.weight, std=0.02)
         self.in_proj = nn.Linear(self.d_I, W)
         self.pos = nn.Parameter(torch.randn(1, self.M + self.N, W) * 0.02)
-        self.stack = TransformerStack(W, cfg.ar_layers, cfg.ar_heads, cfg.mlp_ratio)
+        self.stack = TransformerStack(W, cfg.ar_layers, cfg.ar_heads, cfg.mlp_ratio, checkpoint=cfg.grad_checkpoint)
         self.info_head = GMMHead(W, cfg.informative_components, self.d_I, cfg.min_scale)
         self.red_head = GMMHead(W, cfg.redundant_components, self.d_R, cfg.min_scale) if self.d_R else None
 

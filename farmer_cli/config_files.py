@@ -1,0 +1,181 @@
+"""Building a :class:`~farmer_cli.config.Config` from text: TOML presets, stored JSON, ``--set`` overrides.
+
+Presets live in ``presets/*.toml`` (installed as ``farmer_cli.presets``); named sampling settings in
+``presets/sampling/*.toml``. Every value passes :func:`coerce` (type, ``Literal`` choices, finite numbers) and
+every result passes :meth:`Config.validate`: unknown sections or keys, wrong types and out-of-range values raise
+a :class:`ConfigError` that names the key and suggests the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from .config import SECTIONS, Config, ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def suggest(word: str, options: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest option, or an empty string."""
+    lowered = {o.lower(): o for o in options}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1)
+    return f" (did you mean '{lowered[close[0]]}'?)" if close else ""
+
+
+def coerce(value: Any, kind: Any, name: str, origin: str) -> Any:
+    """Convert ``value`` (TOML/JSON value or command-line string) to ``kind`` or raise a ConfigError."""
+    if get_origin(kind) is Literal:
+        choices = [str(c) for c in get_args(kind)]
+        if str(value) not in choices:
+            raise ConfigError(f"{origin}: '{name}' must be one of {', '.join(choices)}, got {value!r}"
+                              f"{suggest(str(value), choices)}")
+        return str(value)
+    try:
+        result = _convert(value, kind)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{origin}: '{name}' expects {getattr(kind, '__name__', kind)}, got {value!r}") from None
+    if isinstance(result, float) and not math.isfinite(result):
+        raise ConfigError(f"{origin}: '{name}' must be a finite number, got {value!r}")
+    return result
+
+
+def _convert(value: Any, kind: Any) -> Any:
+    """``value`` as bool, int, float or str; ValueError where it is not one (booleans are never numbers)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value)
+    return float(value) if kind is float else str(value)
+
+
+def _assign(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{origin}: unknown section '{section}'{suggest(section, list(SECTIONS))}; "
+                          f"sections: {', '.join(SECTIONS)}")
+    target = getattr(cfg, section)
+    fields = [f.name for f in dataclasses.fields(target)]
+    if key not in fields:
+        raise ConfigError(f"{origin}: unknown key '{section}.{key}'{suggest(key, fields)}")
+    setattr(target, key, coerce(value, get_type_hints(type(target))[key], f"{section}.{key}", origin))
+
+
+def apply_dict(cfg: Config, raw: Any, origin: str) -> Config:
+    """Apply a ``{section: {key: value}}`` mapping (a preset or a stored config) onto ``cfg`` and validate."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a table of [section] key = value, got {type(raw).__name__}")
+    for section, values in raw.items():
+        if section == "preset":
+            cfg.preset = _preset_name(values, origin)
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{section}] must be a table of key = value")
+        for key, value in values.items():
+            _assign(cfg, section, key, value, origin)
+    return _validated(cfg, origin)
+
+
+def from_dict(raw: Any, origin: str = "config") -> Config:
+    return apply_dict(Config(), raw, origin)
+
+
+def _preset_name(value: Any, origin: str) -> str:
+    """A preset name becomes part of run directory names: letters, digits, '-', '_' and '.' only."""
+    name = str(value)
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith("."):
+        raise ConfigError(f"{origin}: preset = {value!r} must be a plain name (letters, digits, '-', '_', '.')")
+    return name
+
+
+def _validated(cfg: Config, origin: str) -> Config:
+    try:
+        return cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+
+
+def _preset_dir():
+    """Installed: the ``farmer_cli.presets`` package (mapped from ./presets by pyproject.toml). Run from a source
+    checkout (``python -m farmer_cli`` or pytest at the repository root): the ./presets folder itself."""
+    try:
+        return resources.files("farmer_cli.presets")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "presets"
+
+
+def _names(folder) -> list[str]:
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_names() -> list[str]:
+    return _names(_preset_dir())
+
+
+def sampling_preset_names() -> list[str]:
+    return _names(_preset_dir() / "sampling")
+
+
+def _parse_toml(text: str, origin: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{origin}: not valid TOML ({err})") from None
+
+
+def load_preset(name_or_path: str) -> Config:
+    """Load a preset by name (``quickstart``) or from a TOML file path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file {path} does not exist")
+        text, origin = path.read_text(), str(path)
+    else:
+        names = preset_names()
+        if name_or_path not in names:
+            raise ConfigError(f"unknown preset '{name_or_path}'{suggest(name_or_path, names)}; "
+                              f"available: {', '.join(names)}")
+        text, origin = (_preset_dir() / f"{name_or_path}.toml").read_text(), f"preset {name_or_path}"
+    cfg = from_dict(_parse_toml(text, origin), origin)
+    cfg.preset = cfg.preset or _preset_name(path.stem, origin)
+    return cfg
+
+
+def apply_sampling_preset(cfg: Config, name: str) -> Config:
+    """Apply a named sampling setting (``presets/sampling/<name>.toml``, ``[sampling]`` keys only)."""
+    names = sampling_preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown sampling preset '{name}'{suggest(name, names)}; available: {', '.join(names)}")
+    origin = f"sampling preset {name}"
+    raw = _parse_toml((_preset_dir() / "sampling" / f"{name}.toml").read_text(), origin)
+    if set(raw) - {"sampling"}:
+        raise ConfigError(f"{origin}: may only set [sampling] keys")
+    return apply_dict(cfg, raw, origin)
+
+
+def apply_overrides(cfg: Config, overrides: list[str], allowed: tuple[str, ...] = SECTIONS) -> Config:
+    """Apply ``section.key=value`` strings in order, then validate; raises ConfigError on any bad one.
+    ``allowed`` limits which sections may be overridden (``sample`` takes only ``sampling.*``)."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set '{item}': expected section.key=value, e.g. --set train.lr=3e-4")
+        dotted, value = item.split("=", 1)
+        section, key = (part.strip() for part in dotted.split(".", 1))
+        if section in SECTIONS and section not in allowed:
+            raise ConfigError(f"--set '{item}': only {', '.join(s + '.*' for s in allowed)} keys can be set here")
+        _assign(cfg, section, key, value.strip(), "--set")
+    return _validated(cfg, "--set")

@@ -1,0 +1,232 @@
+"""The one optimisation loop behind ``farmer train`` and ``farmer distill``.
+
+:class:`Loop` owns what every run of either needs: AdamW with linear warm-up then cosine decay, resuming from the
+training state, per-step seeding (so N steps + resume + N steps equal 2N in one go), gradient clipping, divergence
+detection naming the step and the term, ``metrics.jsonl``-style records, checkpoint cadence, and saving on a stop
+signal (SIGINT, SIGTERM, SIGUSR1) at the end of the current step. Training and distillation differ only in the
+*step function* they pass to :meth:`Loop.run` and in what they save beside the training state.
+
+Progress is reported through a callback receiving :class:`LoopEvent` s; this module imports no UI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .checkpoint import load_training_state, save_training_state
+
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the message names the step and the term. The last checkpoint is kept."""
+
+
+class Stopped(Exception):
+    """A stop signal arrived; a checkpoint of ``step`` was saved and the run can continue with ``--resume``."""
+
+    def __init__(self, step: int, signame: str) -> None:
+        super().__init__(f"stopped by {signame} after step {step}; a checkpoint was saved: continue with --resume")
+        self.step, self.signame = step, signame
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    done = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+@dataclass
+class StepOutput:
+    """What a step function returns: the scalar loss to minimise and named terms for the log (tensors are
+    averaged when logged; floats and lists pass through). Tensor terms are checked when the loss is not finite."""
+
+    loss: torch.Tensor
+    terms: dict[str, Any] = field(default_factory=dict)
+    images: int = 0  # images in this process's batch (for images/s)
+
+
+@dataclass
+class LoopEvent:
+    """``kind``: "step" after every step; "log" every ``log_every`` steps with ``record``; "checkpoint" after a
+    save; "stop" when a stop signal was honoured."""
+
+    kind: str
+    step: int
+    total: int
+    record: dict[str, Any] | None = None
+
+
+class _StopFlag:
+    """Turns the first SIGINT/SIGTERM/SIGUSR1 into a flag read between steps; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signame: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signame is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signame = signal.Signals(signum).name
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Loop:
+    """One optimisation loop over the trainable module ``model`` (already through ``accelerator.prepare``).
+
+    ``state_modules`` are the unwrapped modules saved in and restored from the training state file
+    (e.g. ``{"model": raw, "ema": ema}``); ``on_save(step)`` writes what else the run keeps (weights, config);
+    ``after_step(step)`` runs after each optimiser step (EMA)."""
+
+    def __init__(self, accelerator, model: torch.nn.Module, optimizer, *, run_dir: Path, state_file: str,
+                 state_modules: dict[str, torch.nn.Module], total: int, warmup: int, min_lr_ratio: float,
+                 grad_clip: float, seed: int, log_every: int, ckpt_every: int, metrics_file: str,
+                 on_save: Callable[[int], None] = lambda step: None,
+                 after_step: Callable[[int], None] = lambda step: None,
+                 on_event: Callable[[LoopEvent], None] | None = None) -> None:
+        self.acc, self.model, self.optimizer = accelerator, model, optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(s, warmup, total, min_lr_ratio))
+        self.run_dir, self.state_file, self.state_modules = run_dir, state_file, state_modules
+        self.total, self.grad_clip, self.seed = total, grad_clip, seed
+        self.log_every, self.ckpt_every = log_every, ckpt_every
+        self.metrics_path = run_dir / metrics_file
+        self.on_save, self.after_step = on_save, after_step
+        self.on_event = on_event or (lambda event: None)
+        self.step = 0
+
+    # ----- state -----
+    def resume(self) -> int:
+        """Load the training state (safely: tensors and plain values only) and return its step."""
+        state = load_training_state(self.run_dir, self.state_file, list(self.state_modules))
+        for name, module in self.state_modules.items():
+            module.load_state_dict(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        return self.step
+
+    def save(self, step: int) -> None:
+        """Every rank enters; the main process writes the training state, then ``on_save``."""
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            state = {name: m.state_dict() for name, m in self.state_modules.items()}
+            state |= {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": step}
+            save_training_state(self.run_dir, self.state_file, state)
+            self.on_save(step)
+        self.acc.wait_for_everyone()
+        self.on_event(LoopEvent("checkpoint", step, self.total))
+
+    # ----- metrics -----
+    def _open_metrics(self, start: int):
+        """Append to the metrics file after dropping records past ``start`` (left by a run that stopped between
+        checkpoints), so no step is ever recorded twice."""
+        if not self.acc.is_main_process:
+            return None
+        if self.metrics_path.exists():
+            kept = []
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= start:
+                        kept.append(line)
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a line cut by a crash
+            from .checkpoint import atomic_write
+
+            atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+        return self.metrics_path.open("a")
+
+    # ----- the loop -----
+    def _check(self, step: int, out: StepOutput) -> None:
+        if torch.isfinite(out.loss):
+            return
+        bad = [k for k, v in out.terms.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all()]
+        raise TrainingDiverged(
+            f"step {step}: the loss became non-finite ({', '.join(bad) or 'loss'} blew up). The last good checkpoint "
+            "is kept. Try a lower --lr, a smaller model.af_max_log_scale, or --mixed-precision no.")
+
+    def _record(self, step: int, out: StepOutput, grad_norm: float, images_per_s: float) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                  "images_per_s": images_per_s}
+        for key, value in out.terms.items():
+            record[key] = value.float().mean().item() if isinstance(value, torch.Tensor) else value
+        return record
+
+    def run(self, step_fn: Callable[[Any, int], StepOutput], batches: Iterator, end: int) -> int:
+        """Run steps ``self.step`` .. ``end`` - 1; returns the last completed step (== ``end``).
+
+        A stop signal ends the current step, saves, and raises :class:`Stopped`; a non-finite loss or gradient
+        raises :class:`TrainingDiverged` without saving over the last checkpoint."""
+        acc, world, rank = self.acc, self.acc.num_processes, self.acc.process_index
+        metrics = self._open_metrics(self.step)
+        seen, last_log = 0, time.time()
+        try:
+            with _StopFlag() as stop:
+                for step in range(self.step, end):
+                    torch.manual_seed(self.seed * 1_000_003 + step * world + rank)
+                    self.model.train()
+                    out = step_fn(next(batches), step)
+                    self._check(step, out)
+                    acc.backward(out.loss)
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                    if not torch.isfinite(torch.as_tensor(grad_norm)):
+                        raise TrainingDiverged(f"step {step}: non-finite gradient norm; the last good checkpoint "
+                                               "is kept. Try a lower --lr or --mixed-precision no.")
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.after_step(step)
+                    self.step = done = step + 1
+                    seen += out.images * world
+                    if done % self.log_every == 0 or done == end:
+                        now = time.time()
+                        record = self._record(done, out, float(grad_norm), seen / max(1e-9, now - last_log))
+                        seen, last_log = 0, now
+                        if metrics is not None:
+                            metrics.write(json.dumps(record) + "\n")
+                            metrics.flush()
+                        self.on_event(LoopEvent("log", done, self.total, record))
+                    self.on_event(LoopEvent("step", done, self.total))
+                    if self._stop_requested(stop):
+                        self.save(done)
+                        self.on_event(LoopEvent("stop", done, self.total))
+                        raise Stopped(done, stop.signame or "another process")
+                    if done % self.ckpt_every == 0 or done == end:
+                        self.save(done)
+        finally:  # a second Ctrl-C interrupts at once: the last checkpoint on disk stays as it was
+            if metrics is not None:
+                metrics.close()
+        return self.step
+
+    def _stop_requested(self, stop: _StopFlag) -> bool:
+        """True on every rank when any rank received a stop signal (so all save the same step)."""
+        flag = stop.signame is not None
+        if self.acc.num_processes == 1:
+            return flag
+        votes = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(votes, reduction="sum").item() > 0)
+
+
+def adamw(param_groups, lr: float, betas: tuple[float, float], weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW with the fused (single-kernel) update."""
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)

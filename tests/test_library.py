@@ -1,0 +1,146 @@
+"""The library under the CLI: no UI imports, the config gate, the inference API, the engine's stop handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from farmer_cli.config import ConfigError, SamplingConfig
+from farmer_cli.config_files import apply_overrides, apply_sampling_preset, from_dict, load_preset
+from farmer_cli.model import Farmer, dequantize
+from test_cli import ENV, farmer, tiny_run  # noqa: F401  (tiny_run: session fixture shared with the CLI tests)
+
+
+def test_library_imports_no_ui():
+    code = ("import sys, farmer_cli.training, farmer_cli.distilling, farmer_cli.evaluation, farmer_cli.inspection, "
+            "farmer_cli.engine, farmer_cli.checkpoint, farmer_cli.data, farmer_cli.scoring, farmer_cli.metrics, "
+            "farmer_cli.viz, farmer_cli.runtime, farmer_cli.config_files, farmer_cli.model; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('typer', 'rich')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env=ENV)
+
+
+# ----- the config gate -----
+@pytest.mark.parametrize("override, message", [
+    ("train.noise=gausian", "did you mean 'gaussian'"),
+    ("train.mixed_precision=fp32", "must be one of auto, no, bf16, fp16"),
+    ("sampling.guidance=x", "must be one of resample, simple"),
+    ("model.token_basis=DCT", "did you mean 'dct'"),
+    ("train.lr=nan", "finite"),
+    ("sampling.cfg=inf", "finite"),
+    ("train.lr=0", "train.lr must be > 0"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("data.test_fraction=1", "data.test_fraction must be in [0, 1)"),
+    ("sampling.temperature=-1", "sampling.temperature must be > 0"),
+    ("distill.steps=0", "distill.steps must be >= 1"),
+    ("model.af_width=0", "model.af_width must be >= 1"),
+])
+def test_config_gate_rejects_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        apply_overrides(load_preset("tiny"), [override])
+
+
+def test_stored_config_must_be_a_table_and_preset_names_stay_plain():
+    with pytest.raises(ConfigError, match="expected a table"):
+        from_dict(None)
+    with pytest.raises(ConfigError, match="plain name"):
+        from_dict({"preset": "../../x"})
+
+
+def test_sampling_presets_live_with_the_presets():
+    cfg = apply_sampling_preset(load_preset("tiny"), "unguided")
+    assert (cfg.sampling.cfg, cfg.sampling.var_scale, cfg.sampling.temperature) == (0.0, 0.9, 1.3)
+    with pytest.raises(ConfigError, match="did you mean 'unguided'"):
+        apply_sampling_preset(load_preset("tiny"), "unguidded")
+
+
+def test_sample_set_takes_sampling_keys_only():
+    with pytest.raises(ConfigError, match="only sampling"):
+        apply_overrides(load_preset("tiny"), ["train.lr=1"], allowed=("sampling",))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--preset", "tiny", "--mixed-precision", "fp32"], "must be one of auto, no, bf16, fp16"),
+    (["train", "--preset", "tiny", "--set", "train.noise=foo"], "train.noise"),
+    (["train", "--preset", "tiny", "--lr", "nan"], "finite"),
+    (["train", "--preset", "tiny", "--steps", "5", "--epochs", "2"], "not both"),
+])
+def test_cli_config_errors_exit_2(args, message, tmp_path: Path):
+    proc = farmer(*args, "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_explicit_steps_beat_a_presets_epochs(tmp_path: Path):
+    preset = tmp_path / "epochs.toml"
+    preset.write_text(load_preset_text("tiny").replace("[train]", "[train]\nepochs = 50"))
+    farmer("train", "--preset", str(preset), "--steps", "3", "--out", str(tmp_path / "r"))
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["step"] == 3
+
+
+def load_preset_text(name: str) -> str:
+    return (Path(__file__).resolve().parent.parent / "presets" / f"{name}.toml").read_text()
+
+
+# ----- inference API -----
+def test_class_log_likelihoods_match_the_conditional_nll(tiny_cfg):
+    torch.manual_seed(0)
+    model = Farmer(tiny_cfg()).eval()
+    u = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    x = dequantize(u, "uniform", generator=torch.Generator().manual_seed(0))
+    classes = torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        table = model.class_log_likelihoods(x, classes)
+        for j, c in enumerate(classes.tolist()):
+            nll = model.nll_continuous(x, torch.full((3,), c))["nll"]
+            expected = -nll + tiny_cfg().dims * math.log(128.0)
+            torch.testing.assert_close(table[:, j], expected, rtol=1e-5, atol=1e-3)
+
+
+def test_informative_sample_hides_the_guided_batch_layout(tiny_cfg):
+    model = Farmer(tiny_cfg()).eval()
+    y = torch.tensor([1, 2])
+    guided = model.sample_informative(y, SamplingConfig(cfg=2.0), torch.Generator().manual_seed(0))
+    assert guided.tokens.shape[0] == 2 and guided.redundant.logits.shape[0] == 2
+    assert guided.redundant_null.logits.shape[0] == 2
+    plain = model.sample_informative(y, SamplingConfig(), torch.Generator().manual_seed(0))
+    assert plain.redundant_null is None
+
+
+def test_denoising_sigma_travels_with_the_model(tiny_run: Path):  # noqa: F811
+    from farmer_cli.checkpoint import load_model
+
+    model, cfg, _, _ = load_model(tiny_run, device="cpu")
+    assert model.trained_noise_sigma == cfg.train.noise_end
+    assert model.denoise_sigma(SamplingConfig(denoise=False)) == 0.0
+
+
+# ----- the engine: stop signals -----
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path):
+    run = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "farmer_cli", "train", "--preset", "tiny", "--steps", "100000",
+                             "--out", str(run), "--set", "train.ckpt_every=100000", "--set", "train.log_every=1"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    state = torch.load(run / "training_state.pt", weights_only=True)
+    saved = state["step"]
+    assert saved >= 5 and json.loads((run / "config.json").read_text())["step"] == saved
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, saved + 1))
+    farmer("train", "--out", str(run), "--resume", "--stop-after", "3")
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, saved + 4))

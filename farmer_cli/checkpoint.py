@@ -24,6 +24,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE, MODEL_FILE, STUDENT_FILE = "config.json", "model.safetensors", "student.safetensors"
 TRAIN_STATE_FILE, DISTILL_STATE_FILE = "training_state.pt", "distill_state.pt"
 METRICS_FILE, DISTILL_METRICS_FILE = "metrics.jsonl", "distill_metrics.jsonl"
+SAMPLES_DIR = "samples"  # train.sample_every > 0: a grid every that many steps, samples/step-<step>.png
 
 
 class CheckpointError(ValueError):
@@ -83,8 +84,8 @@ def load_training_state(run_dir: Path, name: str, modules: list[str]) -> dict[st
     path = run_dir / name
     if not path.exists():
         raise CheckpointError(f"{run_dir}: no {name} to resume from (was the run started with this version?)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # mmap: tensors are paged in as they are copied into the model, not materialised all at once
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: unreadable or unsafe training state ({first[:200]}); it was not loaded") from None
@@ -94,6 +95,36 @@ def load_training_state(run_dir: Path, name: str, modules: list[str]) -> dict[st
     if not isinstance(state["step"], int) or state["step"] < 0:
         raise CheckpointError(f"{path}: not a farmer training state (step {state['step']!r})")
     return state
+
+
+HISTORY_DIR = "checkpoints"
+
+
+def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep: int) -> None:
+    """Keep ``names`` (already written) of step ``step`` in ``checkpoints/<prefix>-<step>/`` as hard links (no copy;
+    a plain copy where the file system has none), and delete all but the ``keep`` newest such directories."""
+    import shutil
+
+    target = run_dir / HISTORY_DIR / f"{prefix}-{step:08d}"
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in names:
+        if (run_dir / name).exists():
+            try:
+                os.link(run_dir / name, partial / name)
+            except OSError:
+                shutil.copy2(run_dir / name, partial / name)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)  # a directory without ".partial" is complete
+    for old in history(run_dir, prefix)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def history(run_dir: Path, prefix: str) -> list[Path]:
+    """Complete step checkpoints ``checkpoints/<prefix>-<step>/``, newest first."""
+    found = (run_dir / HISTORY_DIR).glob(f"{prefix}-*")
+    return sorted((p for p in found if p.is_dir() and p.name[len(prefix) + 1:].isdigit()), reverse=True)
 
 
 def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:

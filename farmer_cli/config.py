@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 Permutation = Literal["alternate", "always-flip"]
 TokenBasis = Literal["pixel", "dct"]
 FinalPermute = Literal["none", "flip"]
+MergeOrder = Literal["blocks", "interleave"]
 Noise = Literal["gaussian", "uniform"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
 Guidance = Literal["resample", "simple"]
@@ -70,6 +71,8 @@ class ModelConfig:
     redundant_components: int = 200  # K_R
     token_basis: TokenBasis = "pixel"  # "pixel" (the paper) or "dct": orthonormal per-patch DCT before the AF (ours)
     token_merge: int = 1  # merge m x m neighbouring AF tokens into one AR token (2 for patch 8; the paper is silent)
+    merge_order: MergeOrder = "blocks"  # merged channels: sub-token after sub-token, or interleaved so the
+    #                                     informative channels cover every sub-token (patch-8 presets)
     final_permute: FinalPermute = "none"  # token order between AF and AR (paper's ablation, v2 Table 3)
     mlp_ratio: float = 4.0
     min_scale: float = 1e-3  # floor of every GMM component std
@@ -138,6 +141,7 @@ class DataConfig:
     test_fraction: float = 0.1  # fixed held-out split (seeded) for bits/dim
     split_seed: int = 0
     num_workers: int = 0  # DataLoader worker processes (4-16 for image folders on GPUs)
+    use_labels: bool = True  # false: one class for every image (an unconditional model, e.g. imagenet64-bpd)
 
     def validate(self) -> None:
         _check(bool(self.source.strip()), "data.source", "a data source name or path", self.source)
@@ -151,7 +155,8 @@ class TrainConfig:
 
     steps: int = 3000
     epochs: int = 0  # > 0 overrides steps (an explicit --steps on the command line sets epochs back to 0)
-    batch_size: int = 64
+    batch_size: int = 64  # micro-batch per process
+    grad_accum_steps: int = 1  # micro-batches per optimiser step: global batch = batch_size x this x processes
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 200
@@ -168,18 +173,24 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 500
+    keep_checkpoints: int = 3  # step checkpoints kept in <run>/checkpoints/ (hard links: no extra disk per file)
     eval_batches: int = 4  # test batches for the bits/dim printed at start and end
+    sample_every: int = 0  # > 0: save a grid of EMA samples every that many steps (run/samples/step-<step>.png)
 
     def validate(self) -> None:
         _check(self.steps > 0 or self.epochs > 0, "train.steps", "> 0 (or train.epochs > 0)", self.steps)
-        _at_least(self, "train", 0, "epochs", "warmup_steps", "weight_decay", "min_lr", "noise_end")
-        _at_least(self, "train", 1, "batch_size", "log_every", "ckpt_every")
+        _at_least(self, "train", 0, "epochs", "warmup_steps", "weight_decay", "min_lr", "noise_end", "sample_every")
+        _at_least(self, "train", 1, "batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_checkpoints")
         _positive(self, "train", "lr", "grad_clip")
         _check(self.min_lr <= self.lr, "train.min_lr", f"<= train.lr ({self.lr:g})", self.min_lr)
         for name in ("beta1", "beta2", "ema_decay", "label_dropout"):
             _check(0 <= getattr(self, name) < 1, f"train.{name}", "in [0, 1)", getattr(self, name))
         _check(self.noise_start >= self.noise_end, "train.noise_start", f">= train.noise_end ({self.noise_end:g})",
                self.noise_start)
+
+    def global_batch(self, processes: int) -> int:
+        """Images per optimiser step over all processes."""
+        return self.batch_size * self.grad_accum_steps * processes
 
     def final_noise_sigma(self) -> float:
         """The Gaussian dequantisation sigma at the end of training (0 for uniform noise): what the trained model's

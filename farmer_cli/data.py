@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from . import folder_index
 from .config import DataConfig
+from .folder_index import IMAGE_SUFFIXES
 
 log = logging.getLogger("farmer")
 
@@ -35,7 +37,6 @@ log = logging.getLogger("farmer")
 # claims 20000x20000 pixels).
 IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 class DataError(ValueError):
@@ -100,17 +101,12 @@ def _digits() -> Source:
 
 
 def _folder(root: Path) -> Source:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    if not folder_index.class_folders(root):
         raise DataError(f"{root}: no class sub-folders found; expected {root}/<class name>/<image files>")
-    paths, labels = [], []
-    for k, name in enumerate(classes):
-        files = sorted(f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        paths += files
-        labels += [k] * len(files)
-    if not paths:
+    index = folder_index.folder_index(root)
+    if not index["paths"]:
         raise DataError(f"{root}: the class folders hold no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return FileSource(str(root), classes, paths, labels)
+    return FileSource(str(root), index["classes"], [root / p for p in index["paths"]], index["labels"])
 
 
 def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
@@ -241,10 +237,21 @@ class DataBundle:
     class_names: list[str]
 
 
+class Unlabelled(Source):
+    """A source with its labels dropped: one class, "all" (unconditional models, ``data.use_labels = false``)."""
+
+    def __init__(self, source: Source) -> None:
+        super().__init__(source.name, ["all"], source.length, source.splits)
+        self.source = source
+
+    def get(self, i: int):
+        return self.source.get(i)[0], 0
+
+
 def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
     """Open the source and split it: the source's own train/test splits when it has them, else a fixed seeded
     hold-out of ``cfg.test_fraction`` (the same for every run with the same ``split_seed``)."""
-    source = open_source(cfg)
+    source = open_source(cfg) if cfg.use_labels else Unlabelled(open_source(cfg))
     if source.splits is not None:
         train_idx, test_idx = source.splits
     else:

@@ -64,6 +64,7 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
                 state_modules={"student": raw}, total=dc.steps, warmup=dc.warmup_steps,
                 min_lr_ratio=STUDENT_LR_FLOOR, grad_clip=cfg.train.grad_clip, seed=cfg.train.seed,
                 log_every=cfg.train.log_every, ckpt_every=cfg.train.ckpt_every, metrics_file=DISTILL_METRICS_FILE,
+                keep=cfg.train.keep_checkpoints, kept_files=(STUDENT_FILE,), history_prefix="distill-step",
                 on_save=lambda step: save_weights(run_dir / STUDENT_FILE, raw.state_dict(), step, teacher_id),
                 on_event=on_event)
     start = loop.resume() if resume and (run_dir / DISTILL_STATE_FILE).exists() else 0

@@ -11,6 +11,7 @@ Progress is reported through a callback receiving :class:`LoopEvent` s; this mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import load_training_state, save_training_state
+from .checkpoint import CheckpointError, history, load_training_state, save_training_state, snapshot
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
 
@@ -96,11 +97,16 @@ class Loop:
 
     ``state_modules`` are the unwrapped modules saved in and restored from the training state file
     (e.g. ``{"model": raw, "ema": ema}``); ``on_save(step)`` writes what else the run keeps (weights, config);
-    ``after_step(step)`` runs after each optimiser step (EMA)."""
+    after each save, ``kept_files`` (the state file and what on_save wrote) are also kept as step checkpoint
+    ``checkpoints/<history_prefix>-<step>/``, the ``keep`` newest of them;
+    ``after_step(step)`` runs after each optimiser step (EMA). Each step accumulates gradients over ``accum``
+    micro-batches (the step function is called ``accum`` times), so the global batch is micro-batch x accum x
+    processes."""
 
     def __init__(self, accelerator, model: torch.nn.Module, optimizer, *, run_dir: Path, state_file: str,
                  state_modules: dict[str, torch.nn.Module], total: int, warmup: int, min_lr_ratio: float,
-                 grad_clip: float, seed: int, log_every: int, ckpt_every: int, metrics_file: str,
+                 grad_clip: float, seed: int, log_every: int, ckpt_every: int, metrics_file: str, accum: int = 1,
+                 keep: int = 3, kept_files: tuple[str, ...] = (), history_prefix: str = "step",
                  on_save: Callable[[int], None] = lambda step: None,
                  after_step: Callable[[int], None] = lambda step: None,
                  on_event: Callable[[LoopEvent], None] | None = None) -> None:
@@ -108,17 +114,30 @@ class Loop:
         inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(s, warmup, total, min_lr_ratio))
         self.run_dir, self.state_file, self.state_modules = run_dir, state_file, state_modules
-        self.total, self.grad_clip, self.seed = total, grad_clip, seed
+        self.total, self.grad_clip, self.seed, self.accum = total, grad_clip, seed, accum
         self.log_every, self.ckpt_every = log_every, ckpt_every
         self.metrics_path = run_dir / metrics_file
+        self.keep, self.kept_files, self.history_prefix = keep, (state_file, *kept_files), history_prefix
         self.on_save, self.after_step = on_save, after_step
         self.on_event = on_event or (lambda event: None)
         self.step = 0
 
     # ----- state -----
     def resume(self) -> int:
-        """Load the training state (safely: tensors and plain values only) and return its step."""
-        state = load_training_state(self.run_dir, self.state_file, list(self.state_modules))
+        """Load the training state (safely: tensors and plain values only) and return its step. Where the run's
+        state file is unreadable, the newest readable step checkpoint is used instead."""
+        names = list(self.state_modules)
+        try:
+            state = load_training_state(self.run_dir, self.state_file, names)
+        except CheckpointError:
+            for older in history(self.run_dir, self.history_prefix):
+                try:
+                    state = load_training_state(older, self.state_file, names)
+                    break
+                except CheckpointError:
+                    continue
+            else:
+                raise
         for name, module in self.state_modules.items():
             module.load_state_dict(state[name])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -134,6 +153,7 @@ class Loop:
             state |= {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": step}
             save_training_state(self.run_dir, self.state_file, state)
             self.on_save(step)
+            snapshot(self.run_dir, self.kept_files, step, self.history_prefix, self.keep)
         self.acc.wait_for_everyone()
         self.on_event(LoopEvent("checkpoint", step, self.total))
 
@@ -165,29 +185,46 @@ class Loop:
             f"step {step}: the loss became non-finite ({', '.join(bad) or 'loss'} blew up). The last good checkpoint "
             "is kept. Try a lower --lr, a smaller model.af_max_log_scale, or --mixed-precision no.")
 
-    def _record(self, step: int, out: StepOutput, grad_norm: float, images_per_s: float) -> dict[str, Any]:
+    def _record(self, step: int, outs: list[StepOutput], grad_norm: float, images_per_s: float) -> dict[str, Any]:
+        """Tensor terms are averaged over the step's micro-batches; other terms come from the last one."""
         record: dict[str, Any] = {"step": step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                   "images_per_s": images_per_s}
-        for key, value in out.terms.items():
-            record[key] = value.float().mean().item() if isinstance(value, torch.Tensor) else value
+        for key, value in outs[-1].terms.items():
+            if isinstance(value, torch.Tensor):
+                value = sum(o.terms[key].float().mean().item() for o in outs) / len(outs)
+            record[key] = value
         return record
+
+    def _accumulate(self, step_fn: Callable[[Any, int], StepOutput], batches: Iterator, step: int
+                    ) -> list[StepOutput]:
+        """Forward and backward ``accum`` micro-batches for optimiser step ``step``: each micro-batch has its own
+        seed, its loss is divided by ``accum``, and gradients are synchronised across processes on the last only."""
+        acc, world, rank = self.acc, self.acc.num_processes, self.acc.process_index
+        outs = []
+        for i in range(self.accum):
+            micro = step * self.accum + i
+            torch.manual_seed(self.seed * 1_000_003 + micro * world + rank)
+            out = step_fn(next(batches), step)
+            self._check(step, out)
+            last = i == self.accum - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                acc.backward(out.loss / self.accum)
+            outs.append(out)
+        return outs
 
     def run(self, step_fn: Callable[[Any, int], StepOutput], batches: Iterator, end: int) -> int:
         """Run steps ``self.step`` .. ``end`` - 1; returns the last completed step (== ``end``).
 
         A stop signal ends the current step, saves, and raises :class:`Stopped`; a non-finite loss or gradient
         raises :class:`TrainingDiverged` without saving over the last checkpoint."""
-        acc, world, rank = self.acc, self.acc.num_processes, self.acc.process_index
+        acc, world = self.acc, self.acc.num_processes
         metrics = self._open_metrics(self.step)
         seen, last_log = 0, time.time()
         try:
             with _StopFlag() as stop:
                 for step in range(self.step, end):
-                    torch.manual_seed(self.seed * 1_000_003 + step * world + rank)
                     self.model.train()
-                    out = step_fn(next(batches), step)
-                    self._check(step, out)
-                    acc.backward(out.loss)
+                    outs = self._accumulate(step_fn, batches, step)
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.grad_clip)
                     if not torch.isfinite(torch.as_tensor(grad_norm)):
                         raise TrainingDiverged(f"step {step}: non-finite gradient norm; the last good checkpoint "
@@ -197,14 +234,15 @@ class Loop:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.after_step(step)
                     self.step = done = step + 1
-                    seen += out.images * world
+                    seen += sum(o.images for o in outs) * world
                     if done % self.log_every == 0 or done == end:
                         now = time.time()
-                        record = self._record(done, out, float(grad_norm), seen / max(1e-9, now - last_log))
+                        record = self._record(done, outs, float(grad_norm), seen / max(1e-9, now - last_log))
                         seen, last_log = 0, now
                         if metrics is not None:
                             metrics.write(json.dumps(record) + "\n")
                             metrics.flush()
+                        acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
                         self.on_event(LoopEvent("log", done, self.total, record))
                     self.on_event(LoopEvent("step", done, self.total))
                     if self._stop_requested(stop):

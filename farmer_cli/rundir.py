@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
-from .checkpoint import (CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, METRICS_FILE, MODEL_FILE,
-                         STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError)
+from .checkpoint import (CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, HISTORY_DIR, METRICS_FILE,
+                         MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError)
 from .config import Config
 
 RUN_FILES = (CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, METRICS_FILE, STUDENT_FILE, DISTILL_STATE_FILE,
@@ -25,7 +26,7 @@ LOCK_FILE = ".lock"
 
 # What a resumed run may change: how it reports and loads, not what it trains.
 RESUMABLE = {"data.num_workers", "train.log_every", "train.ckpt_every", "train.eval_batches",
-             "train.mixed_precision"}
+             "train.mixed_precision", "train.keep_checkpoints", "train.sample_every"}
 
 
 class RunLock:
@@ -89,6 +90,8 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
             (run_dir / name).unlink(missing_ok=True)
         for stale in run_dir.glob("eval-*.json"):
             stale.unlink()
+        for folder in (HISTORY_DIR, SAMPLES_DIR):
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
     return lock
 
 

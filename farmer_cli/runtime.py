@@ -16,7 +16,7 @@ RUNS_DIR = Path("runs")
 
 
 class DeviceError(ValueError):
-    """The requested device does not exist on this machine."""
+    """The requested device, accelerator or tracker is not available on this machine."""
 
 
 def resolve_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
@@ -39,17 +39,33 @@ def resolve_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
     return requested, None
 
 
-def make_accelerator(precision: str, cpu: bool = False):
-    """An Accelerator for this process with the resolved precision; logs a warning if one was needed."""
+def make_accelerator(precision: str, cpu: bool = False, report_to: str = "none"):
+    """An Accelerator for this process with the resolved precision; logs a warning if one was needed.
+
+    ``report_to="tensorboard"`` adds Accelerate's TensorBoard tracker (offline; training points it at the run
+    directory); it needs the ``tensorboard`` package (``pip install 'farmer[tensorboard]'``)."""
     import torch
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available() and not cpu
     resolved, warning = resolve_precision(precision, cuda)
-    acc = Accelerator(mixed_precision=resolved, cpu=cpu or not cuda)
+    acc = Accelerator(mixed_precision=resolved, cpu=cpu or not cuda, **tracker_options(report_to))
     if warning and acc.is_main_process:
         log.warning(warning)
     return acc
+
+
+def tracker_options(report_to: str) -> dict:
+    """Accelerator keyword arguments for ``--report-to``; DeviceError where it is unknown or not installed."""
+    import importlib.util
+
+    if report_to not in ("none", "tensorboard"):
+        raise DeviceError(f"--report-to must be none or tensorboard, not '{report_to}'")
+    if report_to == "none":
+        return {}
+    if importlib.util.find_spec("tensorboard") is None:
+        raise DeviceError("--report-to tensorboard needs the tensorboard package: pip install 'farmer[tensorboard]'")
+    return {"log_with": "tensorboard", "project_dir": "."}  # training points the logs at the run directory
 
 
 def resolve_device(spec: str = "auto"):

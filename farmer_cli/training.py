@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import METRICS_FILE, MODEL_FILE, TRAIN_STATE_FILE, save_config, save_weights
+from .checkpoint import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, TRAIN_STATE_FILE, save_config,
+                         save_weights)
 from .config import Config
 from .data import DataBundle, make_loader
 from .engine import Loop, LoopEvent, StepOutput, adamw
@@ -42,7 +43,7 @@ def total_steps(cfg: Config, train_images: int, processes: int) -> int:
     tc = cfg.train
     if tc.epochs <= 0:
         return tc.steps
-    return tc.epochs * max(1, train_images // (tc.batch_size * processes))
+    return tc.epochs * max(1, train_images // tc.global_batch(processes))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -72,6 +73,20 @@ class TrainResult:
     model: torch.nn.Module  # this process's trained (unwrapped) model; the EMA weights are in the checkpoint
 
 
+@torch.no_grad()
+def save_sample_grid(model: Farmer, cfg: Config, path: Path, per_class: int = 4, classes: int = 8) -> None:
+    """Samples of the first ``classes`` classes, one row each, with a fixed seed (so grids from different steps
+    show the same draws) and the run's sampling settings, to ``path``."""
+    from .viz import grid, save_png
+
+    was_training = model.training
+    model.eval()
+    y = torch.arange(min(classes, cfg.model.num_classes), device=next(model.parameters()).device)
+    images = model.sample(y.repeat_interleave(per_class), cfg.sampling, torch.Generator().manual_seed(0))
+    model.train(was_training)
+    save_png(grid(images, per_class, scale=max(1, 64 // cfg.model.image_size)), path)
+
+
 def test_bpd(model, cfg: Config, data: DataBundle) -> float:
     """Class-conditional test bits/dim on the first ``eval_batches`` batches (fixed noise seed)."""
     tc = cfg.train
@@ -87,6 +102,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     ``engine.TrainingDiverged`` on a non-finite loss."""
     tc, device, main = cfg.train, accelerator.device, accelerator.is_main_process
     total = total_steps(cfg, len(data.train), accelerator.num_processes)
+    global_batch = tc.global_batch(accelerator.num_processes)
     torch.manual_seed(tc.seed)
     model = Farmer(cfg.model)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -97,20 +113,30 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
 
     def on_save(step: int) -> None:
         save_weights(run_dir / MODEL_FILE, ema.state_dict(), step)
-        save_config(run_dir, cfg, data.class_names, {"step": step})
+        save_config(run_dir, cfg, data.class_names, {"step": step, "global_batch": global_batch})
+
+    def after_step(step: int) -> None:
+        ema_update(ema, raw, step, tc.ema_decay)
+        if main and tc.sample_every and (step + 1) % tc.sample_every == 0:
+            save_sample_grid(ema, cfg, run_dir / SAMPLES_DIR / f"step-{step + 1:08d}.png")
 
     loop = Loop(accelerator, model, opt, run_dir=run_dir, state_file=TRAIN_STATE_FILE,
                 state_modules={"model": raw, "ema": ema}, total=total, warmup=tc.warmup_steps,
                 min_lr_ratio=tc.min_lr / tc.lr, grad_clip=tc.grad_clip, seed=tc.seed, log_every=tc.log_every,
-                ckpt_every=tc.ckpt_every, metrics_file=METRICS_FILE, on_save=on_save,
-                after_step=lambda step: ema_update(ema, raw, step, tc.ema_decay), on_event=on_event)
+                ckpt_every=tc.ckpt_every, metrics_file=METRICS_FILE, accum=tc.grad_accum_steps, keep=tc.keep_checkpoints,
+                kept_files=(MODEL_FILE, CONFIG_FILE), on_save=on_save,
+                after_step=after_step, on_event=on_event)
     start = loop.resume() if resume else 0
+    if accelerator.log_with:  # --report-to: trackers write under the run directory
+        accelerator.project_configuration.logging_dir = str(run_dir)
+        accelerator.init_trackers("tensorboard", config={f"{section}.{k}": v for section, values in cfg.to_dict().items()
+                                                          if isinstance(values, dict) for k, v in values.items()})
     if main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run_dir, cfg, data.class_names, {"step": 0})
+        save_config(run_dir, cfg, data.class_names, {"step": 0, "global_batch": global_batch})
     bpd_before = test_bpd(raw, cfg, data) if main and not resume else math.nan
     loader = make_loader(data.train, tc.batch_size, accelerator.num_processes, accelerator.process_index,
-                         tc.seed, start, cfg.data.num_workers)
+                         tc.seed, start * tc.grad_accum_steps, cfg.data.num_workers)
     batches, skipped, null = iter(loader), 0, cfg.model.num_classes
 
     def step_fn(batch, step: int) -> StepOutput:
@@ -130,4 +156,5 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     end = min(total, start + stop_after) if stop_after > 0 else total
     loop.run(step_fn, batches, end)
     bpd_after = test_bpd(ema, cfg, data) if main else math.nan
+    accelerator.end_training()
     return TrainResult(run_dir, end, bpd_before, bpd_after, time.time() - t0, skipped, raw)

@@ -144,3 +144,19 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path):
     farmer("train", "--out", str(run), "--resume", "--stop-after", "3")
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, saved + 4))
+
+
+def test_step_checkpoints_are_kept_k_deep_and_resume_falls_back_to_them(tmp_path: Path):
+    run = tmp_path / "r"
+    farmer("train", "--preset", "tiny", "--out", str(run), "--steps", "12", "--set", "train.ckpt_every=3",
+           "--set", "train.keep_checkpoints=2", "--stop-after", "9")
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-00000006", "step-00000009"]
+    for name in ("training_state.pt", "model.safetensors", "config.json"):
+        assert (run / "checkpoints" / "step-00000009" / name).exists()
+    assert torch.load(run / "checkpoints" / "step-00000006" / "training_state.pt", weights_only=True)["step"] == 6
+    (run / "training_state.pt").write_bytes(b"truncated by a crash")
+    farmer("train", "--out", str(run), "--resume")
+    assert torch.load(run / "training_state.pt", weights_only=True)["step"] == 12
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 12

@@ -70,3 +70,21 @@ def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path:
     assert state["step"] == 2
     assert not list((tmp_path / "run").glob(".*.tmp"))  # no temporary files left behind
     assert math.isfinite(sum(v.sum().item() for v in weights.values()))
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path):
+    """Micro-batch 16 x 2 accumulation takes the same optimiser steps as batch 32 (no noise, no label dropout, so
+    the only difference is how the batch is split)."""
+    from farmer_cli.config_files import apply_overrides
+    from farmer_cli.runtime import make_accelerator
+
+    acc = make_accelerator("no")
+    weights = []
+    for batch, accum in ((32, 1), (16, 2)):
+        cfg = apply_overrides(load_preset("tiny"), [f"train.batch_size={batch}", f"train.grad_accum_steps={accum}",
+                                                    "train.steps=3", "train.label_dropout=0", "train.noise_start=0",
+                                                    "train.noise_end=0", "train.eval_batches=1"])
+        data = load_data(cfg.data, 1, 8)
+        weights.append(train(cfg, data, tmp_path / f"b{batch}", acc).model.state_dict())
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6, msg=key)

@@ -32,7 +32,10 @@ def run(
     steps: Optional[int] = Option(None, "--steps", help="Optimiser steps (default: the preset's). Given here, it "
                                   "wins over a preset's train.epochs."),
     epochs: Optional[int] = Option(None, "--epochs", help="Train this many epochs instead of --steps."),
-    batch_size: Optional[int] = Option(None, "--batch-size", "-b", help="Batch size per process."),
+    batch_size: Optional[int] = Option(None, "--batch-size", "-b", help="Micro-batch per process (images per "
+                                       "forward pass)."),
+    grad_accum: Optional[int] = Option(None, "--grad-accum", help="Micro-batches accumulated per optimiser step "
+                                       "(train.grad_accum_steps); global batch = micro-batch x this x processes."),
     lr: Optional[float] = Option(None, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     mixed_precision: Optional[str] = Option(None, "--mixed-precision", help="auto | no | bf16 | fp16. auto: bf16 "
                                             "where the hardware runs it fast, else fp32. fp16 on CPU becomes bf16."),
@@ -47,24 +50,41 @@ def run(
     workers: Optional[int] = Option(None, "--workers", help="DataLoader worker processes (default: the preset's "
                                     "data.num_workers; 4-16 for image folders on GPUs)."),
     overrides: List[str] = Option([], "--set", help=SET_HELP),
+    dry_run: bool = Option(False, "--dry-run", help="Print the memory and time plan (parameters per part, "
+                           "weight/gradient/optimiser/EMA memory, activations per image with and without "
+                           "checkpointing, the largest micro-batch that fits, FLOPs, hours per epoch) and exit. "
+                           "Nothing is allocated and no data is read."),
+    gpu_memory: float = Option(80.0, "--gpu-memory", help="With --dry-run: memory per GPU in GiB."),
+    gpus: int = Option(8, "--gpus", help="With --dry-run: GPUs for the time estimate and the DDP buckets."),
+    plan_device: str = Option("gpu", "--plan-device", help="With --dry-run: gpu (fused attention, memory as "
+                              "max_memory_allocated) or cpu (this machine: matmul attention under bf16, process "
+                              "RSS)."),
+    as_json: bool = Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
+    report_to: str = Option("none", "--report-to", help="none | tensorboard: also log every record of "
+                            "metrics.jsonl to TensorBoard files in the run directory (needs pip install "
+                            "'farmer[tensorboard]'; view with tensorboard --logdir RUN)."),
 ) -> None:
     with user_errors():
-        _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, overwrite, stop_after,
-               workers, overrides)
+        if dry_run:
+            return _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides, gpu_memory, gpus,
+                            plan_device, as_json)
+        _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_precision, seed, resume, overwrite,
+               stop_after, workers, overrides, report_to)
 
 
-def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, seed, resume, overwrite, stop_after,
-           workers, overrides):
+def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_precision, seed, resume, overwrite,
+           stop_after, workers, overrides, report_to):
     import copy
 
     from ..checkpoint import TRAIN_STATE_FILE, check_model_file, load_config
     from ..config_files import apply_overrides, load_preset
     from ..data import load_data
     from ..rundir import claim_on_main, resume_conflicts
-    from ..runtime import find_checkpoint, make_accelerator, new_run_dir
+    from ..runtime import find_checkpoint, make_accelerator, new_run_dir, tracker_options
     from ..training import total_steps, train
     from .ui import LoopProgress, console, escape
 
+    tracker_options(report_to)  # an unknown or uninstalled tracker fails before any work
     if stop_after < 0:
         exit_with("--stop-after must be 0 (off) or a positive number of steps")
     if steps is not None and epochs is not None:
@@ -81,7 +101,8 @@ def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, se
     else:
         cfg = load_preset(preset or "quickstart")
     cli = {"data.source": data, "train.steps": steps, "train.epochs": 0 if steps is not None else epochs,
-           "train.batch_size": batch_size, "train.lr": lr, "train.mixed_precision": mixed_precision,
+           "train.batch_size": batch_size, "train.grad_accum_steps": grad_accum, "train.lr": lr,
+           "train.mixed_precision": mixed_precision,
            "train.seed": seed, "data.num_workers": workers}
     apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides))
     if resume:
@@ -98,7 +119,7 @@ def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, se
         console.print(f"the data has {len(bundle.class_names)} classes: setting model.num_classes = "
                       f"{len(bundle.class_names)} (preset had {cfg.model.num_classes})")
         apply_overrides(cfg, [f"model.num_classes={len(bundle.class_names)}"])
-    acc = make_accelerator(cfg.train.mixed_precision)
+    acc = make_accelerator(cfg.train.mixed_precision, report_to=report_to)
     main = acc.is_main_process
     run_dir = out or (new_run_dir(cfg.preset) if main else None)
     run_dir, _lock = claim_on_main(acc, run_dir, resume=resume, overwrite=overwrite)
@@ -108,7 +129,8 @@ def _train(preset, data, out, steps, epochs, batch_size, lr, mixed_precision, se
         console.print(f"run [bold]{escape(str(run_dir))}[/]: preset {escape(cfg.preset)}, {n_params / 1e6:.2f}M "
                       f"parameters, {len(bundle.train)} train / {len(bundle.test)} test images, "
                       f"{len(bundle.class_names)} classes, {acc.num_processes} process(es) on {acc.device}, "
-                      f"precision {acc.mixed_precision}, global batch {cfg.train.batch_size * acc.num_processes}, "
+                      f"precision {acc.mixed_precision}, global batch {cfg.train.global_batch(acc.num_processes)} "
+                      f"({cfg.train.batch_size} x {cfg.train.grad_accum_steps} accumulation x {acc.num_processes}), "
                       f"{total} steps")
     with LoopProgress("train", total, "bpd", "bits/dim", enabled=main,
                       resume_hint=f"farmer train --out {run_dir} --resume") as bar:
@@ -129,3 +151,43 @@ def _count_params(cfg) -> int:
 
     with torch.device("meta"):
         return sum(p.numel() for p in Farmer(cfg.model).parameters())
+
+
+def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides, gpu_memory, gpus, plan_device,
+             as_json):
+    import json
+
+    from ..checkpoint import load_config
+    from ..config_files import apply_overrides, load_preset
+    from ..plan import CPU_RUNTIME_BYTES, GiB, gpu_tflops, make_plan
+    from ..runtime import find_checkpoint
+    from .render_plan import print_plan
+
+    if plan_device not in ("gpu", "cpu"):
+        exit_with("--plan-device must be gpu or cpu")
+    if not gpu_memory > 0 or gpus < 1:
+        exit_with("--gpu-memory must be > 0 and --gpus at least 1")
+    cfg = load_config(find_checkpoint(out, None))[0] if resume else load_preset(preset or "quickstart")
+    cli = {"train.batch_size": batch_size, "train.grad_accum_steps": grad_accum, "train.mixed_precision": mixed_precision}
+    apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides))
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16"
+    processes = gpus if plan_device == "gpu" else 1
+    fused = not (plan_device == "cpu" and precision == "bf16")
+    plan = make_plan(cfg, processes, precision, fused_attention=fused)
+    runtime = CPU_RUNTIME_BYTES if plan_device == "cpu" else 0
+    memory = gpu_memory * GiB
+    figures = {"preset": cfg.preset, "device": plan_device, "precision": precision, "processes": processes,
+               "micro_batch": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+               "global_batch": cfg.train.global_batch(processes), "memory_gib": gpu_memory,
+               "predicted_peak_bytes": plan.peak_bytes(cfg.train.batch_size, runtime),
+               "largest_micro_batch": plan.largest_micro_batch(memory, runtime),
+               "largest_micro_batch_no_ckpt": plan.largest_micro_batch(memory, runtime, checkpoint=False),
+               "largest_micro_batch_ckpt": plan.largest_micro_batch(memory, runtime, checkpoint=True),
+               "imagenet_epoch_hours_at_40pct": plan.epoch_hours(1_281_167, processes, gpu_tflops("H100"), 0.4),
+               **plan.to_dict()}
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        print_plan(figures)

@@ -103,12 +103,12 @@ class Farmer(nn.Module):
     # ----- latent <-> AR tokens -----
     def to_ar_tokens(self, z: torch.Tensor) -> torch.Tensor:
         """AF latent (B, N, d) -> AR tokens (B, N/m², m²·d) (merge, then final permute)."""
-        z = merge_tokens(z, self.cfg.token_merge)
+        z = merge_tokens(z, self.cfg.token_merge, self.cfg.merge_order == "interleave")
         return z.flip(1) if self.cfg.final_permute == "flip" else z
 
     def from_ar_tokens(self, t: torch.Tensor) -> torch.Tensor:
         t = t.flip(1) if self.cfg.final_permute == "flip" else t
-        return split_tokens(t, self.cfg.token_merge)
+        return split_tokens(t, self.cfg.token_merge, self.cfg.merge_order == "interleave")
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantised image x (B, C, H, W) -> AR tokens (B, n, D_ar), AF log-det (B,)."""

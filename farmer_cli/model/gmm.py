@@ -12,6 +12,7 @@ Log-densities are float32; the quadratic form inside :meth:`GMM.log_prob` is acc
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ class GMM:
         if z.shape[-2] == 1:
             quad = (((z.float() - self.means.float()) / self.stds.float()) ** 2).sum(-1)[..., None, :]  # (..., 1, K)
         else:
-            with torch.autocast(device_type=z.device.type, enabled=False):
+            with _no_autocast(z.device):
                 z64, mu, prec = z.double(), self.means.double(), self.stds.double().pow(-2)
                 quad = ((z64 * z64) @ prec.mT - 2 * z64 @ (mu * prec).mT
                         + (mu * mu * prec).sum(-1)[..., None, :]).float()  # (..., S, K)
@@ -90,6 +91,11 @@ class GMM:
         mu, sd = self.components(self.pick_components(count, generator))
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + sd * eps
+
+
+def _no_autocast(device: torch.device):
+    """Leave autocast for a block (the meta device, used to plan memory, has no autocast to leave)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def square_plus(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 ``patchify``: (B, C, H, W) -> (B, N, d) with N = (H/p)(W/p) tokens in raster order and d = C·p² channels,
 ordered (channel, row-in-patch, col-in-patch). ``merge_tokens`` regroups an (h, w) grid of tokens into
 (h/m, w/m) tokens of m²·d channels (lets a patch-8 AF feed a 256-token, 768-channel AR prior; not specified in
-the paper, see README, Choices the paper leaves open).
+the paper, see README, Choices the paper leaves open), its channels either one sub-token after another or
+interleaved.
 """
 
 from __future__ import annotations
@@ -26,23 +27,28 @@ def unpatchify(tokens: torch.Tensor, p: int, channels: int, size: int) -> torch.
     return x.reshape(B, channels, size, size)
 
 
-def merge_tokens(z: torch.Tensor, m: int) -> torch.Tensor:
-    """(B, h·w, d) on a square h x w grid -> (B, (h/m)(w/m), m²·d), merging m x m neighbours."""
+def merge_tokens(z: torch.Tensor, m: int, interleave: bool = False) -> torch.Tensor:
+    """(B, h·w, d) on a square h x w grid -> (B, (h/m)(w/m), m²·d), merging m x m neighbours.
+
+    Channel order of a merged token: ``interleave=False`` puts the m² sub-tokens one after the other
+    ([sub 0 | sub 1 | ...], channel k·d + c); ``interleave=True`` puts channel c of every sub-token together
+    (channel c·m² + k), so the first channels of the merged token (the informative ones) cover every sub-token."""
     if m == 1:
         return z
     B, N, d = z.shape
     s = int(round(N**0.5))
-    z = z.reshape(B, s // m, m, s // m, m, d).permute(0, 1, 3, 2, 4, 5)
-    return z.reshape(B, (s // m) ** 2, m * m * d)
+    z = z.reshape(B, s // m, m, s // m, m, d).permute(0, 1, 3, 2, 4, 5).reshape(B, (s // m) ** 2, m * m, d)
+    return (z.transpose(-1, -2) if interleave else z).reshape(B, (s // m) ** 2, m * m * d)
 
 
-def split_tokens(z: torch.Tensor, m: int) -> torch.Tensor:
-    """(B, (h/m)(w/m), m²·d) -> (B, h·w, d); inverse of :func:`merge_tokens`."""
+def split_tokens(z: torch.Tensor, m: int, interleave: bool = False) -> torch.Tensor:
+    """(B, (h/m)(w/m), m²·d) -> (B, h·w, d); inverse of :func:`merge_tokens` with the same ``interleave``."""
     if m == 1:
         return z
     B, n, D = z.shape
     s = int(round(n**0.5))
     d = D // (m * m)
+    z = z.reshape(B, n, d, m * m).transpose(-1, -2) if interleave else z.reshape(B, n, m * m, d)
     z = z.reshape(B, s, s, m, m, d).permute(0, 1, 3, 2, 4, 5)
     return z.reshape(B, s * s * m * m, d)
 

@@ -1,0 +1,54 @@
+"""Renders the memory and time plan of ``farmer train --dry-run`` (farmer_cli/plan.py) as tables."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from .ui import escape, stdout
+
+GiB = 1024**3
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:,.2f} GiB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def print_plan(f: dict) -> None:
+    where = (f"{f['processes']} GPU(s) of {f['memory_gib']:g} GiB" if f["device"] == "gpu"
+             else f"this CPU ({f['memory_gib']:g} GiB)")
+    ckpt = "on" if f["grad_checkpoint"] else "off"
+    parts = Table(title=escape(f"{f['preset']}: {_count(f['total_parameters'])} parameters"))
+    parts.add_column("part")
+    parts.add_column("parameters", justify="right")
+    for name, n in f["parameters"].items():
+        parts.add_row(name, _count(n))
+    stdout.print(parts)
+
+    mem = Table(title=escape(f"memory per process: micro-batch {f['micro_batch']} x {f['grad_accum_steps']} "
+                             f"accumulation x {f['processes']} process(es) = global batch {f['global_batch']}; "
+                             f"{f['precision']}; activation checkpointing {ckpt}"))
+    mem.add_column("what")
+    mem.add_column("memory", justify="right")
+    for name, n in f["static_bytes"].items():
+        mem.add_row(name, _gib(n))
+    mem.add_row("activations per image, saved for backward (no checkpointing)", _gib(f["activation_bytes_per_image"]))
+    mem.add_row("activations per image, saved for backward (checkpointing)",
+                _gib(f["activation_bytes_per_image_ckpt"]))
+    mem.add_row("backward workspace per image (no checkpointing / checkpointing)",
+                f"{_gib(f['workspace_bytes_per_image'])} / {_gib(f['workspace_bytes_per_image_ckpt'])}")
+    fits = "fits" if f["predicted_peak_bytes"] <= f["memory_gib"] * GiB else "does NOT fit"
+    mem.add_row(f"[bold]predicted peak at micro-batch {f['micro_batch']}[/] ({fits} in {where})",
+                f"[bold]{_gib(f['predicted_peak_bytes'])}[/]")
+    mem.add_row(f"largest micro-batch in {f['memory_gib']:g} GiB: checkpointing off / on",
+                f"{f['largest_micro_batch_no_ckpt']} / {f['largest_micro_batch_ckpt']}")
+    stdout.print(mem)
+    stdout.print(f"training FLOPs per image (forward + backward{', recomputation' if f['grad_checkpoint'] else ''}): "
+                 f"{f['train_flops_per_image'] / 1e12:.2f} TFLOP; one ImageNet-1k epoch (1,281,167 images) on "
+                 f"{f['processes']} H100 at 40% of the bf16 peak: {f['imagenet_epoch_hours_at_40pct']:.1f} h",
+                 highlight=False)
+    stdout.print("Activations are counted in float32 (an upper bound under bf16 autocast); a GPU's CUDA context "
+                 "and allocator slack come on top (leave ~10%).", highlight=False)

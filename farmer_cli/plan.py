@@ -1,0 +1,133 @@
+"""A memory and time plan for a training run, computed before any GPU hour is spent (``farmer train --dry-run``).
+
+Nothing is allocated: the model is built on the meta device, and one forward + backward pass of one image runs
+there under a saved-tensor hook (what autograd keeps for backward, per image, with and without
+activation checkpointing) and PyTorch's FLOP counter (matmul and attention FLOPs of a training step).
+
+Peak memory of one process (bytes):
+
+    static   = P·(4 weights + 4 gradients + 8 AdamW + 4 EMA)   [+ 2P bf16 weight copies under autocast,
+                                                                 + 4P DDP gradient buckets with several processes]
+    peak(B)  = static + B·(saved activations per image + backward workspace per image) + runtime
+
+The backward workspace (gradients of the activations alive at once, the recomputed layer under checkpointing) is
+taken as ``WORKSPACE_FACTOR`` x the largest single saved tensor per image; ``runtime`` is what the framework itself
+holds (``CPU_RUNTIME_BYTES`` for a CPU process: torch, data, allocator; on a GPU the CUDA context lives outside
+``max_memory_allocated``). bench/memory_plan.py checks these predictions against measured peaks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import Config
+from .model import Farmer
+
+GiB = 1024**3
+WORKSPACE_FACTOR = 3.0
+CPU_RUNTIME_BYTES = int(1.0 * GiB)
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 matmul peaks
+BYTES_PER_PARAM = {"weights": 4, "gradients": 4, "adamw": 8, "ema": 4}
+
+
+@dataclass
+class Plan:
+    parameters: dict[str, int]  # per part
+    static_bytes: dict[str, int]  # weights, gradients, adamw, ema (+ autocast copies, DDP buckets)
+    activation_bytes_per_image: int  # saved for backward, without checkpointing
+    activation_bytes_per_image_ckpt: int  # with activation checkpointing
+    workspace_bytes_per_image: int
+    workspace_bytes_per_image_ckpt: int
+    train_flops_per_image: float  # forward + backward (+ recomputation with checkpointing)
+    grad_checkpoint: bool  # what the config asks for
+
+    @property
+    def total_parameters(self) -> int:
+        return sum(self.parameters.values())
+
+    def per_image(self, checkpoint: bool | None = None) -> int:
+        ckpt = self.grad_checkpoint if checkpoint is None else checkpoint
+        if ckpt:
+            return self.activation_bytes_per_image_ckpt + self.workspace_bytes_per_image_ckpt
+        return self.activation_bytes_per_image + self.workspace_bytes_per_image
+
+    def peak_bytes(self, micro_batch: int, runtime: int = 0, checkpoint: bool | None = None) -> int:
+        return sum(self.static_bytes.values()) + micro_batch * self.per_image(checkpoint) + runtime
+
+    def largest_micro_batch(self, memory_bytes: float, runtime: int = 0, checkpoint: bool | None = None) -> int:
+        free = memory_bytes - sum(self.static_bytes.values()) - runtime
+        return max(0, int(free // self.per_image(checkpoint)))
+
+    def epoch_hours(self, images: int, gpus: int, tflops: float, utilisation: float) -> float:
+        return images * self.train_flops_per_image / (gpus * tflops * 1e12 * utilisation) / 3600
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"total_parameters": self.total_parameters}
+
+
+def parameter_parts(model: Farmer) -> dict[str, int]:
+    """Parameters of the AF, the AR transformer (with its embeddings) and each mixture head."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    prior = model.prior
+    heads = {"informative head": count(prior.info_head)}
+    if prior.red_head is not None:
+        heads["redundant head"] = count(prior.red_head)
+    return {"autoregressive flow": count(model.flow), "AR transformer": count(prior) - sum(heads.values()), **heads}
+
+
+def _probe(cfg: Config, micro_batch: int, checkpoint: bool, fused_attention: bool) -> tuple[int, int, float]:
+    """One meta-device training step at ``micro_batch``: (bytes saved for backward, largest saved tensor,
+    FLOPs of forward + backward). On the meta device attention runs as matmul-softmax and keeps its (B, H, T, T)
+    probabilities; ``fused_attention`` leaves them out (flash / memory-efficient kernels keep O(T) per head)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model_cfg = type(cfg.model)(**{**asdict(cfg.model), "grad_checkpoint": checkpoint})
+    with torch.device("meta"):
+        model = Farmer(model_cfg).train()
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        attention = t.dim() == 4 and t.shape[-1] == t.shape[-2] > 1
+        if storage._cdata not in params and not (fused_attention and attention):
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    mc = cfg.model
+    u = torch.zeros(micro_batch, mc.channels, mc.image_size, mc.image_size, dtype=torch.uint8, device="meta")
+    y = torch.zeros(micro_batch, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(u, y, noise=cfg.train.noise, sigma=cfg.train.noise_start)["bpd"].mean()
+        loss.backward()
+    return sum(saved.values()), max(saved.values(), default=0), float(counter.get_total_flops())
+
+
+def make_plan(cfg: Config, processes: int = 1, precision: str = "no", fused_attention: bool = True) -> Plan:
+    """The plan for ``cfg`` trained by ``processes`` processes at ``precision`` ("no", "bf16", "fp16").
+
+    Activations are measured in float32, an upper bound under bf16/fp16 autocast (where matmul inputs are kept
+    in 16 bits). ``fused_attention``: the attention kernel keeps no (T, T) matrices (GPUs; CPUs in float32 — farmer
+    picks the matmul-softmax kernel on a CPU under bf16, see runtime.attention_backend)."""
+    with torch.device("meta"):
+        model = Farmer(cfg.model)
+    parts = parameter_parts(model)
+    P = sum(parts.values())
+    static = {name: P * size for name, size in BYTES_PER_PARAM.items()}
+    if precision in ("bf16", "fp16"):
+        static["autocast weight copies"] = 2 * P
+    if processes > 1:
+        static["DDP gradient buckets"] = 4 * P
+    figures = {ckpt: _probe(cfg, 1, ckpt, fused_attention) for ckpt in (False, True)}  # one image: every saved
+    flops = figures[cfg.model.grad_checkpoint][2]  # tensor counted grows with the batch (an upper bound per image)
+    return Plan(parts, static, figures[False][0], figures[True][0], int(WORKSPACE_FACTOR * figures[False][1]),
+                int(WORKSPACE_FACTOR * figures[True][1]), flops, cfg.model.grad_checkpoint)
+
+
+def gpu_tflops(name: str) -> float:
+    """Dense bf16 peak of a GPU named like 'H100' (the first table entry the name contains); NaN if unknown."""
+    return next((v for k, v in GPU_PEAK_TFLOPS.items() if k.lower() in name.lower()), math.nan)

@@ -1,0 +1,149 @@
+"""Training at scale, checked on the CPU: the patch-8 channel layout, the memory plan, picklable data, presets."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from farmer_cli.config import DataConfig
+from farmer_cli.config_files import apply_overrides, load_preset
+from farmer_cli.data import load_data, make_loader
+from farmer_cli.model import Farmer
+from farmer_cli.model.patchify import dct_basis, merge_tokens, split_tokens
+from farmer_cli.plan import make_plan
+from test_cli import farmer
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_merge_and_split_are_inverse(interleave):
+    z = torch.randn(2, 16, 5)
+    assert torch.equal(split_tokens(merge_tokens(z, 2, interleave), 2, interleave), z)
+
+
+def test_interleaved_informative_channels_cover_every_sub_patch():
+    """Patch-8 layout: the first 128 of 768 merged channels hold channels 0..31 of each of the 4 sub-patches
+    (with the blocks layout they would all come from sub-patch 0)."""
+    d, m = 192, 2
+    z = torch.arange(16 * d, dtype=torch.float32).reshape(1, 16, d)  # 4x4 grid; entry = token * d + channel
+    merged = merge_tokens(z, m, interleave=True)[0, 0, :128]  # first merged token: grid tokens 0, 1, 4, 5
+    tokens, channels = (merged // d).long(), (merged % d).long()
+    assert set(tokens.tolist()) == {0, 1, 4, 5}
+    for t in (0, 1, 4, 5):
+        assert sorted(channels[tokens == t].tolist()) == list(range(32))
+    blocks = merge_tokens(z, m, interleave=False)[0, 0, :128]
+    assert set((blocks // d).long().tolist()) == {0}
+
+
+def test_patch8_presets_make_the_lowest_frequencies_informative():
+    cfg = load_preset("imagenet256-patch8").model
+    assert (cfg.token_basis, cfg.merge_order, cfg.informative_dims, cfg.ar_token_dim) == ("dct", "interleave", 128, 768)
+    # Per 8x8x3 sub-patch the first 32 DCT coefficients hold a smooth ramp almost entirely, a checkerboard not at all.
+    Q = dct_basis(8, 3)
+    r = torch.arange(8.0)
+    ramp = (r[:, None] + r[None, :]).expand(3, 8, 8).flatten()
+    checker = ((-1.0) ** (r[:, None] + r[None, :])).expand(3, 8, 8).flatten()
+    energy = lambda v: ((Q @ v)[:32] ** 2).sum() / (v**2).sum()  # noqa: E731
+    assert energy(ramp) > 0.99 and energy(checker) < 0.01
+
+
+def test_model_with_interleaved_merge_round_trips(tiny_cfg):
+    torch.manual_seed(0)
+    model = Farmer(tiny_cfg(token_merge=2, merge_order="interleave", informative_dims=3)).eval()
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    tokens, _ = model.encode(x)
+    torch.testing.assert_close(model.decode(tokens), x, atol=1e-4, rtol=0)
+
+
+def test_imagenet64_bpd_is_unconditional():
+    cfg = load_preset("imagenet64-bpd")
+    assert cfg.data.use_labels is False and cfg.model.num_classes == 1
+    bundle = load_data(DataConfig(source="digits", use_labels=False), 1, 8)
+    assert bundle.class_names == ["all"] and {bundle.train[i][1] for i in range(50)} == {0}
+
+
+# ----- the memory plan -----
+def test_plan_counts_parameters_and_checkpointing_saves_activations():
+    cfg = apply_overrides(load_preset("imagenet256-patch8"), ["model.af_blocks=2", "model.af_layers=1",
+                                                              "model.ar_layers=1"])
+    plan = make_plan(cfg)
+    with torch.device("meta"):
+        total = sum(p.numel() for p in Farmer(cfg.model).parameters())
+    assert plan.total_parameters == total
+    assert plan.static_bytes["adamw"] == 8 * total
+    assert plan.activation_bytes_per_image_ckpt < plan.activation_bytes_per_image / 2
+    assert plan.train_flops_per_image > 0
+    assert plan.peak_bytes(4) == sum(plan.static_bytes.values()) + 4 * plan.per_image()
+    assert plan.largest_micro_batch(plan.peak_bytes(7)) == 7
+
+
+def test_plan_activations_grow_with_depth():
+    shallow, deep = (make_plan(apply_overrides(load_preset("tiny"), [f"model.af_blocks={n}"])) for n in (1, 3))
+    assert deep.activation_bytes_per_image > shallow.activation_bytes_per_image
+
+
+def test_dry_run_prints_the_plan_and_allocates_nothing(tmp_path: Path):
+    proc = farmer("train", "--preset", "imagenet256-1.1b-patch16", "--dry-run", "--json", cwd=tmp_path)
+    plan = json.loads(proc.stdout)
+    assert 1.0e9 < plan["total_parameters"] < 1.3e9
+    assert plan["global_batch"] == 512 and plan["largest_micro_batch"] >= plan["micro_batch"]
+    assert not (tmp_path / "runs").exists()
+    table = farmer("train", "--preset", "tiny", "--dry-run", cwd=tmp_path)
+    assert "predicted peak" in table.stdout and "largest micro-batch" in table.stdout
+
+
+# ----- data loading at scale -----
+def test_datasets_pickle_and_load_in_spawned_workers():
+    bundle = load_data(DataConfig(source="digits"), 1, 8)
+    pickle.loads(pickle.dumps(bundle.train))
+    if "spawn" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no spawn start method")
+    loader = make_loader(bundle.train, 8, 1, 0, 0, 0, workers=1)
+    loader.multiprocessing_context = "spawn"
+    u, y, skipped = next(iter(loader))
+    assert u.shape == (8, 1, 8, 8) and skipped == 0
+
+
+def test_image_folder_index_is_built_once_and_rebuilt_when_a_folder_changes(tmp_path: Path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from farmer_cli import folder_index
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "images"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(root / c / f"{i}.png")
+    first = load_data(DataConfig(source=str(root), test_fraction=0.34), 1, 8)
+    walks = []
+    real_walk = folder_index._walk
+    monkeypatch.setattr(folder_index, "_walk", lambda *a: walks.append(a) or real_walk(*a))
+    again = load_data(DataConfig(source=str(root), test_fraction=0.34), 1, 8)
+    assert not walks and len(again.train) + len(again.test) == len(first.train) + len(first.test) == 6
+    import os
+    import time
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(root / "b" / "new.png")
+    os.utime(root / "b", ns=(time.time_ns(), time.time_ns() + 10**9))  # coarse file-system clocks
+    grown = load_data(DataConfig(source=str(root), test_fraction=0.34), 1, 8)
+    assert len(walks) == 1 and len(grown.train) + len(grown.test) == 7
+
+
+def test_report_to_tensorboard_writes_event_files(tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    farmer("train", "--preset", "tiny", "--steps", "4", "--out", str(tmp_path / "r"), "--report-to", "tensorboard")
+    assert list((tmp_path / "r").rglob("events.out.tfevents.*"))
+    proc = farmer("train", "--preset", "tiny", "--out", str(tmp_path / "s"), "--report-to", "wandb", check=False)
+    assert proc.returncode == 2 and "must be none or tensorboard" in proc.stderr
+
+
+def test_sample_grids_during_training(tmp_path: Path):
+    farmer("train", "--preset", "tiny", "--steps", "6", "--out", str(tmp_path / "r"), "--set", "train.sample_every=3")
+    grids = sorted(p.name for p in (tmp_path / "r" / "samples").iterdir())
+    assert grids == ["step-00000003.png", "step-00000006.png"]

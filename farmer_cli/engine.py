@@ -189,6 +189,8 @@ class Loop:
         """Tensor terms are averaged over the step's micro-batches; other terms come from the last one."""
         record: dict[str, Any] = {"step": step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                   "images_per_s": images_per_s}
+        if self.acc.device.type == "cuda":
+            record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
         for key, value in outs[-1].terms.items():
             if isinstance(value, torch.Tensor):
                 value = sum(o.terms[key].float().mean().item() for o in outs) / len(outs)

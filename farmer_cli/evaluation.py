@@ -50,7 +50,7 @@ def generative_classifier(model: Farmer, dataset: ImageDataset, max_classes: int
 @torch.no_grad()
 def generate(model: Farmer, n: int, s: SamplingConfig, seed: int, batch: int, student=None, on_batch=None):
     """n class-balanced samples (labels 0,1,...,K-1,0,1,...) -> (uint8 (n, C, H, W), labels (n,))."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(model.device).manual_seed(seed)
     labels = torch.arange(n) % model.cfg.num_classes
     images = []
     for y in labels.split(batch):

@@ -39,11 +39,12 @@ def noise_interpolation(model: Farmer, u: torch.Tensor, blocks: list[int], level
     d_I = model.prior.d_I
     if model.prior.d_R == 0:
         raise ValueError("this model has no redundant channels (model.channel_split = false)")
-    x = dequantize(u[None], "none")
+    device = model.device
+    x = dequantize(u[None], "none").to(device)
     _, _, states = model.flow(model.to_tokens(x), return_intermediates=True)
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.randn(model.to_ar_tokens(states[-1]).shape, generator=gen)
-    a = torch.tensor(levels).view(-1, 1, 1)
+    gen = torch.Generator().manual_seed(seed)  # noise drawn on the CPU: the same figure on every device
+    eps = torch.randn(model.to_ar_tokens(states[-1]).shape, generator=gen).to(device)
+    a = torch.tensor(levels, device=device).view(-1, 1, 1)
     keep = (1 - a**2).sqrt()
     redundant = torch.zeros_like(eps[0])
     redundant[:, d_I:] = 1.0
@@ -58,7 +59,7 @@ def noise_interpolation(model: Farmer, u: torch.Tensor, blocks: list[int], level
                 back = student.one_pass_inverse(tokens, upto=t)
             else:
                 back = model.flow.inverse(tokens, upto=t)
-            results[name].append(quantize(model.from_tokens(back)))
+            results[name].append(quantize(model.from_tokens(back)).cpu())
     partial, full = torch.stack(results["partial"]), torch.stack(results["full"])
     ref = u.float() / 255.0
 
@@ -81,16 +82,16 @@ def variance_sweep(model: Farmer, label: int, factors: list[float], columns: int
     """Each column one informative sample, each row one variance factor (denoised as ``s.denoise`` says)."""
     if model.prior.d_R == 0:
         raise ValueError("this model has no redundant channels (model.channel_split = false)")
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.full((columns,), label)
+    gen = torch.Generator(model.device).manual_seed(seed)
+    y = torch.full((columns,), label, device=model.device)
     z_info, red, _ = model.sample_informative(y, s, gen)  # red: the conditional shared mixture
     comp = red.pick_components(model.prior.N, gen)  # (columns, N): the same picks for every factor
     mu, sd = red.components(comp)
-    eps = torch.randn(mu.shape, generator=gen)
+    eps = torch.randn(mu.shape, generator=gen, device=mu.device)
     rows, reds = [], []
     for f in factors:
         z_red = mu + sd * (f**0.5) * eps
         x = model.decode(torch.cat([z_info, z_red], dim=-1), y, student=student)
-        rows.append(quantize(model.denoise(x, y, model.denoise_sigma(s))))
-        reds.append(z_red)
-    return VarianceSweep(torch.stack(rows), torch.stack(reds), mu)
+        rows.append(quantize(model.denoise(x, y, model.denoise_sigma(s))).cpu())
+        reds.append(z_red.cpu())
+    return VarianceSweep(torch.stack(rows), torch.stack(reds), mu.cpu())

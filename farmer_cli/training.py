@@ -82,7 +82,7 @@ def save_sample_grid(model: Farmer, cfg: Config, path: Path, per_class: int = 4,
     was_training = model.training
     model.eval()
     y = torch.arange(min(classes, cfg.model.num_classes), device=next(model.parameters()).device)
-    images = model.sample(y.repeat_interleave(per_class), cfg.sampling, torch.Generator().manual_seed(0))
+    images = model.sample(y.repeat_interleave(per_class), cfg.sampling, torch.Generator(model.device).manual_seed(0))
     model.train(was_training)
     save_png(grid(images, per_class, scale=max(1, 64 // cfg.model.image_size)), path)
 
@@ -156,5 +156,6 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     end = min(total, start + stop_after) if stop_after > 0 else total
     loop.run(step_fn, batches, end)
     bpd_after = test_bpd(ema, cfg, data) if main else math.nan
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): that also ends the process group
+        tracker.finish()
     return TrainResult(run_dir, end, bpd_before, bpd_after, time.time() - t0, skipped, raw)

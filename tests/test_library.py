@@ -160,3 +160,13 @@ def test_step_checkpoints_are_kept_k_deep_and_resume_falls_back_to_them(tmp_path
     assert torch.load(run / "training_state.pt", weights_only=True)["step"] == 12
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+@pytest.mark.parametrize("command", ["sample", "score", "evaluate", "inspect-channels"])
+def test_missing_device_is_one_line_exit_2(command, tiny_run: Path, tmp_path: Path):  # noqa: F811
+    args = [command, "--ckpt", str(tiny_run), "--device", "cuda:3"]
+    if command == "score":
+        args.insert(1, str(Path(__file__).resolve().parent.parent / "docs" / "quickstart-threes.png"))
+    proc = farmer(*args, cwd=tmp_path, check=False)
+    if not torch.cuda.is_available():
+        assert proc.returncode == 2 and "cuda" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import CKPT_HELP, Option, exit_with, user_errors
+from . import CKPT_HELP, DEVICE_HELP, Option, exit_with, user_errors
 
 NAME = "evaluate"
 MAX_SAMPLES = 200_000  # generated images are kept in memory for the Inception features
@@ -49,20 +49,21 @@ def run(
     seed: int = Option(0, "--seed", help="Seed for samples and dequantisation noise."),
     sampling_overrides: List[str] = Option([], "--set", help="Sampling overrides, e.g. --set sampling.temperature=1.3."),
     as_json: bool = Option(False, "--json", help="Print one JSON object with every figure and the protocol."),
+    device: str = Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     with user_errors():
         _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws,
-                  limit, max_classes, seed, sampling_overrides, as_json)
+                  limit, max_classes, seed, sampling_overrides, as_json, device)
 
 
 def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws, limit,
-              max_classes, seed, sampling_overrides, as_json):
+              max_classes, seed, sampling_overrides, as_json, device):
     from ..checkpoint import atomic_write, load_model, load_student
     from ..config_files import apply_overrides
     from ..data import load_data
     from ..evaluation import METRICS, evaluate
     from ..metrics import WeightsError, find_fid_weights, fid_protocol, load_inception
-    from ..runtime import find_checkpoint
+    from ..runtime import find_checkpoint, resolve_device
     from .ui import console, escape, progress, stdout
 
     if n_samples < 1:
@@ -82,7 +83,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     run_dir = find_checkpoint(ckpt)
     if not os.access(run_dir, os.W_OK):
         exit_with(f"{run_dir} is not writable: evaluate writes eval-<step>.json there; copy the run or fix permissions")
-    model, cfg, class_names, step = load_model(run_dir)
+    model, cfg, class_names, step = load_model(run_dir, resolve_device(device))
     overrides = ([f"data.source={data}"] if data else []) + ([f"sampling.cfg={cfg_weight}"] if cfg_weight is not None else [])
     apply_overrides(cfg, overrides + list(sampling_overrides))
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)

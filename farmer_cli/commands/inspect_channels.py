@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from . import CKPT_HELP, CLASS_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
+from . import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
 
 NAME = "inspect-channels"
 DEFAULT_FACTORS = "0,0.2,0.4,0.8,1.0,1.2,1.5,2.0,4.0"
@@ -43,9 +43,10 @@ def run(
     student: bool = Option(False, "--student", help="Invert with the distilled student instead of the cached inverse."),
     out: Optional[Path] = Option(None, "--out", "-o", help="Figure PNG (default: inspect.png, or "
                                  "inspect-variance.png in variance mode)."),
+    device: str = Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     with user_errors():
-        _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, student, out)
+        _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, student, out, device)
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -77,13 +78,13 @@ def parse_blocks(text: str, n: int) -> list[int]:
     return chosen
 
 
-def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, student, out):
+def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, student, out, device):
     import torch
 
     from ..checkpoint import load_model, load_student
     from ..data import load_data, load_image
     from ..inspection import noise_interpolation, variance_sweep
-    from ..runtime import find_checkpoint
+    from ..runtime import find_checkpoint, resolve_device
     from ..viz import grid, labelled_figure, save_png
     from .ui import console, escape, stdout
 
@@ -94,7 +95,7 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
     if not 1 <= columns <= 64:
         exit_with("--n must be between 1 and 64")
     run_dir = find_checkpoint(ckpt)
-    model, cfg, class_names, _ = load_model(run_dir)
+    model, cfg, class_names, _ = load_model(run_dir, resolve_device(device))
     mc = cfg.model
     if mc.d_redundant == 0:
         exit_with("this model has no redundant channels (model.channel_split = false): nothing to inspect")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import (CKPT_HELP, CLASS_HELP, Option, check_output_dir, check_output_image, exit_with, resolve_class,
+from . import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, exit_with, resolve_class,
                user_errors)
 
 NAME = "sample"
@@ -46,11 +46,12 @@ def run(
     out_dir: Optional[Path] = Option(None, "--out-dir", help="Also write every image as <class>-<name>_<index>.png here."),
     scale: int = Option(0, "--scale", help="Enlarge grid cells this many times (0: auto, to at least 64 px)."),
     student: bool = Option(False, "--student", help="Decode with the distilled one-step student (run farmer distill first)."),
+    device: str = Option("auto", "--device", help=DEVICE_HELP),
     overrides: List[str] = Option([], "--set", help="Override sampling settings, e.g. --set sampling.t_resample=2."),
 ) -> None:
     with user_errors():
         _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-                batch_size, out, out_dir, scale, student, overrides)
+                batch_size, out, out_dir, scale, student, overrides, device)
 
 
 def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides):
@@ -68,11 +69,11 @@ def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidanc
 
 
 def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-            batch_size, out, out_dir, scale, student, overrides):
+            batch_size, out, out_dir, scale, student, overrides, device):
     import torch
 
     from ..checkpoint import load_model, load_student
-    from ..runtime import find_checkpoint
+    from ..runtime import find_checkpoint, resolve_device
     from ..viz import grid, save_png
     from .ui import console, escape, progress
 
@@ -88,17 +89,18 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     check_output_image(out)
     if out_dir is not None:
         check_output_dir(out_dir)
+    device = resolve_device(device)
     run_dir = find_checkpoint(ckpt)
-    model, cfg, class_names, step = load_model(run_dir)
+    model, cfg, class_names, step = load_model(run_dir, device)
     s = sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides)
     student_flow = load_student(run_dir, model) if student else None
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     sigma = model.denoise_sigma(s)
     K = cfg.model.num_classes
     if not classes:
-        labels = list(range(K)) if K <= 10 else torch.randperm(K, generator=gen)[:8].tolist()
+        labels = list(range(K)) if K <= 10 else torch.randperm(K, generator=gen, device=device)[:8].tolist()
     else:
-        labels = [int(torch.randint(K, (1,), generator=gen)) if c == "random" else resolve_class(c, class_names, K)
+        labels = [int(torch.randint(K, (1,), generator=gen, device=device)) if c == "random" else resolve_class(c, class_names, K)
                   for c in classes]
     y_all = torch.tensor(labels).repeat_interleave(n)
     N, blocks = model.prior.N, cfg.model.af_blocks
@@ -110,7 +112,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
         task = bar.add_task("sample", total=len(chunks) * per_chunk)
         for y in chunks:
             images.append(model.sample(y, s, gen, student=student_flow, on_token=lambda i: bar.advance(task),
-                                       on_block=lambda t: bar.advance(task)))
+                                       on_block=lambda t: bar.advance(task)).cpu())
     images = torch.cat(images)
     seconds = time.time() - t0
     size = cfg.model.image_size

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from . import CKPT_HELP, CLASS_HELP, Option, exit_with, resolve_class, user_errors
+from . import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, exit_with, resolve_class, user_errors
 
 NAME = "score"
 
@@ -30,9 +30,10 @@ def run(
     samples: int = Option(4, "--samples", "-k", help="Dequantisation draws averaged per image."),
     batch_size: int = Option(64, "--batch-size", "-b", help="Images per forward pass."),
     as_json: bool = Option(False, "--json", help="Print one JSON object per image instead of a table."),
+    device: str = Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     with user_errors():
-        _score(images, ckpt, class_, samples, batch_size, as_json)
+        _score(images, ckpt, class_, samples, batch_size, as_json, device)
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -52,12 +53,12 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _score(images, ckpt, class_, samples, batch_size, as_json):
+def _score(images, ckpt, class_, samples, batch_size, as_json, device):
     import torch
 
     from ..checkpoint import load_model
     from ..data import load_image
-    from ..runtime import find_checkpoint
+    from ..runtime import find_checkpoint, resolve_device
     from ..scoring import score_batch
     from .ui import console, escape, figure, progress, stdout
 
@@ -66,7 +67,7 @@ def _score(images, ckpt, class_, samples, batch_size, as_json):
     if samples > 1024:
         exit_with("--samples must be at most 1024 (each draw scores the whole batch again)")
     files = collect_images(images)
-    model, cfg, class_names, _ = load_model(find_checkpoint(ckpt))
+    model, cfg, class_names, _ = load_model(find_checkpoint(ckpt), resolve_device(device))
     mc = cfg.model
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)
     loaded = [load_image(f, mc.channels, mc.image_size) for f in files]  # fails early, naming the bad file

@@ -88,6 +88,11 @@ class Farmer(nn.Module):
         return unpatchify(t, self.cfg.patch_size, self.cfg.channels, self.cfg.image_size)
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (inputs are moved here; random generators must live here)."""
+        return self.basis.device if self.basis is not None else next(self.parameters()).device
+
+    @property
     def null_class(self) -> int:
         return self.cfg.num_classes
 
@@ -228,7 +233,9 @@ class Farmer(nn.Module):
                on_block: Callable[[int], None] | None = None) -> torch.Tensor:
         """Classes y (B,) -> uint8 images (B, C, H, W), denoised by :meth:`denoise_sigma` when ``s.denoise``.
 
-        ``on_token`` / ``on_block`` are called after each sampled token / inverted AF block (progress bars)."""
+        ``on_token`` / ``on_block`` are called after each sampled token / inverted AF block (progress bars).
+        ``generator`` must be on the model's device (:attr:`device`)."""
+        y = y.to(self.device)
         tokens = self.sample_tokens(y, s, generator, use_cache, on_token)
         x = self.decode(tokens, y, use_cache, student, on_block)
         return quantize(self.denoise(x, y, self.denoise_sigma(s)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -303,7 +304,9 @@ def batch_indices(n: int, batch: int, world: int, rank: int, seed: int, start_st
 
 
 def make_loader(dataset: ImageDataset, batch: int, world: int, rank: int, seed: int, start_step: int, workers: int):
-    """A DataLoader yielding (uint8 images, labels, skipped count) batches in :func:`batch_indices` order."""
+    """A DataLoader yielding (uint8 images, labels, skipped count) batches in :func:`batch_indices` order, with at
+    most one worker per CPU core this process may use."""
+    workers = min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_indices(len(dataset), batch, world, rank, seed, start_step),
         collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,

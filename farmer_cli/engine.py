@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import signal
 import threading
@@ -24,6 +25,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .checkpoint import CheckpointError, history, load_training_state, save_training_state, snapshot
+
+log = logging.getLogger("farmer")
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
 
@@ -60,8 +63,8 @@ class StepOutput:
 
 @dataclass
 class LoopEvent:
-    """``kind``: "step" after every step; "log" every ``log_every`` steps with ``record``; "checkpoint" after a
-    save; "stop" when a stop signal was honoured."""
+    """``kind``: "start" before the first step of this invocation; "step" after every step; "log" every
+    ``log_every`` steps with ``record``; "checkpoint" after a save; "stop" when a stop signal was honoured."""
 
     kind: str
     step: int
@@ -129,13 +132,14 @@ class Loop:
         names = list(self.state_modules)
         try:
             state = load_training_state(self.run_dir, self.state_file, names)
-        except CheckpointError:
+        except CheckpointError as err:
             for older in history(self.run_dir, self.history_prefix):
                 try:
                     state = load_training_state(older, self.state_file, names)
-                    break
                 except CheckpointError:
                     continue
+                log.warning("%s; resuming from the step checkpoint %s instead", err, older)
+                break
             else:
                 raise
         for name, module in self.state_modules.items():
@@ -222,6 +226,7 @@ class Loop:
         acc, world = self.acc, self.acc.num_processes
         metrics = self._open_metrics(self.step)
         seen, last_log = 0, time.time()
+        self.on_event(LoopEvent("start", self.step, self.total))
         try:
             with _StopFlag() as stop:
                 for step in range(self.step, end):

@@ -66,7 +66,7 @@ class LoopProgress:
                  resume_hint: str = "") -> None:
         self.name, self.total, self.loss_key, self.loss_label = name, total, loss_key, loss_label
         self.resume_hint, self.main = resume_hint, enabled  # main: the process that reports
-        self.start: int | None = None  # the first step this invocation runs (a resumed run starts later)
+        self.start = 0  # the first step this invocation runs (a resumed run starts later)
         self.enabled = enabled and not progress_disabled()
         self.bar = progress(disable=not (self.enabled and console.is_terminal), loss=loss_label, ips="img/s")
         self.t0 = time.time()
@@ -89,18 +89,23 @@ class LoopProgress:
             raise SystemExit(130 if err.signame == "SIGINT" else 143) from None
 
     def __call__(self, event) -> None:
-        if self.start is None:
-            self.start, self.t0 = event.step - 1, time.time()
-        if event.kind == "step":
+        if event.kind == "start":
+            self.start, self.t0 = event.step, time.time()
+            self.bar.update(self.task, completed=event.step)
+        elif event.kind == "step":
             self.bar.update(self.task, completed=event.step)
         elif event.kind == "log" and event.record is not None:
             loss, ips = event.record.get(self.loss_key, float("nan")), event.record.get("images_per_s", 0.0)
-            self.bar.update(self.task, loss=f"{loss:.4g}", ips=f"{ips:.0f}")
+            self.bar.update(self.task, loss=f"{loss:.4g}", ips=_rate(ips))
             if self.enabled and not console.is_terminal:
                 done = event.step - self.start
                 left = (time.time() - self.t0) / max(1, done) * (self.total - event.step)
                 console.print(f"{self.name} step {event.step}/{self.total} ({100 * event.step / self.total:.0f}%)  "
-                              f"{self.loss_label} {loss:.4f}  img/s {ips:.0f}  ETA {_hms(left)}", highlight=False)
+                              f"{self.loss_label} {loss:.4f}  img/s {_rate(ips)}  ETA {_hms(left)}", highlight=False)
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:.0f}" if per_second >= 10 else f"{per_second:.2f}"
 
 
 def _hms(seconds: float) -> str:

@@ -230,14 +230,16 @@ def test_two_process_sigterm_saves_and_resumes(tmp_path: Path):
     import socket
     import time
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(port), "-m", "farmer_cli", "train"]
+    def launch() -> list[str]:  # a fresh rendezvous port each time: the last one may still be held
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), "-m", "farmer_cli", "train"]
+
     run = tmp_path / "run"
-    proc = subprocess.Popen(launch + ["--preset", "tiny", "--steps", "100000", "--out", str(run), "--set",
+    proc = subprocess.Popen(launch() + ["--preset", "tiny", "--steps", "100000", "--out", str(run), "--set",
                                       "train.log_every=1", "--set", "train.ckpt_every=100000"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
@@ -249,7 +251,7 @@ def test_two_process_sigterm_saves_and_resumes(tmp_path: Path):
     assert "stopped by SIGTERM" in err, err[-3000:]
     saved = torch.load(run / "training_state.pt", weights_only=True)["step"]
     assert saved >= 4
-    proc = subprocess.run(launch + ["--out", str(run), "--resume", "--stop-after", "2"], capture_output=True,
+    proc = subprocess.run(launch() + ["--out", str(run), "--resume", "--stop-after", "2"], capture_output=True,
                           text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]

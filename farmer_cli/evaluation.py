@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch

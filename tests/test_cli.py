@@ -28,6 +28,18 @@ def farmer(*args: str, cwd: Path | None = None, check: bool = True) -> subproces
     return proc
 
 
+def sigterm_once_logged(proc: subprocess.Popen, metrics: Path, lines: int, timeout: float = 180) -> str:
+    """Send SIGTERM to a training process once ``metrics`` holds ``lines`` records; returns its stderr."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    return proc.communicate(timeout=timeout)[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "tiny"
@@ -226,9 +238,7 @@ def test_two_process_accelerate_training_keeps_ranks_identical(tmp_path: Path):
 def test_two_process_sigterm_saves_and_resumes(tmp_path: Path):
     """SIGTERM to `accelerate launch` (as a scheduler sends it) reaches both ranks; they agree on one step, save it,
     and a 2-process --resume continues from there without repeating a logged step."""
-    import signal
     import socket
-    import time
 
     def launch() -> list[str]:  # a fresh rendezvous port each time: the last one may still be held
         with socket.socket() as sock:
@@ -243,11 +253,7 @@ def test_two_process_sigterm_saves_and_resumes(tmp_path: Path):
                                       "train.log_every=1", "--set", "train.ckpt_every=100000"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=180)
+    err = sigterm_once_logged(proc, metrics, 4)
     assert "stopped by SIGTERM" in err, err[-3000:]
     saved = torch.load(run / "training_state.pt", weights_only=True)["step"]
     assert saved >= 4

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from farmer_cli.config import ConfigError, SamplingConfig
 from farmer_cli.config_files import apply_overrides, apply_sampling_preset, from_dict, load_preset
 from farmer_cli.model import Farmer, dequantize
-from test_cli import ENV, farmer, tiny_run  # noqa: F401  (tiny_run: session fixture shared with the CLI tests)
+from test_cli import ENV, farmer, sigterm_once_logged, tiny_run  # noqa: F401  (tiny_run: a shared fixture)
 
 
 def test_library_imports_no_ui():
@@ -129,11 +127,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path):
                              "--out", str(run), "--set", "train.ckpt_every=100000", "--set", "train.log_every=1"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    err = sigterm_once_logged(proc, metrics, 5)
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     state = torch.load(run / "training_state.pt", weights_only=True)

@@ -20,6 +20,7 @@ from .checkpoint import (DISTILL_METRICS_FILE, DISTILL_STATE_FILE, MODEL_FILE, S
                          weights_fingerprint)
 from .config import Config
 from .data import DataBundle, make_loader
+from .distributed import ModuleState
 from .engine import Loop, LoopEvent, StepOutput, adamw
 from .model import Farmer, dequantize
 from .model.distill import OnePassInverse, distill_loss, make_student
@@ -45,7 +46,7 @@ class DistillResult:
     steps: int
     first_loss: float  # of this invocation
     last_loss: float
-    error_before: float  # student_error before and after (main process; NaN elsewhere)
+    error_before: float  # student_error before and after
     error_after: float
     seconds: float
     student: torch.nn.Module  # this process's student AF
@@ -54,21 +55,21 @@ class DistillResult:
 def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: bool = False,
             on_event: Callable[[LoopEvent], None] | None = None) -> DistillResult:
     """Train (or resume) the student of ``model``'s AF into ``run_dir``."""
-    dc, device, main = cfg.distill, accelerator.device, accelerator.is_main_process
+    dc, device = cfg.distill, accelerator.device
     teacher = model.flow.to(device).eval().requires_grad_(False)
     raw = make_student(teacher)
     opt = adamw(raw.parameters(), dc.lr, (cfg.train.beta1, cfg.train.beta2))
     student, opt = accelerator.prepare(OnePassInverse(raw), opt)  # forward = the one-pass inverse, as DDP needs
     teacher_id = {"teacher": weights_fingerprint(run_dir / MODEL_FILE)}
     loop = Loop(accelerator, student, opt, run_dir=run_dir, state_file=DISTILL_STATE_FILE,
-                state_modules={"student": raw}, total=dc.steps, warmup=dc.warmup_steps,
+                state={"student": ModuleState(raw)}, optimized=raw, total=dc.steps, warmup=dc.warmup_steps,
                 min_lr_ratio=STUDENT_LR_FLOOR, grad_clip=cfg.train.grad_clip, seed=cfg.train.seed,
                 log_every=cfg.train.log_every, ckpt_every=cfg.train.ckpt_every, metrics_file=DISTILL_METRICS_FILE,
                 keep=cfg.train.keep_checkpoints, kept_files=(STUDENT_FILE,), history_prefix="distill-step",
-                on_save=lambda step: save_weights(run_dir / STUDENT_FILE, raw.state_dict(), step, teacher_id),
+                on_save=lambda step, states: save_weights(run_dir / STUDENT_FILE, states["student"], step, teacher_id),
                 on_event=on_event)
     start = loop.resume() if resume and (run_dir / DISTILL_STATE_FILE).exists() else 0
-    error_before = student_error(model, raw, data, dc.batch_size) if main else math.nan
+    error_before = student_error(model, raw, data, dc.batch_size)  # every rank: a sharded student needs all
     loader = make_loader(data.train, dc.batch_size, accelerator.num_processes, accelerator.process_index,
                          cfg.train.seed + 1, start, 0)
     losses: list[float] = []
@@ -83,6 +84,6 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
 
     t0 = time.time()
     loop.run(step_fn, iter(loader), dc.steps)
-    error_after = student_error(model, raw.eval(), data, dc.batch_size) if main else math.nan
+    error_after = student_error(model, raw.eval(), data, dc.batch_size)
     return DistillResult(dc.steps, losses[0] if losses else math.nan, losses[-1] if losses else math.nan,
                          error_before, error_after, time.time() - t0, raw)

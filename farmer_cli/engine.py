@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .checkpoint import CheckpointError, history, load_training_state, save_training_state, snapshot
+from .distributed import as_float, gather_optimizer, load_optimizer, no_grad_sync
 
 log = logging.getLogger("farmer")
 
@@ -98,8 +99,11 @@ class _StopFlag:
 class Loop:
     """One optimisation loop over the trainable module ``model`` (already through ``accelerator.prepare``).
 
-    ``state_modules`` are the unwrapped modules saved in and restored from the training state file
-    (e.g. ``{"model": raw, "ema": ema}``); ``on_save(step)`` writes what else the run keeps (weights, config);
+    ``state`` names what is saved in and restored from the training state file besides the optimiser (objects with
+    ``gather()`` and ``load(state)``, e.g. ``{"ema": EMA(raw), "model": ModuleState(raw)}``, loaded in that order);
+    ``optimized`` is the unwrapped module whose parameters the optimiser holds. Saving and loading are collective
+    and safe for sharded (FSDP) models (see distributed.py). ``on_save(step, states)`` writes what else the run
+    keeps (weights, config) from the gathered states;
     after each save, ``kept_files`` (the state file and what on_save wrote) are also kept as step checkpoint
     ``checkpoints/<history_prefix>-<step>/``, the ``keep`` newest of them;
     ``after_step(step)`` runs after each optimiser step (EMA). Each step accumulates gradients over ``accum``
@@ -107,16 +111,17 @@ class Loop:
     processes."""
 
     def __init__(self, accelerator, model: torch.nn.Module, optimizer, *, run_dir: Path, state_file: str,
-                 state_modules: dict[str, torch.nn.Module], total: int, warmup: int, min_lr_ratio: float,
+                 state: dict[str, Any], optimized: torch.nn.Module, total: int, warmup: int, min_lr_ratio: float,
                  grad_clip: float, seed: int, log_every: int, ckpt_every: int, metrics_file: str, accum: int = 1,
                  keep: int = 3, kept_files: tuple[str, ...] = (), history_prefix: str = "step",
-                 on_save: Callable[[int], None] = lambda step: None,
+                 on_save: Callable[[int, dict[str, Any]], None] = lambda step, states: None,
                  after_step: Callable[[int], None] = lambda step: None,
                  on_event: Callable[[LoopEvent], None] | None = None) -> None:
         self.acc, self.model, self.optimizer = accelerator, model, optimizer
         inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(s, warmup, total, min_lr_ratio))
-        self.run_dir, self.state_file, self.state_modules = run_dir, state_file, state_modules
+        self.run_dir, self.state_file, self.state, self.optimized = run_dir, state_file, state, optimized
+        self.inner_optimizer = inner
         self.total, self.grad_clip, self.seed, self.accum = total, grad_clip, seed, accum
         self.log_every, self.ckpt_every = log_every, ckpt_every
         self.metrics_path = run_dir / metrics_file
@@ -129,9 +134,25 @@ class Loop:
     def resume(self) -> int:
         """Load the training state (safely: tensors and plain values only) and return its step. Where the run's
         state file is unreadable, the newest readable step checkpoint is used instead."""
-        names = list(self.state_modules)
+        state = self._read_state() if self.acc.is_main_process else {}
+        step = torch.tensor([int(state.get("step", 0))], device=self.acc.device)
+        for name, part in self.state.items():
+            part.load(state.get(name, {}))
+        load_optimizer(self.optimized, self.inner_optimizer, state.get("optimizer", {}))
+        if self.acc.num_processes > 1:  # the scheduler and step from the main process's file
+            from accelerate.utils import broadcast, broadcast_object_list
+
+            step = broadcast(step)
+            state["scheduler"] = broadcast_object_list([state.get("scheduler")])[0]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(step.item())
+        return self.step
+
+    def _read_state(self) -> dict[str, Any]:
+        """The main process reads the state file (memory-mapped), or the newest readable step checkpoint."""
+        names = list(self.state)
         try:
-            state = load_training_state(self.run_dir, self.state_file, names)
+            return load_training_state(self.run_dir, self.state_file, names)
         except CheckpointError as err:
             for older in history(self.run_dir, self.history_prefix):
                 try:
@@ -139,24 +160,19 @@ class Loop:
                 except CheckpointError:
                     continue
                 log.warning("%s; resuming from the step checkpoint %s instead", err, older)
-                break
-            else:
-                raise
-        for name, module in self.state_modules.items():
-            module.load_state_dict(state[name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        return self.step
+                return state
+            raise
 
     def save(self, step: int) -> None:
-        """Every rank enters; the main process writes the training state, then ``on_save``."""
+        """Every rank takes part in gathering the state (sharded models send their shards); the main process writes
+        the training state, then ``on_save``."""
         self.acc.wait_for_everyone()
+        states = {name: part.gather() for name, part in self.state.items()}
+        optimizer = gather_optimizer(self.optimized, self.inner_optimizer)
         if self.acc.is_main_process:
-            state = {name: m.state_dict() for name, m in self.state_modules.items()}
-            state |= {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": step}
-            save_training_state(self.run_dir, self.state_file, state)
-            self.on_save(step)
+            payload = {**states, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": step}
+            save_training_state(self.run_dir, self.state_file, payload)
+            self.on_save(step, states)
             snapshot(self.run_dir, self.kept_files, step, self.history_prefix, self.keep)
         self.acc.wait_for_everyone()
         self.on_event(LoopEvent("checkpoint", step, self.total))
@@ -213,7 +229,7 @@ class Loop:
             out = step_fn(next(batches), step)
             self._check(step, out)
             last = i == self.accum - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+            with contextlib.nullcontext() if last else no_grad_sync(acc, self.model):
                 acc.backward(out.loss / self.accum)
             outs.append(out)
         return outs
@@ -233,7 +249,8 @@ class Loop:
                     self.model.train()
                     outs = self._accumulate(step_fn, batches, step)
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                    if not torch.isfinite(torch.as_tensor(grad_norm)):
+                    grad_norm = as_float(grad_norm)
+                    if not math.isfinite(grad_norm):
                         raise TrainingDiverged(f"step {step}: non-finite gradient norm; the last good checkpoint "
                                                "is kept. Try a lower --lr or --mixed-precision no.")
                     self.optimizer.step()
@@ -244,7 +261,7 @@ class Loop:
                     seen += sum(o.images for o in outs) * world
                     if done % self.log_every == 0 or done == end:
                         now = time.time()
-                        record = self._record(done, outs, float(grad_norm), seen / max(1e-9, now - last_log))
+                        record = self._record(done, outs, grad_norm, seen / max(1e-9, now - last_log))
                         seen, last_log = 0, now
                         if metrics is not None:
                             metrics.write(json.dumps(record) + "\n")

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from .checkpoint import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, TRA
                          save_weights)
 from .config import Config
 from .data import DataBundle, make_loader
+from .distributed import EMA, ModuleState
 from .engine import Loop, LoopEvent, StepOutput, adamw
 from .model import Farmer
 from .runtime import attention_backend
@@ -55,13 +55,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
-    d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - d)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -70,13 +63,14 @@ class TrainResult:
     bpd_after: float
     seconds: float
     skipped: int
-    model: torch.nn.Module  # this process's trained (unwrapped) model; the EMA weights are in the checkpoint
+    model: torch.nn.Module  # this process's trained (unwrapped, possibly sharded) model; EMA weights in the checkpoint
 
 
 @torch.no_grad()
-def save_sample_grid(model: Farmer, cfg: Config, path: Path, per_class: int = 4, classes: int = 8) -> None:
+def save_sample_grid(model: Farmer, cfg: Config, path: Path, write: bool = True, per_class: int = 4,
+                     classes: int = 8) -> None:
     """Samples of the first ``classes`` classes, one row each, with a fixed seed (so grids from different steps
-    show the same draws) and the run's sampling settings, to ``path``."""
+    show the same draws) and the run's sampling settings, to ``path`` (where ``write``)."""
     from .viz import grid, save_png
 
     was_training = model.training
@@ -84,7 +78,8 @@ def save_sample_grid(model: Farmer, cfg: Config, path: Path, per_class: int = 4,
     y = torch.arange(min(classes, cfg.model.num_classes), device=next(model.parameters()).device)
     images = model.sample(y.repeat_interleave(per_class), cfg.sampling, torch.Generator(model.device).manual_seed(0))
     model.train(was_training)
-    save_png(grid(images, per_class, scale=max(1, 64 // cfg.model.image_size)), path)
+    if write:
+        save_png(grid(images, per_class, scale=max(1, 64 // cfg.model.image_size)), path)
 
 
 def test_bpd(model, cfg: Config, data: DataBundle) -> float:
@@ -105,23 +100,23 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     global_batch = tc.global_batch(accelerator.num_processes)
     torch.manual_seed(tc.seed)
     model = Farmer(cfg.model)
-    ema = copy.deepcopy(model).requires_grad_(False)
     opt = adamw(param_groups(model, tc.weight_decay), tc.lr, (tc.beta1, tc.beta2))
-    model, opt = accelerator.prepare(model, opt)
-    ema.to(device)
+    model, opt = accelerator.prepare(model, opt)  # DDP, or sharded by Accelerate's FSDP plugin
     raw = accelerator.unwrap_model(model)
+    ema = EMA(raw)
 
-    def on_save(step: int) -> None:
-        save_weights(run_dir / MODEL_FILE, ema.state_dict(), step)
+    def on_save(step: int, states: dict) -> None:
+        save_weights(run_dir / MODEL_FILE, states["ema"], step)
         save_config(run_dir, cfg, data.class_names, {"step": step, "global_batch": global_batch})
 
     def after_step(step: int) -> None:
-        ema_update(ema, raw, step, tc.ema_decay)
-        if main and tc.sample_every and (step + 1) % tc.sample_every == 0:
-            save_sample_grid(ema, cfg, run_dir / SAMPLES_DIR / f"step-{step + 1:08d}.png")
+        ema.update(step, tc.ema_decay)
+        if tc.sample_every and (step + 1) % tc.sample_every == 0:
+            with ema.applied() as averaged:  # every rank samples (a sharded model needs all); the main one saves
+                save_sample_grid(averaged, cfg, run_dir / SAMPLES_DIR / f"step-{step + 1:08d}.png", main)
 
     loop = Loop(accelerator, model, opt, run_dir=run_dir, state_file=TRAIN_STATE_FILE,
-                state_modules={"model": raw, "ema": ema}, total=total, warmup=tc.warmup_steps,
+                state={"ema": ema, "model": ModuleState(raw)}, optimized=raw, total=total, warmup=tc.warmup_steps,
                 min_lr_ratio=tc.min_lr / tc.lr, grad_clip=tc.grad_clip, seed=tc.seed, log_every=tc.log_every,
                 ckpt_every=tc.ckpt_every, metrics_file=METRICS_FILE, accum=tc.grad_accum_steps, keep=tc.keep_checkpoints,
                 kept_files=(MODEL_FILE, CONFIG_FILE), on_save=on_save,
@@ -134,7 +129,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     if main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_dir, cfg, data.class_names, {"step": 0, "global_batch": global_batch})
-    bpd_before = test_bpd(raw, cfg, data) if main and not resume else math.nan
+    bpd_before = test_bpd(raw, cfg, data) if not resume else math.nan  # every rank: sharded models need all
     loader = make_loader(data.train, tc.batch_size, accelerator.num_processes, accelerator.process_index,
                          tc.seed, start * tc.grad_accum_steps, cfg.data.num_workers)
     batches, skipped, null = iter(loader), 0, cfg.model.num_classes
@@ -155,7 +150,8 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     t0 = time.time()
     end = min(total, start + stop_after) if stop_after > 0 else total
     loop.run(step_fn, batches, end)
-    bpd_after = test_bpd(ema, cfg, data) if main else math.nan
+    with ema.applied() as averaged:
+        bpd_after = test_bpd(averaged, cfg, data)
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group
         tracker.finish()
     return TrainResult(run_dir, end, bpd_before, bpd_after, time.time() - t0, skipped, raw)

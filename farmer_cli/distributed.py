@@ -123,6 +123,16 @@ class ModuleState:
         load_model(self.module, state)
 
 
+def expose_methods(model: torch.nn.Module, *names: str) -> None:
+    """Under FSDP2 only ``forward`` gathers a module's shards; let ``names`` (evaluation, sampling) do so too.
+    Nothing to do for a whole model."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(model, FSDPModule):
+        for name in names:
+            register_fsdp_forward_method(model, name)
+
+
 def no_grad_sync(accelerator, model: torch.nn.Module):
     """Context for a micro-batch whose gradients are not yet to be synchronised across processes."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2

@@ -23,7 +23,7 @@ from .checkpoint import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, TRA
                          save_weights)
 from .config import Config
 from .data import DataBundle, make_loader
-from .distributed import EMA, ModuleState
+from .distributed import EMA, ModuleState, expose_methods
 from .engine import Loop, LoopEvent, StepOutput, adamw
 from .model import Farmer
 from .runtime import attention_backend
@@ -103,6 +103,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     opt = adamw(param_groups(model, tc.weight_decay), tc.lr, (tc.beta1, tc.beta2))
     model, opt = accelerator.prepare(model, opt)  # DDP, or sharded by Accelerate's FSDP plugin
     raw = accelerator.unwrap_model(model)
+    expose_methods(raw, "nll_continuous", "sample")  # evaluation and sample grids on a sharded model
     ema = EMA(raw)
 
     def on_save(step: int, states: dict) -> None:

@@ -147,3 +147,35 @@ def test_sample_grids_during_training(tmp_path: Path):
     farmer("train", "--preset", "tiny", "--steps", "6", "--out", str(tmp_path / "r"), "--set", "train.sample_every=3")
     grids = sorted(p.name for p in (tmp_path / "r" / "samples").iterdir())
     assert grids == ["step-00000003.png", "step-00000006.png"]
+
+
+@pytest.mark.slow
+def test_sharded_fsdp2_training_saves_and_resumes_like_one_run(tmp_path: Path):
+    """2 gloo processes, model sharded with fully_shard (as Accelerate's FSDP plugin does on GPUs): the gathered
+    state, EMA and optimiser checkpoints are collective-safe, and 3 steps + resume + 3 equal 6 steps."""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from test_cli import ENV
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(Path(__file__).parent / "fsdp_check.py"), str(tmp_path)],
+                          capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole, split = torch.load(tmp_path / "whole-weights.pt"), torch.load(tmp_path / "split-weights.pt")
+    assert whole.keys() == split.keys() and len(whole) > 0
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-6, atol=1e-7, msg=key)
+    ema_whole, ema_split = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    for key in ema_whole:
+        torch.testing.assert_close(ema_split[key], ema_whole[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert any(not torch.equal(ema_whole[k], whole[k]) for k in whole)  # the EMA is its own average
+    state = torch.load(tmp_path / "split" / "training_state.pt", weights_only=True)
+    assert state["step"] == 6 and set(state["model"]) == set(whole)
+    assert set(state["optimizer"]["state"]) <= set(whole)  # optimiser state keyed by parameter names

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from .commands import distill, evaluate, inspect_channels, sample, score, train
+from .commands import distill, evaluate, inspect_channels, ood, sample, score, train
 
 app = typer.Typer(
     name="farmer",
@@ -15,7 +15,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for module in (train, score, sample, distill, inspect_channels, evaluate):
+for module in (train, score, sample, distill, inspect_channels, evaluate, ood):
     app.command(name=module.NAME, help=module.__doc__)(module.run)
 
 

@@ -135,7 +135,7 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are split (see farmer_cli/data.py)."""
 
-    source: str = "mnist5k"  # "mnist5k", "digits", an image folder, a saved HF dataset or a hub name
+    source: str = "mnist5k"  # "mnist5k", "digits", "fashion-mnist", an image folder, a saved HF dataset or a hub name
     image_column: str = ""  # HF datasets: detected when empty
     label_column: str = ""  # HF datasets: detected when empty
     test_fraction: float = 0.1  # fixed held-out split (seeded) for bits/dim

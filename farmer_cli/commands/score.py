@@ -2,10 +2,13 @@
 
 Each image is converted and resized to the model's resolution, then scored K times with uniform dequantisation
 noise (bits/dim = (-log p(x) + D ln 128) / (D ln 2), a bound on the discrete likelihood) and averaged. With
---class the class-conditional likelihood, otherwise the unconditional (null-class) one.
+--class the class-conditional likelihood, otherwise the unconditional (null-class) one. Beside it: the bytes a
+lossless coder driven by the model would need (bits/dim x D / 8) against the PNG of the same pixels.
+--heatmap shows where the bits go, patch by patch.
 
 Examples:
   farmer score digit.png
+  farmer score digit.png --heatmap bits.png
   farmer score ./images --class 3 --samples 8 --json
 """
 
@@ -17,7 +20,7 @@ from typing import List, Optional
 
 import typer
 
-from . import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, exit_with, resolve_class, user_errors
+from . import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
 
 NAME = "score"
 
@@ -31,42 +34,34 @@ def run(
     batch_size: int = Option(64, "--batch-size", "-b", help="Images per forward pass."),
     as_json: bool = Option(False, "--json", help="Print one JSON object per image instead of a table."),
     device: str = Option("auto", "--device", help=DEVICE_HELP),
+    heatmap: Optional[Path] = Option(None, "--heatmap", help="Also write where the bits go: the image beside its "
+                                     "bits/dim per patch (the exact NLL split over patches: each AF block's log-det, "
+                                     "the informative term, the share of the redundant term). With several images: "
+                                     "<name>_<image>.png beside it. --json then includes the per-patch bits."),
 ) -> None:
     with user_errors():
-        _score(images, ckpt, class_, samples, batch_size, as_json, device)
+        _score(images, ckpt, class_, samples, batch_size, as_json, device, heatmap)
 
 
-def collect_images(paths: list[Path]) -> list[Path]:
-    from ..data import IMAGE_SUFFIXES
+def _score(images, ckpt, class_, samples, batch_size, as_json, device, heatmap):
+    import math
 
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                exit_with(f"{p}: directory holds no image files")
-            files += found
-        elif not p.exists():
-            exit_with(f"{p}: no such file or directory")
-        else:
-            files.append(p)
-    return files
-
-
-def _score(images, ckpt, class_, samples, batch_size, as_json, device):
     import torch
 
     from ..checkpoint import load_model
-    from ..data import load_image
+    from ..data import image_files, load_image
     from ..runtime import find_checkpoint, resolve_device
-    from ..scoring import score_batch
+    from ..scoring import model_bytes, patch_bits, png_bytes, score_batch
+    from ..viz import bits_figure, save_png
     from .ui import console, escape, figure, progress, stdout
 
     if samples < 1 or batch_size < 1:
         exit_with("--samples and --batch-size must be at least 1")
     if samples > 1024:
         exit_with("--samples must be at most 1024 (each draw scores the whole batch again)")
-    files = collect_images(images)
+    files = image_files(images)
+    if heatmap is not None:
+        check_output_image(heatmap, "--heatmap")
     model, cfg, class_names, _ = load_model(find_checkpoint(ckpt), resolve_device(device))
     mc = cfg.model
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)
@@ -78,12 +73,27 @@ def _score(images, ckpt, class_, samples, batch_size, as_json, device):
         for start in range(0, len(files), batch_size):
             u = torch.stack([t for t, _ in loaded[start : start + batch_size]])
             y = None if label is None else torch.full((u.shape[0],), label)
-            nll, bpd = score_batch(model, u, y, samples, gen)
+            if heatmap is not None:  # one pass gives the map and the total (the sum of the map)
+                maps = patch_bits(model, u, y, samples, gen)
+                bits = maps.sum(dim=(1, 2)).double()
+                nll, bpd = bits * math.log(2.0), bits / mc.dims
+            else:
+                nll, bpd = score_batch(model, u, y, samples, gen)
             for i, f in enumerate(files[start : start + batch_size]):
                 width, height = loaded[start + i][1]
-                rows.append({"file": str(f), "size": f"{width}x{height}", "bits_per_dim": _rounded(bpd[i], 4),
-                             "nll_nats": _rounded(nll[i], 2), "class": class_ if class_ is not None else None,
-                             "samples": samples})
+                png = png_bytes(u[i])
+                row = {"file": str(f), "size": f"{width}x{height}", "bits_per_dim": _rounded(bpd[i], 4),
+                       "nll_nats": _rounded(nll[i], 2), "class": class_ if class_ is not None else None,
+                       "samples": samples, "model_bytes": _rounded(model_bytes(float(bpd[i]), mc.dims), 1),
+                       "png_bytes": png, "png_over_model": _rounded(png / model_bytes(float(bpd[i]), mc.dims), 3)}
+                if heatmap is not None:
+                    row["patch_size"] = mc.patch_size
+                    row["patch_bits"] = [[round(float(v), 4) for v in r] for r in maps[i]]
+                    out = heatmap if len(files) == 1 else heatmap.with_name(f"{heatmap.stem}_{Path(f).stem}.png")
+                    title = f"{Path(f).name}: {float(bpd[i]):.3f} bits/dim ({label_text(class_)})"
+                    save_png(bits_figure(u[i], maps[i].numpy() / mc.token_dim, title), out)
+                    row["heatmap"] = str(out)
+                rows.append(row)
             bar.advance(task, u.shape[0])
     undefined = sum(r["bits_per_dim"] is None for r in rows)
     if undefined:
@@ -95,14 +105,22 @@ def _score(images, ckpt, class_, samples, batch_size, as_json, device):
         return
     from rich.table import Table
 
-    cond = f"class {escape(class_)}" if class_ is not None else "unconditional"
-    table = Table(title=f"{cond} likelihood at {mc.image_size}x{mc.image_size}x{mc.channels}, mean of {samples} "
-                  "dequantisation draws (--samples)")
-    for col in ("file", "size", "bits/dim", "NLL (nats)"):
+    table = Table(title=f"{escape(label_text(class_))} likelihood at {mc.image_size}x{mc.image_size}x{mc.channels}, "
+                  f"mean of {samples} dequantisation draws (--samples); model bytes = what a lossless coder driven "
+                  "by the model needs")
+    for col in ("file", "size", "bits/dim", "NLL (nats)", "model bytes", "PNG bytes", "PNG / model"):
         table.add_column(col, justify="left" if col == "file" else "right")
     for r in rows:
-        table.add_row(escape(r["file"]), r["size"], figure(r["bits_per_dim"], ".3f"), figure(r["nll_nats"], ".1f"))
+        table.add_row(escape(r["file"]), r["size"], figure(r["bits_per_dim"], ".3f"), figure(r["nll_nats"], ".1f"),
+                      figure(r["model_bytes"], ".0f"), str(r["png_bytes"]), figure(r["png_over_model"], ".2f"))
     stdout.print(table)
+    if heatmap is not None:
+        console.print(f"bits maps -> {escape(', '.join(r['heatmap'] for r in rows[:3]))}"
+                      + (f" and {len(rows) - 3} more" if len(rows) > 3 else ""))
+
+
+def label_text(class_) -> str:
+    return f"class {class_}" if class_ is not None else "unconditional"
 
 
 def _rounded(value, digits: int):

@@ -157,6 +157,28 @@ class Farmer(nn.Module):
         return {"nll": nll, "bpd": nll / (D * math.log(2.0)), "log_p_info": log_info, "log_p_red": log_red,
                 "logdet": logdet}
 
+    def patch_bits(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Where the bits go: the exact NLL of dequantised x (B, C, H, W) split over its patches.
+
+        Each AF token (patch) gets its log-det from every block (each block's token order undone), and each AR
+        token's informative term and its share of the redundant term (AR tokens are merged patches: split equally
+        over the m² patches, the final permute undone), plus the dequantisation constant d·ln 128 of its d values.
+        Returns float32 (B, N) per-patch terms in nats ("logdet", "log_p_info", "log_p_red") and "bits" (their
+        NLL in bits); "bits" sums over patches to the image's NLL in bits exactly up to float rounding."""
+        y = self._labels(y, x.shape[0], x.device)
+        tokens = self.to_tokens(x)
+        z, logdet = self.flow(tokens, self._flow_class(y), per_token=True)
+        info, red = self.prior(self.to_ar_tokens(z), y, per_token=True)
+        m2 = self.cfg.token_merge**2
+
+        def to_patches(v: torch.Tensor) -> torch.Tensor:  # (B, n) per AR token -> (B, N) per patch
+            v = v.flip(1) if self.cfg.final_permute == "flip" else v
+            return split_tokens((v / m2)[..., None].expand(-1, -1, m2), self.cfg.token_merge)[..., 0]
+
+        info, red = to_patches(info), to_patches(red)
+        nats = -(logdet + info + red) + self.cfg.token_dim * math.log(128.0)
+        return {"logdet": logdet, "log_p_info": info, "log_p_red": red, "bits": nats / math.log(2.0)}
+
     def class_log_likelihoods(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """log p(x | c) in nats for every image and every class: x (B, C, H, W) dequantised, classes (K,) -> (B, K).
 

@@ -63,11 +63,13 @@ class AFBlock(nn.Module):
         pad = alpha.new_zeros(alpha.shape[0], 1, self.dim)
         return torch.cat([pad, alpha], 1), torch.cat([pad, mu], 1)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, N, d) -> z (B, N, d) float32, logdet (B,) float32 = -sum alpha."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, d) -> z (B, N, d) float32, logdet (B,) float32 = -sum alpha; with ``per_token`` each token's
+        share (B, N), in the block's token order."""
         alpha, mu = self._shifted_params(x, y)
         z = (x.float() - mu) * torch.exp(-alpha)
-        return z, -alpha.sum(dim=(1, 2))
+        return z, (-alpha.sum(dim=-1) if per_token else -alpha.sum(dim=(1, 2)))
 
     @torch.no_grad()
     def inverse(self, z: torch.Tensor, y: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
@@ -117,14 +119,17 @@ class AutoregressiveFlow(nn.Module):
     def _in(self, t: int, x: torch.Tensor) -> torch.Tensor:
         return _flip(x) if self.flips[t] else x
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, return_intermediates: bool = False):
-        """x (B, N, d) -> (z (B, N, d), logdet (B,)) or, with ``return_intermediates``, also [Z^0, ..., Z^n]."""
-        logdet = x.new_zeros(x.shape[0], dtype=torch.float32)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, return_intermediates: bool = False,
+                per_token: bool = False):
+        """x (B, N, d) -> (z (B, N, d), logdet (B,)) or, with ``return_intermediates``, also [Z^0, ..., Z^n].
+        ``per_token``: logdet (B, N), each token's share summed over blocks, in the input's token order (every
+        block's permutation undone)."""
+        logdet = x.new_zeros((x.shape[0], x.shape[1]) if per_token else x.shape[:1], dtype=torch.float32)
         states = [x]
         for t, block in enumerate(self.blocks):
-            z, ld = block(self._in(t, x), y)
+            z, ld = block(self._in(t, x), y, per_token)
             x = self._in(t, z)
-            logdet = logdet + ld
+            logdet = logdet + (self._in(t, ld[..., None])[..., 0] if per_token else ld)
             states.append(x)
         return (x, logdet, states) if return_intermediates else (x, logdet)
 

@@ -56,16 +56,18 @@ class ARPrior(nn.Module):
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return h + self.pos[:, start : start + h.shape[1]]
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (B, N, d) AR tokens, y (B,) class indices -> (log p(Z^I|c), log p(Z^R|Z^I,c)), each (B,) float32."""
+    def forward(self, z: torch.Tensor, y: torch.Tensor, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, N, d) AR tokens, y (B,) class indices -> (log p(Z^I|c), log p(Z^R|Z^I,c)), each (B,) float32, or
+        with ``per_token`` each token's term, (B, N) each."""
         z_info, z_red = self.split(z)
         out = self.stack(self._embed(y, z_info[:, :-1] if self.red_head is None else z_info, 0))
         info = self.info_head(out[:, self.M - 1 : self.M - 1 + self.N])  # (B, N, K_I, ...)
-        log_info = info.log_prob(z_info[:, :, None]).squeeze(-1).sum(-1)
+        log_info = info.log_prob(z_info[:, :, None]).squeeze(-1)  # (B, N)
         if self.red_head is None:
-            return log_info, torch.zeros_like(log_info)
-        red = self.red_head(out[:, -1])  # one mixture per sample
-        return log_info, red.log_prob(z_red).sum(-1)  # all N redundant vectors share one mixture
+            log_red = torch.zeros_like(log_info)
+        else:  # one mixture per sample; all N redundant vectors share it
+            log_red = self.red_head(out[:, -1]).log_prob(z_red)  # (B, N)
+        return (log_info, log_red) if per_token else (log_info.sum(-1), log_red.sum(-1))
 
     def next_hidden(self, y: torch.Tensor, z_info: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """Hidden state (B, W) at the last position given the prefix z_info (B, t, d_I).

@@ -1,0 +1,77 @@
+"""Out-of-distribution scores from exact likelihoods, and how well they separate two sets (``farmer ood``).
+
+Likelihood models famously give *higher* likelihood to simpler images from elsewhere (trained on Fashion-MNIST,
+they prefer MNIST digits), because bits/dim is dominated by how compressible an image is. Scores, larger = more
+out-of-distribution:
+
+``bpd``         raw bits/dim (unconditional).
+``complexity``  bits/dim minus the bits/dim of PNG on the same pixels: the likelihood corrected for the image's
+                generic complexity (Serrà et al., ICLR 2020, "Input complexity and out-of-distribution detection
+                with likelihood-based generative models").
+``typicality``  |bits/dim − mean bits/dim of the model's own training images|: an image is suspicious when its
+                likelihood is atypically high *or* low (Nalisnick et al. 2019, per image instead of per batch).
+``ratio``       bits/dim minus the bits/dim under a background model (any second farmer run, e.g. one trained on
+                other data): what the model knows beyond generic image statistics (Ren et al. 2019 and
+                Schirrmeister et al. 2020 use such ratios).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .batching import iterate_batches
+from .data import ImageDataset
+from .scoring import png_bytes, score_batch
+
+SCORES = ("complexity", "bpd", "typicality", "ratio")
+DEFAULT_SCORE = "complexity"  # measured: bench/ood.py (README, Benchmarks)
+
+
+@torch.no_grad()
+def bits_per_dim_of(model, images: torch.Tensor, batch: int = 256, draws: int = 1, seed: int = 0) -> np.ndarray:
+    """Unconditional bits/dim of uint8 images (N, C, H, W) -> (N,) float64."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([score_batch(model, u, None, draws, gen)[1] for u in images.split(batch)]).double().numpy()
+
+
+def png_bits_per_dim(images: torch.Tensor) -> np.ndarray:
+    """Bits/dim of the PNG of every image (N, C, H, W) -> (N,)."""
+    dims = images[0].numel()
+    return np.array([png_bytes(u) * 8.0 / dims for u in images])
+
+
+def training_bpd(model, train: ImageDataset, limit: int = 1000, batch: int = 256) -> float:
+    """Mean unconditional bits/dim of up to ``limit`` of the model's training images (the typicality centre)."""
+    images = torch.cat([u for u, _ in iterate_batches(train, batch, limit)])
+    return float(bits_per_dim_of(model, images, batch).mean())
+
+
+def scores(name: str, bpd: np.ndarray, images: torch.Tensor, train_bpd: float | None = None,
+           background_bpd: np.ndarray | None = None) -> np.ndarray:
+    """The score ``name`` (see the module doc) of each image from its bits/dim and what the score needs."""
+    if name == "bpd":
+        return bpd
+    if name == "complexity":
+        return bpd - png_bits_per_dim(images)
+    if name == "typicality":
+        if train_bpd is None:
+            raise ValueError("the typicality score needs the mean bits/dim of the training images")
+        return np.abs(bpd - train_bpd)
+    if name == "ratio":
+        if background_bpd is None:
+            raise ValueError("the ratio score needs a background model (--background CKPT)")
+        return bpd - background_bpd
+    raise ValueError(f"unknown OOD score '{name}'; choose from {', '.join(SCORES)}")
+
+
+def separation(inside: np.ndarray, outside: np.ndarray) -> dict[str, float]:
+    """How well a score (larger = more out-of-distribution) separates the two sets: AUROC (0.5 = chance, 1 =
+    perfect) and the false-positive rate on in-distribution images at 95% true-positive rate on the others."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels = np.concatenate([np.zeros(len(inside)), np.ones(len(outside))])
+    values = np.concatenate([inside, outside])
+    fpr, tpr, _ = roc_curve(labels, values)
+    return {"auroc": float(roc_auc_score(labels, values)), "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95)]),
+            "n_in": len(inside), "n_out": len(outside)}

@@ -59,10 +59,10 @@ def main() -> None:
     rows = []
     for trained_on, run in runs.items():
         model, cfg, _, _ = load_model(run)
-        train_bpd = ood.training_bpd(model, load_data(cfg.data, 1, 28).train)
+        train = ood.training_statistics(model, load_data(cfg.data, 1, 28).train)
         bpd = {name: ood.bits_per_dim_of(model, images) for name, images in sets.items()}
-        values = {score: {name: ood.scores(score, bpd[name], sets[name], train_bpd) for name in sets}
-                  for score in ("bpd", "complexity", "typicality")}
+        values = {score: {name: ood.scores(score, bpd[name], sets[name], train) for name in sets}
+                  for score in ("bpd", "complexity", "typicality", "combined")}
         for other in sets:
             if other == trained_on:
                 continue
@@ -73,7 +73,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     report("ood", rows, {"limit": args.limit, "runs": {k: str(v) for k, v in runs.items()},
-                         "train_bpd_note": "typicality centre: mean bits/dim of 1000 training images"})
+                         "note": "typicality/combined centre and scale: 1000 training images of each model"})
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_ood_command_separates_noise_from_digits(tiny_run: Path, two_folders, tm
     proc = farmer("ood", "--in", str(inside), "--out", str(outside), "--ckpt", str(tiny_run), "--score", "all",
                   "--figure", str(tmp_path / "h.png"), "--json")
     result = json.loads(proc.stdout)
-    assert set(result["separation"]) == {"complexity", "bpd", "typicality"}  # ratio needs --background
+    assert set(result["separation"]) == {"combined", "complexity", "bpd", "typicality"}  # ratio needs --background
     assert result["separation"]["bpd"]["auroc"] > 0.9  # uniform noise is far less likely than digits
     assert len(result["scores"]["bpd"]["in"]) == len(result["scores"]["bpd"]["out"]) == 12
     assert (tmp_path / "h.png").exists()
@@ -134,6 +134,17 @@ def test_complexity_score_subtracts_png_bits():
     assert png[0] < 1.0 < 7.0 < png[1]  # a flat image compresses to almost nothing, noise not at all
     bpd = np.array([3.0, 3.0])
     np.testing.assert_allclose(ood.scores("complexity", bpd, torch.cat([flat, noisy])), bpd - png)
+
+
+def test_combined_score_is_the_larger_two_sided_z_score():
+    images = torch.randint(0, 256, (3, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    bpd = np.array([4.0, 6.0, 9.0])
+    train = {"bpd_mean": 5.0, "bpd_std": 0.5, "complexity_mean": -1.0, "complexity_std": 2.0}
+    corrected = bpd - ood.png_bits_per_dim(images)
+    expected = np.maximum(np.abs(bpd - 5.0) / 0.5, np.abs(corrected + 1.0) / 2.0)
+    np.testing.assert_allclose(ood.scores("combined", bpd, images, train), expected)
+    with pytest.raises(ValueError, match="statistics"):
+        ood.scores("combined", bpd, images)
 
 
 def test_fashion_mnist_source(monkeypatch, tmp_path: Path):

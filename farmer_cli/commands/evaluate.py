@@ -1,6 +1,7 @@
-"""Evaluate a checkpoint: FID and precision/recall of samples, test bits/dim, generative-classifier accuracy and
-how often a reference classifier recognises the samples' classes. Offline: Inception weights are never
-downloaded (see --fid-weights).
+"""Evaluate a checkpoint: FID, precision/recall, test bits/dim, generative classifier, sample recognisability.
+
+FID and precision/recall of samples, test bits/dim, generative-classifier accuracy and how often a reference
+classifier recognises the samples' classes. Offline: Inception weights are never downloaded (see --fid-weights).
 
 Metrics (--metrics, comma-separated; default: every metric whose inputs are available):
   fid         Fréchet distance of 2048-d Inception features, N class-balanced samples vs the reference split

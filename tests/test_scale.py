@@ -12,7 +12,8 @@ import torch
 
 from farmer_cli.config import DataConfig
 from farmer_cli.config_files import apply_overrides, load_preset
-from farmer_cli.data import load_data, make_loader
+from farmer_cli.batching import make_loader
+from farmer_cli.data import load_data
 from farmer_cli.model import Farmer
 from farmer_cli.model.patchify import dct_basis, merge_tokens, split_tokens
 from farmer_cli.plan import make_plan

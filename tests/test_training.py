@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from farmer_cli.config_files import load_preset
-from farmer_cli.data import batch_indices, load_data
+from farmer_cli.batching import batch_indices
+from farmer_cli.data import load_data
 from farmer_cli.model import Farmer
 from farmer_cli.engine import TrainingDiverged, lr_factor
 from farmer_cli.training import noise_sigma, train

@@ -68,6 +68,15 @@ def tracker_options(report_to: str) -> dict:
     return {"log_with": "tensorboard", "project_dir": "."}  # training points the logs at the run directory
 
 
+def end_processes() -> None:
+    """Leave the process group (if any) before the process exits: a gloo/NCCL group left to interpreter shutdown
+    can abort ("terminate called without an active exception") and fail a finished multi-process run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resolve_device(spec: str = "auto"):
     """``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` -> torch.device; DeviceError when the
     device is not there."""

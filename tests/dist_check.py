@@ -11,7 +11,7 @@ from farmer_cli.checkpoint import load_model
 from farmer_cli.config_files import load_preset
 from farmer_cli.data import load_data
 from farmer_cli.distilling import distill
-from farmer_cli.runtime import make_accelerator
+from farmer_cli.runtime import end_processes, make_accelerator
 from farmer_cli.training import train
 
 out = Path(sys.argv[1])
@@ -26,3 +26,5 @@ torch.save({k: v.detach().cpu() for k, v in result.model.state_dict().items()}, 
 model, cfg, _, _ = load_model(out / "run", device=acc.device)
 student = distill(model, cfg, bundle, out / "run", acc).student
 torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, out / f"student{acc.process_index}.pt")
+acc.wait_for_everyone()
+end_processes()

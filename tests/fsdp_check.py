@@ -14,7 +14,7 @@ from farmer_cli.config_files import load_preset
 from farmer_cli.data import load_data
 from farmer_cli.distributed import gather_model
 from farmer_cli.model.attention import TransformerLayer
-from farmer_cli.runtime import make_accelerator
+from farmer_cli.runtime import end_processes, make_accelerator
 
 out = Path(sys.argv[1])
 cfg = load_preset("tiny")
@@ -46,3 +46,5 @@ for name, result in (("whole", whole), ("split", split)):
     if acc.is_main_process:
         torch.save(state, out / f"{name}-weights.pt")
         print(name, "bpd", result.bpd_before, result.bpd_after)
+acc.wait_for_everyone()
+end_processes()

@@ -40,7 +40,7 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
     from ..data import load_data
     from ..distilling import distill
     from ..rundir import claim_on_main
-    from ..runtime import find_checkpoint, make_accelerator
+    from ..runtime import end_processes, find_checkpoint, make_accelerator
     from .ui import LoopProgress, console, escape
 
     run_dir = find_checkpoint(ckpt)
@@ -54,9 +54,12 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
     run_dir, _lock = claim_on_main(acc, run_dir, resume=True)  # writes the student into the run: one writer at a time
     if main:
         console.print(f"distilling the AF of {escape(str(run_dir))} (step {step}) for {cfg.distill.steps} steps")
-    with LoopProgress("distill", cfg.distill.steps, "loss", "loss", enabled=main,
-                      resume_hint=f"farmer distill --ckpt {run_dir} --resume") as bar:
-        result = distill(model, cfg, bundle, run_dir, acc, resume=resume, on_event=bar)
+    try:
+        with LoopProgress("distill", cfg.distill.steps, "loss", "loss", enabled=main,
+                          resume_hint=f"farmer distill --ckpt {run_dir} --resume") as bar:
+            result = distill(model, cfg, bundle, run_dir, acc, resume=resume, on_event=bar)
+    finally:
+        end_processes()
     if main:
         console.print(f"student inverse error (MSE vs the true inverse, held-out images): "
                       f"{result.error_before:.2e} -> [bold]{result.error_after:.2e}[/]")

@@ -80,7 +80,7 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
     from ..config_files import apply_overrides, load_preset
     from ..data import load_data
     from ..rundir import claim_on_main, resume_conflicts
-    from ..runtime import find_checkpoint, make_accelerator, new_run_dir, tracker_options
+    from ..runtime import end_processes, find_checkpoint, make_accelerator, new_run_dir, tracker_options
     from ..training import total_steps, train
     from .ui import LoopProgress, console, escape
 
@@ -132,9 +132,12 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
                       f"precision {acc.mixed_precision}, global batch {cfg.train.global_batch(acc.num_processes)} "
                       f"({cfg.train.batch_size} x {cfg.train.grad_accum_steps} accumulation x {acc.num_processes}), "
                       f"{total} steps")
-    with LoopProgress("train", total, "bpd", "bits/dim", enabled=main,
-                      resume_hint=f"farmer train --out {run_dir} --resume") as bar:
-        result = train(cfg, bundle, run_dir, acc, resume=resume, stop_after=stop_after, on_event=bar)
+    try:
+        with LoopProgress("train", total, "bpd", "bits/dim", enabled=main,
+                          resume_hint=f"farmer train --out {run_dir} --resume") as bar:
+            result = train(cfg, bundle, run_dir, acc, resume=resume, stop_after=stop_after, on_event=bar)
+    finally:
+        end_processes()
     if main:
         if result.skipped:
             console.print(f"[yellow]skipped {result.skipped} unreadable images in total[/]")

@@ -446,13 +446,15 @@ def interrupted(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-def test_sigterm_during_train_saves_a_checkpoint(interrupted: dict):
-    first = interrupted["first"]
-    assert first.returncode is not None, f"train did not stop on SIGTERM\n{first}"
+@pytest.mark.parametrize("command, fixture, state", [("train", "interrupted", "training_state.pt"),
+                                                     ("distill", "distilled", "distill_state.pt")])
+def test_sigterm_saves_a_checkpoint(command: str, fixture: str, state: str, request):
+    record = request.getfixturevalue(fixture)
+    first = record["first"]
+    assert first.returncode is not None, f"{command} did not stop on SIGTERM\n{first}"
     assert "Traceback" not in first.stderr, str(first)
-    assert "first_step" in interrupted, f"no loadable training_state.pt after SIGTERM: " \
-        f"{interrupted.get('first_step_error')}\n{first}"
-    assert interrupted["first_step"] >= 3, interrupted["first_step"]
+    assert "first_step" in record, f"no loadable {state} after SIGTERM: {record.get('first_step_error')}\n{first}"
+    assert record["first_step"] >= 3, record["first_step"]
 
 
 @pytest.mark.slow
@@ -504,16 +506,6 @@ def distilled(tiny_run: Path, tmp_path_factory) -> dict:  # noqa: F811
     rec["resumed"] = cli("distill", "--ckpt", run, "--resume", "--steps", rec["target"], "--set",
                          "train.log_every=1", "--set", "train.ckpt_every=100000")
     return rec
-
-
-@pytest.mark.slow
-def test_sigterm_during_distill_saves_a_checkpoint(distilled: dict):
-    first = distilled["first"]
-    assert first.returncode is not None, f"distill did not stop on SIGTERM\n{first}"
-    assert "Traceback" not in first.stderr, str(first)
-    assert "first_step" in distilled, f"no loadable distill_state.pt after SIGTERM: " \
-        f"{distilled.get('first_step_error')}\n{first}"
-    assert distilled["first_step"] >= 3
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ MergeOrder = Literal["blocks", "interleave"]
 Noise = Literal["gaussian", "uniform"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
 Guidance = Literal["resample", "simple"]
+Decoder = Literal["sequential", "jacobi"]
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -215,9 +216,12 @@ class SamplingConfig:
     t_resample: float = 1.1  # T_s
     redundant_pool: int = 0  # candidates per proposal for the redundant step; 0 = 2 x AR tokens
     denoise: bool = True  # one score step x + sigma² ∇log p(x) after decoding (TARFlow; not in the FARMER paper)
+    decoder: Decoder = "sequential"  # AF inverse: token by token (KV cache) or parallel Jacobi iteration (exact)
+    jacobi_tol: float = 1e-5  # Jacobi: stop when no value moves by more than this
+    jacobi_max_iter: int = 0  # Jacobi: at most this many rounds per block (0: tokens - 1, where it is exact)
 
     def validate(self) -> None:
-        _at_least(self, "sampling", 0, "cfg", "var_scale", "redundant_pool")
+        _at_least(self, "sampling", 0, "cfg", "var_scale", "redundant_pool", "jacobi_tol", "jacobi_max_iter")
         _positive(self, "sampling", "temperature", "t_pi", "t_sigma", "t_pi_eval", "t_sigma_eval", "t_resample")
         _at_least(self, "sampling", 1, "cond_candidates", "uncond_candidates")
 

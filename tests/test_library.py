@@ -164,3 +164,12 @@ def test_missing_device_is_one_line_exit_2(command, tiny_run: Path, tmp_path: Pa
     proc = farmer(*args, cwd=tmp_path, check=False)
     if not torch.cuda.is_available():
         assert proc.returncode == 2 and "cuda" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_sample_with_the_jacobi_decoder(tiny_run: Path, tmp_path: Path):  # noqa: F811
+    proc = farmer("sample", "--ckpt", str(tiny_run), "--class", "3", "--n", "4", "--decoder", "jacobi",
+                  "--out", str(tmp_path / "j.png"))
+    assert "jacobi (" in proc.stderr and "rounds per block" in proc.stderr and (tmp_path / "j.png").exists()
+    bad = farmer("sample", "--ckpt", str(tiny_run), "--decoder", "parallel", "--out", str(tmp_path / "x.png"),
+                 check=False)
+    assert bad.returncode == 2 and "--decoder must be" in bad.stderr

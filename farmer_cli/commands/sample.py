@@ -45,13 +45,19 @@ def run(
     out: Path = Option(Path("samples.png"), "--out", "-o", help="Grid PNG (rows = classes)."),
     out_dir: Optional[Path] = Option(None, "--out-dir", help="Also write every image as <class>-<name>_<index>.png here."),
     scale: int = Option(0, "--scale", help="Enlarge grid cells this many times (0: auto, to at least 64 px)."),
-    student: bool = Option(False, "--student", help="Decode with the distilled one-step student (run farmer distill first)."),
+    student: bool = Option(False, "--student", help="Decode with the distilled one-step student (run farmer distill "
+                           "first); the same as --decoder student."),
+    decoder: Optional[str] = Option(None, "--decoder", help="AF inverse: sequential (token by token, KV cache), "
+                                    "jacobi (all tokens in parallel, iterated to the same exact inverse; "
+                                    "--set sampling.jacobi_tol / jacobi_max_iter) or student. Default: the "
+                                    "checkpoint's sampling.decoder (sequential)."),
     device: str = Option("auto", "--device", help=DEVICE_HELP),
     overrides: List[str] = Option([], "--set", help="Override sampling settings, e.g. --set sampling.t_resample=2."),
 ) -> None:
     with user_errors():
         _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-                batch_size, out, out_dir, scale, student, overrides, device)
+                batch_size, out, out_dir, scale, student or decoder == "student", overrides, device,
+                None if decoder == "student" else decoder)
 
 
 def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides):
@@ -69,7 +75,7 @@ def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidanc
 
 
 def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-            batch_size, out, out_dir, scale, student, overrides, device):
+            batch_size, out, out_dir, scale, student, overrides, device, decoder):
     import torch
 
     from ..checkpoint import load_model, load_student
@@ -77,6 +83,8 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     from ..viz import grid, save_png
     from .ui import console, escape, progress
 
+    if decoder not in (None, "sequential", "jacobi"):
+        exit_with(f"--decoder must be sequential, jacobi or student, not '{decoder}'")
     if n < 1:
         exit_with("--n must be at least 1")
     if batch_size < 1:
@@ -92,7 +100,8 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     device = resolve_device(device)
     run_dir = find_checkpoint(ckpt)
     model, cfg, class_names, step = load_model(run_dir, device)
-    s = sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides)
+    s = sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling,
+                        overrides + ([f"sampling.decoder={decoder}"] if decoder else []))
     student_flow = load_student(run_dir, model) if student else None
     gen = torch.Generator(device).manual_seed(seed)
     sigma = model.denoise_sigma(s)
@@ -106,13 +115,13 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     N, blocks = model.prior.N, cfg.model.af_blocks
     chunks = list(y_all.split(batch_size))
     per_chunk = N + (0 if student_flow is not None else blocks)
-    images = []
+    images, stats = [], {}
     t0 = time.time()
     with progress() as bar:
         task = bar.add_task("sample", total=len(chunks) * per_chunk)
         for y in chunks:
             images.append(model.sample(y, s, gen, student=student_flow, on_token=lambda i: bar.advance(task),
-                                       on_block=lambda t: bar.advance(task)).cpu())
+                                       on_block=lambda t: bar.advance(task), stats=stats).cpu())
     images = torch.cat(images)
     seconds = time.time() - t0
     size = cfg.model.image_size
@@ -128,7 +137,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     how = f"cfg {s.cfg} ({s.guidance})" if s.cfg > 0 else f"unguided (T={s.temperature}, S={s.var_scale})"
     how += f", denoised (sigma {sigma:g})" if sigma > 0 else ""
     console.print(f"{len(images)} samples of {len(labels)} class(es) from step {step} of {escape(str(run_dir))}, {how}, "
-                  f"{'student' if student_flow is not None else 'teacher'} decoder: {seconds:.1f} s "
+                  f"{_decoder_text(student_flow, s, stats)} decoder: {seconds:.1f} s "
                   f"({len(images) / seconds:.1f} img/s) -> [bold]{escape(str(out))}[/]"
                   + (f" and {escape(str(out_dir))}/" if out_dir else ""))
 
@@ -136,3 +145,12 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
 def _safe(class_names: list[str], label: int) -> str:
     name = class_names[label] if label < len(class_names) else str(label)
     return f"{label}-" + "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
+
+
+def _decoder_text(student_flow, s, stats: dict) -> str:
+    if student_flow is not None:
+        return "student"
+    if s.decoder == "jacobi":
+        rounds = [r for batch in stats.get("jacobi_rounds", []) for r in batch]
+        return f"jacobi ({sum(rounds) / max(1, len(rounds)):.1f} rounds per block on average, at most {max(rounds)})"
+    return "sequential"

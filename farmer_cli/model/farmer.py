@@ -123,12 +123,19 @@ class Farmer(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, y: torch.Tensor | None = None, use_cache: bool = True,
-               student: nn.Module | None = None, on_block: Callable[[int], None] | None = None) -> torch.Tensor:
-        """AR tokens (B, n, D_ar) -> image x (B, C, H, W): the AF's sequential inverse, or one student pass."""
+               student: nn.Module | None = None, on_block: Callable[[int], None] | None = None,
+               s: SamplingConfig | None = None, stats: dict | None = None) -> torch.Tensor:
+        """AR tokens (B, n, D_ar) -> image x (B, C, H, W): one student pass when ``student`` is given, else the AF's
+        exact inverse, token by token (KV cache) or, with ``s.decoder == "jacobi"``, by parallel Jacobi iteration
+        (its rounds per block go to ``stats["jacobi_rounds"]``)."""
         y = self._labels(y, tokens.shape[0], tokens.device)
         z = self.from_ar_tokens(tokens.float())
         if student is not None:
             x = student.one_pass_inverse(z, self._flow_class(y))
+        elif s is not None and s.decoder == "jacobi":
+            x, rounds = self.flow.jacobi_inverse(z, self._flow_class(y), s.jacobi_tol, s.jacobi_max_iter, on_block)
+            if stats is not None:
+                stats.setdefault("jacobi_rounds", []).append(rounds)
         else:
             x = self.flow.inverse(z, self._flow_class(y), use_cache=use_cache, on_block=on_block)
         return self.from_tokens(x)
@@ -252,12 +259,12 @@ class Farmer(nn.Module):
     def sample(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
                use_cache: bool = True, student: nn.Module | None = None,
                on_token: Callable[[int], None] | None = None,
-               on_block: Callable[[int], None] | None = None) -> torch.Tensor:
+               on_block: Callable[[int], None] | None = None, stats: dict | None = None) -> torch.Tensor:
         """Classes y (B,) -> uint8 images (B, C, H, W), denoised by :meth:`denoise_sigma` when ``s.denoise``.
 
         ``on_token`` / ``on_block`` are called after each sampled token / inverted AF block (progress bars).
         ``generator`` must be on the model's device (:attr:`device`)."""
         y = y.to(self.device)
         tokens = self.sample_tokens(y, s, generator, use_cache, on_token)
-        x = self.decode(tokens, y, use_cache, student, on_block)
+        x = self.decode(tokens, y, use_cache, student, on_block, s, stats)
         return quantize(self.denoise(x, y, self.denoise_sigma(s)))

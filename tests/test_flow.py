@@ -347,3 +347,23 @@ def test_jacobi_inverse_equals_the_sequential_inverse(tiny_cfg):
     assert len(rounds) == 3 and all(1 <= r <= 16 for r in rounds)
     capped, rounds = flow.jacobi_inverse(z, max_iter=2)
     assert rounds == [2, 2, 2] and (capped - exact).abs().max() > 1e-4  # two rounds are not enough here
+
+
+@pytest.mark.parametrize("max_len", [None, 12])
+def test_kv_cache_is_written_in_place_and_matches_the_full_pass(max_len):
+    """Token-by-token decoding through the cache equals one causal pass; with max_len the buffers are allocated
+    once and written in place (no copy of the prefix per token)."""
+    torch.manual_seed(0)
+    stack = TransformerStack(32, 2, 4).eval()
+    h = torch.randn(2, 12, 32)
+    cache = stack.new_cache(max_len)
+    with torch.no_grad():
+        full = stack(h)
+        steps, buffers = [stack(h[:, :3], cache)], set()
+        for i in range(3, 12):
+            steps.append(stack(h[:, i : i + 1], cache))
+            buffers.add(cache.keys[0].data_ptr())
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 12
+    if max_len:
+        assert len(buffers) == 1 and cache.keys[0].shape[2] == max_len

@@ -23,21 +23,33 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 
 class KVCache:
-    """Per-layer key/value buffers of shape (B, heads, max_len, head_dim), filled left to right."""
+    """Per-layer key/value buffers of shape (B, heads, capacity, head_dim), preallocated and written in place left
+    to right (``length`` positions are filled). With ``max_len`` known (a decoder's sequence length) the buffers
+    are allocated once; without, capacity doubles when full (amortised O(1) per token instead of a copy of the
+    whole prefix per token)."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, max_len: int | None = None) -> None:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.max_len = max_len
         self.length = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, H, t, hd) keys/values for ``layer``; return all keys/values so far."""
-        if self.keys[layer] is None:
-            self.keys[layer], self.values[layer] = k, v
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        return self.keys[layer], self.values[layer]
+        """Write (B, H, t, hd) keys/values for ``layer`` after the ``length`` cached ones; return views of all
+        keys/values so far, (B, H, length + t, hd)."""
+        end = self.length + k.shape[2]
+        buffer = self.keys[layer]
+        if buffer is None or buffer.shape[2] < end:
+            capacity = self.max_len if self.max_len and self.max_len >= end else max(2 * end, 16)
+            grown_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+            grown_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+            if buffer is not None:
+                grown_k[:, :, : self.length] = buffer[:, :, : self.length]
+                grown_v[:, :, : self.length] = self.values[layer][:, :, : self.length]
+            self.keys[layer], self.values[layer] = grown_k, grown_v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 def _recompute_with_forward_attention_backends() -> tuple[contextlib.AbstractContextManager,
@@ -110,8 +122,9 @@ class TransformerStack(nn.Module):
         self.causal = causal
         self.checkpoint = checkpoint
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.layers))
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty cache for decoding up to ``max_len`` positions (buffers allocated once when given)."""
+        return KVCache(len(self.layers), max_len)
 
     def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         recompute = self.checkpoint and self.training and cache is None and torch.is_grad_enabled()

@@ -210,7 +210,7 @@ class Farmer(nn.Module):
         prior, B, device = self.prior, y.shape[0], y.device
         guided = s.cfg > 0
         labels = torch.cat([y, torch.full_like(y, self.null_class)]) if guided else y
-        cache = prior.stack.new_cache() if use_cache else None
+        cache = prior.stack.new_cache(prior.M + prior.N + 1) if use_cache else None
         z_info = torch.zeros(B, 0, prior.d_I, device=device)
         for i in range(prior.N):
             prefix = torch.cat([z_info, z_info]) if guided else z_info

@@ -76,7 +76,7 @@ class AFBlock(nn.Module):
         """z (B, N, d) -> x (B, N, d), token by token. With the KV cache each step feeds one token."""
         x = torch.empty_like(z)
         x[:, 0] = z[:, 0]
-        cache = self.stack.new_cache() if use_cache else None
+        cache = self.stack.new_cache(z.shape[1]) if use_cache else None
         for i in range(1, z.shape[1]):
             if cache is not None:
                 out = self.stack(self._hidden(x[:, i - 1 : i], i - 1, y), cache)

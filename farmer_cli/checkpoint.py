@@ -129,6 +129,7 @@ def history(run_dir: Path, prefix: str) -> list[Path]:
 
 def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     """-> (config, class names, the whole JSON payload); CheckpointError for anything malformed."""
+    run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir}: not a farmer checkpoint (no {CONFIG_FILE})")
@@ -192,12 +193,13 @@ def check_model_file(cfg: Config, run_dir: Path) -> None:
         _check_header(Farmer(cfg.model), run_dir / MODEL_FILE)
 
 
-def load_model(run_dir: Path, device: str | torch.device = "cpu"):
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     """-> (Farmer in eval mode with the EMA weights on ``device``, config, class names, step).
 
     The weights file is checked against the config before any memory is allocated."""
     from .model import Farmer
 
+    run_dir = Path(run_dir)
     cfg, class_names, _ = load_config(run_dir)
     check_model_file(cfg, run_dir)
     model = Farmer(cfg.model, trained_noise_sigma=cfg.train.final_noise_sigma())
@@ -210,6 +212,7 @@ def load_student(run_dir: Path, model):
     it was distilled from other teacher weights than the run's ``model.safetensors``)."""
     from .model.distill import make_student
 
+    run_dir = Path(run_dir)
     path = run_dir / STUDENT_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir} has no distilled student ({STUDENT_FILE}); run "

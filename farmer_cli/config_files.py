@@ -23,6 +23,11 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
+def _at(origin: str) -> str:
+    """Where a bad value came from, as a message prefix (none for command-line options: the key says it)."""
+    return f"{origin}: " if origin else ""
+
+
 def suggest(word: str, options: list[str]) -> str:
     """`` (did you mean 'x'?)`` for the nearest option, or an empty string."""
     lowered = {o.lower(): o for o in options}
@@ -35,15 +40,15 @@ def coerce(value: Any, kind: Any, name: str, origin: str) -> Any:
     if get_origin(kind) is Literal:
         choices = [str(c) for c in get_args(kind)]
         if str(value) not in choices:
-            raise ConfigError(f"{origin}: '{name}' must be one of {', '.join(choices)}, got {value!r}"
+            raise ConfigError(f"{_at(origin)}'{name}' must be one of {', '.join(choices)}, got {value!r}"
                               f"{suggest(str(value), choices)}")
         return str(value)
     try:
         result = _convert(value, kind)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{origin}: '{name}' expects {getattr(kind, '__name__', kind)}, got {value!r}") from None
+        raise ConfigError(f"{_at(origin)}'{name}' expects {getattr(kind, '__name__', kind)}, got {value!r}") from None
     if isinstance(result, float) and not math.isfinite(result):
-        raise ConfigError(f"{origin}: '{name}' must be a finite number, got {value!r}")
+        raise ConfigError(f"{_at(origin)}'{name}' must be a finite number, got {value!r}")
     return result
 
 
@@ -66,25 +71,25 @@ def _convert(value: Any, kind: Any) -> Any:
 
 def _assign(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     if section not in SECTIONS:
-        raise ConfigError(f"{origin}: unknown section '{section}'{suggest(section, list(SECTIONS))}; "
+        raise ConfigError(f"{_at(origin)}unknown section '{section}'{suggest(section, list(SECTIONS))}; "
                           f"sections: {', '.join(SECTIONS)}")
     target = getattr(cfg, section)
     fields = [f.name for f in dataclasses.fields(target)]
     if key not in fields:
-        raise ConfigError(f"{origin}: unknown key '{section}.{key}'{suggest(key, fields)}")
+        raise ConfigError(f"{_at(origin)}unknown key '{section}.{key}'{suggest(key, fields)}")
     setattr(target, key, coerce(value, get_type_hints(type(target))[key], f"{section}.{key}", origin))
 
 
 def apply_dict(cfg: Config, raw: Any, origin: str) -> Config:
     """Apply a ``{section: {key: value}}`` mapping (a preset or a stored config) onto ``cfg`` and validate."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: expected a table of [section] key = value, got {type(raw).__name__}")
+        raise ConfigError(f"{_at(origin)}expected a table of [section] key = value, got {type(raw).__name__}")
     for section, values in raw.items():
         if section == "preset":
             cfg.preset = _preset_name(values, origin)
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: [{section}] must be a table of key = value")
+            raise ConfigError(f"{_at(origin)}[{section}] must be a table of key = value")
         for key, value in values.items():
             _assign(cfg, section, key, value, origin)
     return _validated(cfg, origin)
@@ -98,7 +103,7 @@ def _preset_name(value: Any, origin: str) -> str:
     """A preset name becomes part of run directory names: letters, digits, '-', '_' and '.' only."""
     name = str(value)
     if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith("."):
-        raise ConfigError(f"{origin}: preset = {value!r} must be a plain name (letters, digits, '-', '_', '.')")
+        raise ConfigError(f"{_at(origin)}preset = {value!r} must be a plain name (letters, digits, '-', '_', '.')")
     return name
 
 
@@ -106,7 +111,7 @@ def _validated(cfg: Config, origin: str) -> Config:
     try:
         return cfg.validate()
     except ConfigError as err:
-        raise ConfigError(f"{origin}: {err}") from None
+        raise ConfigError(f"{_at(origin)}{err}") from None
 
 
 def _preset_dir():
@@ -134,7 +139,7 @@ def _parse_toml(text: str, origin: str) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{origin}: not valid TOML ({err})") from None
+        raise ConfigError(f"{_at(origin)}not valid TOML ({err})") from None
 
 
 def load_preset(name_or_path: str) -> Config:
@@ -163,7 +168,7 @@ def apply_sampling_preset(cfg: Config, name: str) -> Config:
     origin = f"sampling preset {name}"
     raw = _parse_toml((_preset_dir() / "sampling" / f"{name}.toml").read_text(), origin)
     if set(raw) - {"sampling"}:
-        raise ConfigError(f"{origin}: may only set [sampling] keys")
+        raise ConfigError(f"{_at(origin)}may only set [sampling] keys")
     return apply_dict(cfg, raw, origin)
 
 
@@ -176,6 +181,6 @@ def apply_overrides(cfg: Config, overrides: list[str], allowed: tuple[str, ...] 
         dotted, value = item.split("=", 1)
         section, key = (part.strip() for part in dotted.split(".", 1))
         if section in SECTIONS and section not in allowed:
-            raise ConfigError(f"--set '{item}': only {', '.join(s + '.*' for s in allowed)} keys can be set here")
-        _assign(cfg, section, key, value.strip(), "--set")
-    return _validated(cfg, "--set")
+            raise ConfigError(f"'{item}': only {', '.join(s + '.*' for s in allowed)} keys can be set here")
+        _assign(cfg, section, key, value.strip(), "")
+    return _validated(cfg, "")

@@ -102,6 +102,7 @@ def _digits() -> Source:
     return TensorSource("digits", images, table[:, 64].astype(np.int64))
 
 
+BUILTIN_SOURCES = ("mnist5k", "digits", "fashion-mnist")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
@@ -154,6 +155,10 @@ def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
 
 
 def _hf(source: str, cfg: DataConfig) -> Source:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time: a hub name must be cached
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
     try:
@@ -212,8 +217,12 @@ def open_source(cfg: DataConfig) -> Source:
         return _folder(path)
     if path.exists() or "/" in cfg.source and not cfg.source.startswith((".", "/", "~")):
         return _hf(str(path) if path.exists() else cfg.source, cfg)
-    raise DataError(f"data source '{cfg.source}' not found: give 'mnist5k', 'digits', an image folder with one "
-                    "sub-folder per class, or a saved Hugging Face dataset")
+    import difflib
+
+    close = difflib.get_close_matches(cfg.source, BUILTIN_SOURCES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise DataError(f"data source '{cfg.source}' not found{hint}: give {', '.join(BUILTIN_SOURCES)}, an image folder "
+                    "with one sub-folder per class, or a saved Hugging Face dataset")
 
 
 def to_uint8(item, channels: int, size: int) -> torch.Tensor:
@@ -238,10 +247,12 @@ def to_uint8(item, channels: int, size: int) -> torch.Tensor:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Examples ``indices`` of a source as (uint8 (C, S, S), label); None for an undecodable file."""
+    """Examples ``indices`` of a source as (uint8 (C, S, S), label); None for an undecodable file (warned about
+    once per file and process)."""
 
     def __init__(self, source: Source, indices: list[int], channels: int, size: int) -> None:
         self.source, self.indices, self.channels, self.size = source, indices, channels, size
+        self.warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -251,7 +262,9 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             return to_uint8(item, self.channels, self.size), label
         except IMAGE_ERRORS as err:
-            log.warning("skipping unreadable image %s: %s", item, err)
+            if k not in self.warned:
+                self.warned.add(k)
+                log.warning("skipping unreadable image %s: %s", item, err)
             return None
 
 
@@ -290,7 +303,8 @@ def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
     else:
         order = torch.randperm(source.length, generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
         n_test = max(1, int(round(source.length * cfg.test_fraction))) if source.length > 1 else 0
-        test_idx, train_idx = sorted(order[:n_test]), sorted(order[n_test:])
+        # the test split in shuffled order: its first images (the subset training reports on) mix all classes
+        test_idx, train_idx = order[:n_test], sorted(order[n_test:])
     return DataBundle(ImageDataset(source, train_idx, channels, size), ImageDataset(source, test_idx, channels, size),
                       source.class_names)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from . import CKPT_HELP, SET_HELP, Option, user_errors
+from . import CKPT_HELP, Option, exit_with, user_errors
 
 NAME = "distill"
 
@@ -28,14 +28,15 @@ def run(
     lr: Optional[float] = Option(None, "--lr", help="Peak learning rate of the student."),
     mixed_precision: Optional[str] = Option(None, "--mixed-precision", help="auto | no | bf16 | fp16."),
     resume: bool = Option(False, "--resume", help="Continue an interrupted distillation of this checkpoint."),
-    overrides: List[str] = Option([], "--set", help=SET_HELP),
+    overrides: List[str] = Option([], "--set", help="Override distillation, data or training-loop settings, e.g. "
+                                  "--set distill.latent_noise_max=0.2 --set train.log_every=50 (repeatable)."),
 ) -> None:
     with user_errors():
         _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides)
 
 
 def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides):
-    from ..checkpoint import load_model
+    from ..checkpoint import DISTILL_STATE_FILE, load_model
     from ..config_files import apply_overrides
     from ..data import load_data
     from ..distilling import distill
@@ -47,7 +48,11 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
     model, cfg, _, step = load_model(run_dir)
     cli = {"data.source": data, "distill.steps": steps, "distill.batch_size": batch_size, "distill.lr": lr,
            "train.mixed_precision": mixed_precision}
-    apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides))
+    apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides),
+                    allowed=("distill", "data", "train"))
+    if resume and not (run_dir / DISTILL_STATE_FILE).exists():
+        exit_with(f"--resume: {run_dir} has no distillation to continue ({DISTILL_STATE_FILE}); "
+                  f"start one with farmer distill --ckpt {run_dir}")
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     acc = make_accelerator(cfg.train.mixed_precision)
     main = acc.is_main_process

@@ -8,7 +8,8 @@ Examples:
   farmer train
   farmer train --preset tiny --steps 50 --out runs/smoke
   farmer train --preset quickstart --data ./my_images --set model.num_classes=5
-  farmer train --out runs/smoke --resume --steps 100
+  farmer train --out runs/smoke --resume
+  farmer train --preset imagenet256-patch8 --dry-run
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def run(
     preset: Optional[str] = Option(None, "--preset", "-p", help="Preset name (tiny, quickstart, imagenet64-bpd, "
                                    "imagenet256-patch16, imagenet256-patch8, imagenet256-1.1b-patch16, "
                                    "imagenet256-1.1b-patch8) or a path to a .toml file. Default: quickstart."),
-    data: Optional[str] = Option(None, "--data", "-d", help="Data source: mnist5k, digits, an image folder with one "
-                                 "sub-folder per class, or a saved Hugging Face dataset path/hub name. Default: the preset's."),
+    data: Optional[str] = Option(None, "--data", "-d", help="Data source: mnist5k, digits, fashion-mnist, an image "
+                                 "folder with one sub-folder per class, or a saved Hugging Face dataset path / cached "
+                                 "hub name. Default: the preset's."),
     out: Optional[Path] = Option(None, "--out", "-o", help="Run directory. Default: runs/<preset>-<timestamp>. An "
                                  "existing run is only continued (--resume) or replaced (--overwrite)."),
     steps: Optional[int] = Option(None, "--steps", help="Optimiser steps (default: the preset's). Given here, it "
@@ -61,8 +63,8 @@ def run(
                               "RSS)."),
     as_json: bool = Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
     report_to: str = Option("none", "--report-to", help="none | tensorboard: also log every record of "
-                            "metrics.jsonl to TensorBoard files in the run directory (needs pip install "
-                            "'farmer[tensorboard]'; view with tensorboard --logdir RUN)."),
+                            "metrics.jsonl to TensorBoard files in the run directory (needs the tensorboard "
+                            "package; view with: tensorboard --logdir RUN)."),
 ) -> None:
     with user_errors():
         if dry_run:
@@ -117,7 +119,7 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
             exit_with(f"the data has {len(bundle.class_names)} classes but the checkpoint was trained with "
                       f"{cfg.model.num_classes}")
         console.print(f"the data has {len(bundle.class_names)} classes: setting model.num_classes = "
-                      f"{len(bundle.class_names)} (preset had {cfg.model.num_classes})")
+                      f"{len(bundle.class_names)} (the settings had {cfg.model.num_classes})")
         apply_overrides(cfg, [f"model.num_classes={len(bundle.class_names)}"])
     acc = make_accelerator(cfg.train.mixed_precision, report_to=report_to)
     main = acc.is_main_process
@@ -140,11 +142,17 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
         end_processes()
     if main:
         if result.skipped:
-            console.print(f"[yellow]skipped {result.skipped} unreadable images in total[/]")
+            console.print(f"[yellow]skipped {result.skipped} reads of unreadable images in total[/]")
         before = "" if resume else f"{result.bpd_before:.3f} -> "
-        console.print(f"done: {result.steps} steps in {result.seconds / 60:.1f} min; test bits/dim "
-                      f"{before}[bold]{result.bpd_after:.3f}[/]; checkpoint in [bold]{escape(str(run_dir))}[/]")
-        console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --class 3 --n 16")
+        finished = result.steps >= total
+        state = "done" if finished else f"stopped at step {result.steps} of {total} (--stop-after)"
+        console.print(f"{state}: {result.seconds / 60:.1f} min; test bits/dim {before}[bold]{result.bpd_after:.3f}[/]; "
+                      f"checkpoint in [bold]{escape(str(run_dir))}[/]")
+        if finished:
+            console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --class "
+                          f"{min(3, cfg.model.num_classes - 1)} --n 16")
+        else:
+            console.print(f"continue: farmer train --out {escape(str(run_dir))} --resume")
 
 
 def _count_params(cfg) -> int:

@@ -207,6 +207,21 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), cfg, class_names, step
 
 
+def stored_distill_settings(run_dir: Path) -> dict | None:
+    """The distill.* settings a run's student was trained with (stored beside its weights), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(run_dir) / STUDENT_FILE
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            text = (fh.metadata() or {}).get("distill")
+        return json.loads(text) if text else None
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def load_student(run_dir: Path, model):
     """The distilled student AF of ``model`` from ``student.safetensors`` (clear error when there is none, or when
     it was distilled from other teacher weights than the run's ``model.safetensors``)."""

@@ -8,9 +8,10 @@ checkpoints so ``--resume`` continues the same run.
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -61,7 +62,7 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
     raw = make_student(teacher)
     opt = adamw(raw.parameters(), dc.lr, (cfg.train.beta1, cfg.train.beta2))
     student, opt = accelerator.prepare(OnePassInverse(raw), opt)  # forward = the one-pass inverse, as DDP needs
-    teacher_id = {"teacher": weights_fingerprint(run_dir / MODEL_FILE)}
+    teacher_id = {"teacher": weights_fingerprint(run_dir / MODEL_FILE), "distill": json.dumps(asdict(dc))}
     loop = Loop(accelerator, student, opt, run_dir=run_dir, state_file=DISTILL_STATE_FILE,
                 state={"student": ModuleState(raw)}, optimized=raw, total=dc.steps, warmup=dc.warmup_steps,
                 min_lr_ratio=STUDENT_LR_FLOOR, grad_clip=cfg.train.grad_clip, seed=cfg.train.seed,

@@ -173,3 +173,18 @@ def test_sample_with_the_jacobi_decoder(tiny_run: Path, tmp_path: Path):  # noqa
     bad = farmer("sample", "--ckpt", str(tiny_run), "--decoder", "parallel", "--out", str(tmp_path / "x.png"),
                  check=False)
     assert bad.returncode == 2 and "--decoder must be" in bad.stderr
+
+
+def test_distill_resume_keeps_its_schedule(tmp_path: Path):
+    run = tmp_path / "r"
+    farmer("train", "--preset", "tiny", "--out", str(run), "--steps", "4")
+    farmer("distill", "--ckpt", str(run), "--steps", "6")
+    farmer("distill", "--ckpt", str(run), "--resume")  # the preset says 20 steps; the run was started with 6
+    steps = [json.loads(line)["step"] for line in (run / "distill_metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6
+    refused = farmer("distill", "--ckpt", str(run), "--resume", "--steps", "10", check=False)
+    assert refused.returncode == 2 and "distill.steps: 6 -> 10" in refused.stderr
+    fresh = tmp_path / "f"
+    farmer("train", "--preset", "tiny", "--out", str(fresh), "--steps", "2")
+    nothing = farmer("distill", "--ckpt", str(fresh), "--resume", check=False)
+    assert nothing.returncode == 2 and "no distillation to continue" in nothing.stderr

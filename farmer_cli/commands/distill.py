@@ -36,7 +36,9 @@ def run(
 
 
 def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides):
-    from ..checkpoint import DISTILL_STATE_FILE, load_model
+    import dataclasses
+
+    from ..checkpoint import DISTILL_STATE_FILE, load_model, stored_distill_settings
     from ..config_files import apply_overrides
     from ..data import load_data
     from ..distilling import distill
@@ -53,6 +55,15 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
     if resume and not (run_dir / DISTILL_STATE_FILE).exists():
         exit_with(f"--resume: {run_dir} has no distillation to continue ({DISTILL_STATE_FILE}); "
                   f"start one with farmer distill --ckpt {run_dir}")
+    stored = stored_distill_settings(run_dir) if resume else None
+    if stored is not None:  # a resumed distillation keeps its schedule
+        asked = {k: v for k, v in dataclasses.asdict(cfg.distill).items() if stored.get(k) != v}
+        given = any(v is not None for v in (steps, batch_size, lr)) or any(o.startswith("distill.") for o in overrides)
+        if asked and given:
+            exit_with(f"--resume keeps the distillation settings of {run_dir}, but this would change "
+                      + "; ".join(f"distill.{k}: {stored.get(k)!r} -> {v!r}" for k, v in asked.items())
+                      + ". Start a new distillation (without --resume) to change them")
+        apply_overrides(cfg, [f"distill.{k}={v}" for k, v in stored.items()], allowed=("distill",))
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     acc = make_accelerator(cfg.train.mixed_precision)
     main = acc.is_main_process

@@ -78,9 +78,10 @@ def parameter_parts(model: Farmer) -> dict[str, int]:
     return {"autoregressive flow": count(model.flow), "AR transformer": count(prior) - sum(heads.values()), **heads}
 
 
-def _probe(cfg: Config, micro_batch: int, checkpoint: bool, fused_attention: bool) -> tuple[int, int, float]:
-    """One meta-device training step at ``micro_batch``: (bytes saved for backward, largest saved tensor,
-    FLOPs of forward + backward). On the meta device attention runs as matmul-softmax and keeps its (B, H, T, T)
+def _probe(cfg: Config, checkpoint: bool, fused_attention: bool) -> tuple[int, int, float]:
+    """One meta-device training step of one image: (bytes saved for backward, largest saved tensor, FLOPs of
+    forward + backward). Every saved tensor counted grows with the batch, so these are per-image figures (an
+    upper bound: a few, like attention masks, do not grow). On the meta device attention runs as matmul-softmax and keeps its (B, H, T, T)
     probabilities; ``fused_attention`` leaves them out (flash / memory-efficient kernels keep O(T) per head)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -98,8 +99,8 @@ def _probe(cfg: Config, micro_batch: int, checkpoint: bool, fused_attention: boo
         return t
 
     mc = cfg.model
-    u = torch.zeros(micro_batch, mc.channels, mc.image_size, mc.image_size, dtype=torch.uint8, device="meta")
-    y = torch.zeros(micro_batch, dtype=torch.long, device="meta")
+    u = torch.zeros(1, mc.channels, mc.image_size, mc.image_size, dtype=torch.uint8, device="meta")
+    y = torch.zeros(1, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(u, y, noise=cfg.train.noise, sigma=cfg.train.noise_start)["bpd"].mean()
@@ -122,8 +123,8 @@ def make_plan(cfg: Config, processes: int = 1, precision: str = "no", fused_atte
         static["autocast weight copies"] = 2 * P
     if processes > 1:
         static["DDP gradient buckets"] = 4 * P
-    figures = {ckpt: _probe(cfg, 1, ckpt, fused_attention) for ckpt in (False, True)}  # one image: every saved
-    flops = figures[cfg.model.grad_checkpoint][2]  # tensor counted grows with the batch (an upper bound per image)
+    figures = {ckpt: _probe(cfg, ckpt, fused_attention) for ckpt in (False, True)}
+    flops = figures[cfg.model.grad_checkpoint][2]
     return Plan(parts, static, figures[False][0], figures[True][0], int(WORKSPACE_FACTOR * figures[False][1]),
                 int(WORKSPACE_FACTOR * figures[True][1]), flops, cfg.model.grad_checkpoint)
 

@@ -120,14 +120,15 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     loop = Loop(accelerator, model, opt, run_dir=run_dir, state_file=TRAIN_STATE_FILE,
                 state={"ema": ema, "model": ModuleState(raw)}, optimized=raw, total=total, warmup=tc.warmup_steps,
                 min_lr_ratio=tc.min_lr / tc.lr, grad_clip=tc.grad_clip, seed=tc.seed, log_every=tc.log_every,
-                ckpt_every=tc.ckpt_every, metrics_file=METRICS_FILE, accum=tc.grad_accum_steps, keep=tc.keep_checkpoints,
-                kept_files=(MODEL_FILE, CONFIG_FILE), on_save=on_save,
+                ckpt_every=tc.ckpt_every, metrics_file=METRICS_FILE, accum=tc.grad_accum_steps,
+                keep=tc.keep_checkpoints, kept_files=(MODEL_FILE, CONFIG_FILE), on_save=on_save,
                 after_step=after_step, on_event=on_event)
     start = loop.resume() if resume else 0
     if accelerator.log_with:  # --report-to: trackers write under the run directory
         accelerator.project_configuration.logging_dir = str(run_dir)
-        accelerator.init_trackers("tensorboard", config={f"{section}.{k}": v for section, values in cfg.to_dict().items()
-                                                          if isinstance(values, dict) for k, v in values.items()})
+        flat = {f"{section}.{k}": v for section, values in cfg.to_dict().items() if isinstance(values, dict)
+                for k, v in values.items()}
+        accelerator.init_trackers("tensorboard", config=flat)
     if main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_dir, cfg, data.class_names, {"step": 0, "global_batch": global_batch})

@@ -168,7 +168,7 @@ def test_sharded_fsdp2_training_saves_and_resumes_like_one_run(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(port), str(Path(__file__).parent / "fsdp_check.py"), str(tmp_path)],
                           capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     whole, split = torch.load(tmp_path / "whole-weights.pt"), torch.load(tmp_path / "split-weights.pt")
     assert whole.keys() == split.keys() and len(whole) > 0
     for key in whole:

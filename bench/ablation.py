@@ -23,7 +23,8 @@ from common import report
 from farmer_cli.checkpoint import load_model
 from farmer_cli.config_files import apply_overrides, load_preset
 from farmer_cli.data import load_data
-from farmer_cli.evaluation import generate, reference_classifier_accuracy
+from farmer_cli.evaluation import reference_classifier_accuracy
+from farmer_cli.generation import generate
 from farmer_cli.scoring import bits_per_dim
 from farmer_cli.runtime import make_accelerator
 from farmer_cli.training import train

@@ -68,6 +68,15 @@ def tracker_options(report_to: str) -> dict:
     return {"log_with": "tensorboard", "project_dir": "."}  # training points the logs at the run directory
 
 
+def process_state():
+    """Accelerate's view of this launch's processes (number, index, device; one process when not launched), with
+    the process group joined when there are several (over gloo on a machine without a GPU)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def end_processes() -> None:
     """Leave the process group (if any) before the process exits: a gloo/NCCL group left to interpreter shutdown
     can abort ("terminate called without an active exception") and fail a finished multi-process run."""

@@ -10,6 +10,11 @@ Examples:
   farmer sample --class 0 --class 7 --n 8 --cfg 3 --out sevens.png --out-dir samples/
   farmer sample --class random --n 4 --preset-sampling unguided
   farmer sample --class "golden retriever" --n 64 --cfg 2 --student
+  accelerate launch --num_processes 8 -m farmer_cli sample --class 207 --n 1000 --cfg 4.0 --out-dir class207/
+
+Image i of a call draws its random numbers from its own stream seeded by (seed, i), and micro-batch c (images
+c*B .. c*B+B-1) runs on process c mod N: the same --seed and --batch-size give the same files on any number of
+processes.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ def run(
     guidance: Optional[str] = Option(None, "--guidance", help="resample (Algorithm 1) | simple (JetFormer-style)."),
     preset_sampling: Optional[str] = Option(None, "--preset-sampling", help="Named sampling settings: unguided "
                                             "(supplement: cfg 0, S=0.9, T=1.3) or neutral (cfg 0, S=1, T=1)."),
-    seed: int = Option(0, "--seed", help="Random seed; the same seed gives the same images on CPU."),
-    batch_size: int = Option(64, "--batch-size", "-b", help="Images decoded at once."),
+    seed: int = Option(0, "--seed", help="Random seed. Image i draws from its own stream seeded by (seed, i): "
+                       "the same seed and --batch-size give byte-identical images on 1 or N processes."),
+    batch_size: int = Option(64, "--batch-size", "-b", help="Images sampled at once (micro-batch): memory depends "
+                             "on it, not on --n."),
     out: Path = Option(Path("samples.png"), "--out", "-o", help="Grid PNG (rows = classes)."),
     out_dir: Optional[Path] = Option(None, "--out-dir", help="Also write every image as <class>-<name>_<index>.png here."),
     scale: int = Option(0, "--scale", help="Enlarge grid cells this many times (0: auto, to at least 64 px)."),
@@ -51,13 +58,20 @@ def run(
                                     "jacobi (all tokens in parallel, iterated to the same exact inverse; "
                                     "--set sampling.jacobi_tol / jacobi_max_iter) or student. Default: the "
                                     "checkpoint's sampling.decoder (sequential)."),
-    device: str = Option("auto", "--device", help=DEVICE_HELP),
+    device: str = Option("auto", "--device", help=DEVICE_HELP + " Under accelerate launch each process uses its "
+                         "own device."),
+    precision: str = Option("auto", "--precision", help="auto (bf16 on a CUDA GPU that supports it, else fp32), "
+                            "fp32 or bf16: the transformers' matmuls under autocast; mixture densities, log-dets "
+                            "and the flow's affine updates stay float32."),
+    denoise_batch: int = Option(0, "--denoise-batch", help="Images per denoising backward pass (it keeps every "
+                                "layer's activations); 0: automatic, to fit a quarter of the GPU's memory or 2 GiB "
+                                "on a CPU."),
     overrides: List[str] = Option([], "--set", help="Override sampling settings, e.g. --set sampling.t_resample=2."),
 ) -> None:
     with user_errors():
         _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
                 batch_size, out, out_dir, scale, student or decoder == "student", overrides, device,
-                None if decoder == "student" else decoder)
+                None if decoder == "student" else decoder, precision, denoise_batch)
 
 
 def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides):
@@ -75,20 +89,23 @@ def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidanc
 
 
 def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-            batch_size, out, out_dir, scale, student, overrides, device, decoder):
+            batch_size, out, out_dir, scale, student, overrides, device, decoder, precision, denoise_batch):
     import torch
 
     from ..checkpoint import load_model, load_student
-    from ..runtime import find_checkpoint, resolve_device
+    from ..generation import generate_chunks, my_chunks, resolve_inference_precision
+    from ..runtime import end_processes, find_checkpoint, process_state, resolve_device
     from ..viz import grid, save_png
     from .ui import console, escape, progress
 
     if decoder not in (None, "sequential", "jacobi"):
         exit_with(f"--decoder must be sequential, jacobi or student, not '{decoder}'")
+    if precision not in ("auto", "fp32", "bf16"):
+        exit_with(f"--precision must be auto, fp32 or bf16, not '{precision}'")
     if n < 1:
         exit_with("--n must be at least 1")
-    if batch_size < 1:
-        exit_with("--batch-size must be at least 1")
+    if batch_size < 1 or denoise_batch < 0:
+        exit_with("--batch-size must be at least 1 and --denoise-batch at least 0 (0: automatic)")
     if n * max(1, len(classes)) > MAX_IMAGES:
         exit_with(f"--n {n} x {max(1, len(classes))} class(es) is more than {MAX_IMAGES:,} images in one call; "
                   "sample in several calls (different --seed), or use farmer evaluate for large sample sets")
@@ -97,49 +114,86 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     check_output_image(out)
     if out_dir is not None:
         check_output_dir(out_dir)
-    device = resolve_device(device)
-    run_dir = find_checkpoint(ckpt)
-    model, cfg, class_names, step = load_model(run_dir, device)
-    s = sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling,
-                        overrides + ([f"sampling.decoder={decoder}"] if decoder else []))
-    student_flow = load_student(run_dir, model) if student else None
-    gen = torch.Generator(device).manual_seed(seed)
-    sigma = model.denoise_sigma(s)
-    K = cfg.model.num_classes
-    if not classes:
-        labels = list(range(K)) if K <= 10 else torch.randperm(K, generator=gen, device=device)[:8].tolist()
-    else:
-        labels = [int(torch.randint(K, (1,), generator=gen, device=device)) if c == "random" else resolve_class(c, class_names, K)
-                  for c in classes]
-    y_all = torch.tensor(labels).repeat_interleave(n)
-    N, blocks = model.prior.N, cfg.model.af_blocks
-    chunks = list(y_all.split(batch_size))
-    per_chunk = N + (0 if student_flow is not None else blocks)
-    images, stats = [], {}
-    t0 = time.time()
-    with progress() as bar:
-        task = bar.add_task("sample", total=len(chunks) * per_chunk)
-        for y in chunks:
-            images.append(model.sample(y, s, gen, student=student_flow, on_token=lambda i: bar.advance(task),
-                                       on_block=lambda t: bar.advance(task), stats=stats).cpu())
-    images = torch.cat(images)
-    seconds = time.time() - t0
-    size = cfg.model.image_size
-    picture = grid(images, n, scale=scale or max(1, 64 // size))
-    save_png(picture, out)
-    if out_dir is not None:
-        from PIL import Image
+    state = process_state()
+    world, rank, main = state.num_processes, state.process_index, state.is_main_process
+    if world > 1 and out_dir is None:
+        exit_with(f"{world} processes write their images to files: pass --out-dir DIR (the grid is built from it)")
+    device = state.device if world > 1 else resolve_device(device)
+    try:
+        run_dir = find_checkpoint(ckpt)
+        model, cfg, class_names, step = load_model(run_dir, device)
+        s = sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling,
+                            overrides + ([f"sampling.decoder={decoder}"] if decoder else []))
+        student_flow = load_student(run_dir, model) if student else None
+        labels = _labels(classes, model.cfg.num_classes, class_names, seed)
+        y_all = torch.tensor(labels).repeat_interleave(n)
+        precision = resolve_inference_precision(precision, device)
+        steps_per_chunk = model.prior.N + (0 if student_flow is not None else cfg.model.af_blocks)
+        images, stats = [], {}
+        t0 = time.time()
+        with progress(disable=not main) as bar:
+            task = bar.add_task("sample", total=len(my_chunks(len(y_all), batch_size, rank, world)) * steps_per_chunk)
+            advance = lambda _: bar.advance(task)  # noqa: E731
+            for chunk, chunk_images in generate_chunks(model, y_all, s, seed, batch_size, student=student_flow,
+                                                       rank=rank, world=world, precision=precision,
+                                                       denoise_batch=denoise_batch, stats=stats, on_token=advance,
+                                                       on_block=advance):
+                if out_dir is not None:
+                    _write_pngs(out_dir, chunk, chunk_images, y_all, n, class_names)
+                if world == 1:
+                    images.append(chunk_images)
+        state.wait_for_everyone()
+        seconds = time.time() - t0
+        if not main:
+            return
+        images = torch.cat(images) if world == 1 else _read_pngs(out_dir, y_all, n, class_names)
+        save_png(grid(images, n, scale=scale or max(1, 64 // cfg.model.image_size)), out)
+        how = f"cfg {s.cfg} ({s.guidance})" if s.cfg > 0 else f"unguided (T={s.temperature}, S={s.var_scale})"
+        sigma = model.denoise_sigma(s)
+        how += f", denoised (sigma {sigma:g})" if sigma > 0 else ""
+        console.print(f"{len(images)} samples of {len(labels)} class(es) from step {step} of {escape(str(run_dir))}, "
+                      f"{how}, {_decoder_text(student_flow, s, stats)} decoder, {precision} on {device}"
+                      f"{f' x {world} processes' if world > 1 else ''}: {seconds:.1f} s "
+                      f"({len(images) / seconds:.1f} img/s) -> [bold]{escape(str(out))}[/]"
+                      + (f" and {escape(str(out_dir))}/" if out_dir else ""))
+    finally:
+        end_processes()
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for i, (img, label) in enumerate(zip(images, y_all.tolist())):
-            arr = img.permute(1, 2, 0).squeeze(-1).numpy()
-            Image.fromarray(arr).save(out_dir / f"{_safe(class_names, label)}_{i % n:04d}.png")
-    how = f"cfg {s.cfg} ({s.guidance})" if s.cfg > 0 else f"unguided (T={s.temperature}, S={s.var_scale})"
-    how += f", denoised (sigma {sigma:g})" if sigma > 0 else ""
-    console.print(f"{len(images)} samples of {len(labels)} class(es) from step {step} of {escape(str(run_dir))}, {how}, "
-                  f"{_decoder_text(student_flow, s, stats)} decoder: {seconds:.1f} s "
-                  f"({len(images) / seconds:.1f} img/s) -> [bold]{escape(str(out))}[/]"
-                  + (f" and {escape(str(out_dir))}/" if out_dir else ""))
+
+def _labels(classes: list[str], num_classes: int, class_names: list[str], seed: int) -> list[int]:
+    """The classes asked for (names, indices or 'random'), or every class (at most 10; else 8 random ones).
+    Random picks use a CPU generator, so every process of a launch picks the same."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    if not classes:
+        return list(range(num_classes)) if num_classes <= 10 else torch.randperm(num_classes, generator=gen)[:8].tolist()
+    return [int(torch.randint(num_classes, (1,), generator=gen)) if c == "random"
+            else resolve_class(c, class_names, num_classes) for c in classes]
+
+
+def _png_name(index: int, labels, n: int, class_names: list[str]) -> str:
+    """File of image ``index`` (global, class-major): <class>-<name>_<index within its class>.png."""
+    return f"{_safe(class_names, int(labels[index]))}_{index % n:04d}.png"
+
+
+def _write_pngs(out_dir: Path, chunk: range, images, labels, n: int, class_names: list[str]) -> None:
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, img in zip(chunk, images):
+        Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).save(out_dir / _png_name(i, labels, n, class_names))
+
+
+def _read_pngs(out_dir: Path, labels, n: int, class_names: list[str]):
+    """Every image of this call back from ``out_dir`` (written by all processes), in index order: (N, C, H, W)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(out_dir / _png_name(i, labels, n, class_names))) for i in range(len(labels))]
+    images = torch.from_numpy(np.stack(arrays))
+    return images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
 
 
 def _safe(class_names: list[str], label: int) -> str:

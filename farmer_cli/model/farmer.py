@@ -24,6 +24,7 @@ from .gmm import GMM
 from .guidance import draw, draw_tokens
 from .patchify import dct_basis, merge_tokens, patchify, split_tokens, unpatchify
 from .prior import ARPrior
+from .randomness import RandomSource, as_randomness
 
 
 def dequantize(u: torch.Tensor, noise: str = "uniform", sigma: float = 0.0,
@@ -202,19 +203,20 @@ class Farmer(nn.Module):
 
     # ----- sampling -----
     @torch.no_grad()
-    def sample_informative(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
+    def sample_informative(self, y: torch.Tensor, s: SamplingConfig, rng: RandomSource = None,
                            use_cache: bool = True, on_token: Callable[[int], None] | None = None) -> InformativeSample:
         """Classes y (B,) -> the informative tokens, drawn one by one (KV cache: each step feeds one token), and
         the shared redundant mixture(s). With guidance (s.cfg > 0) the conditional and null-class passes run as
-        one batch of 2B internally."""
+        one batch of 2B internally. ``rng``: a generator on the model's device, per-image streams, or None."""
         prior, B, device = self.prior, y.shape[0], y.device
+        rng = as_randomness(rng, device)
         guided = s.cfg > 0
         labels = torch.cat([y, torch.full_like(y, self.null_class)]) if guided else y
         cache = prior.stack.new_cache(prior.M + prior.N + 1) if use_cache else None
         z_info = torch.zeros(B, 0, prior.d_I, device=device)
         for i in range(prior.N):
             prefix = torch.cat([z_info, z_info]) if guided else z_info
-            token = draw_tokens(prior.info_head(prior.next_hidden(labels, prefix, cache)), 1, 0, s, generator)
+            token = draw_tokens(prior.info_head(prior.next_hidden(labels, prefix, cache)), 1, 0, s, rng)
             z_info = torch.cat([z_info, token], dim=1)
             if on_token is not None:
                 on_token(i)
@@ -227,44 +229,54 @@ class Farmer(nn.Module):
         return InformativeSample(z_info, red.index(slice(0, B)), red.index(slice(B, 2 * B)))
 
     @torch.no_grad()
-    def sample_tokens(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
+    def sample_tokens(self, y: torch.Tensor, s: SamplingConfig, rng: RandomSource = None,
                       use_cache: bool = True, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
         """Classes y (B,) -> AR tokens (B, n, D_ar): informative tokens one by one, then all N redundant vectors
         from the one shared mixture (through the resampling pool when guided)."""
-        z_info, red, red_null = self.sample_informative(y, s, generator, use_cache, on_token)
+        rng = as_randomness(rng, y.device)
+        z_info, red, red_null = self.sample_informative(y, s, rng, use_cache, on_token)
         if red is None:
             return z_info
-        z_red = draw(red, red_null, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, generator)
+        z_red = draw(red, red_null, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, rng)
         return torch.cat([z_info, z_red], dim=-1)
 
     def denoise_sigma(self, s: SamplingConfig) -> float:
         """The noise level one denoising step removes after decoding: 0 when ``s.denoise`` is off."""
         return self.trained_noise_sigma if s.denoise else 0.0
 
-    def denoise(self, x: torch.Tensor, y: torch.Tensor | None, sigma: float) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, y: torch.Tensor | None, sigma: float, batch: int = 0) -> torch.Tensor:
         """One score-based denoising step (Tweedie): E[x_clean | x] = x + sigma² ∇_x log p(x).
 
         A model trained on data plus N(0, sigma²) noise models the noisy density, so its exact log-likelihood
         gives the score in one backward pass (as TARFlow does; the FARMER paper describes no denoising).
-        x (B, C, H, W) -> (B, C, H, W)."""
+        x (B, C, H, W) -> (B, C, H, W). The backward pass keeps every layer's activations, so it runs ``batch``
+        images at a time (0: all at once); images are independent, so the result does not depend on it."""
         if sigma <= 0:
             return x
-        with torch.enable_grad():
-            x = x.detach().float().requires_grad_(True)
-            log_p = -self.nll_continuous(x, y)["nll"].sum()
-            (score,) = torch.autograd.grad(log_p, x)
-        return (x + sigma**2 * score).detach()
+        chunks = x.split(batch) if batch > 0 else (x,)
+        labels = y.split(batch) if batch > 0 and y is not None else (y,) * len(chunks)
+        out = []
+        for xc, yc in zip(chunks, labels):
+            with torch.enable_grad():
+                xc = xc.detach().float().requires_grad_(True)
+                log_p = -self.nll_continuous(xc, yc)["nll"].sum()
+                (score,) = torch.autograd.grad(log_p, xc)
+            out.append((xc + sigma**2 * score).detach())
+        return torch.cat(out)
 
     @torch.no_grad()
-    def sample(self, y: torch.Tensor, s: SamplingConfig, generator: torch.Generator | None = None,
+    def sample(self, y: torch.Tensor, s: SamplingConfig, rng: RandomSource = None,
                use_cache: bool = True, student: nn.Module | None = None,
                on_token: Callable[[int], None] | None = None,
-               on_block: Callable[[int], None] | None = None, stats: dict | None = None) -> torch.Tensor:
-        """Classes y (B,) -> uint8 images (B, C, H, W), denoised by :meth:`denoise_sigma` when ``s.denoise``.
+               on_block: Callable[[int], None] | None = None, stats: dict | None = None,
+               denoise_batch: int = 0) -> torch.Tensor:
+        """Classes y (B,) -> uint8 images (B, C, H, W), denoised by :meth:`denoise_sigma` when ``s.denoise``
+        (``denoise_batch`` images at a time, 0: all).
 
         ``on_token`` / ``on_block`` are called after each sampled token / inverted AF block (progress bars).
-        ``generator`` must be on the model's device (:attr:`device`)."""
+        ``rng``: a ``torch.Generator`` on the model's device (:attr:`device`), per-image streams
+        (:class:`~farmer_cli.model.randomness.ImageStreams`) or None (torch's global generator)."""
         y = y.to(self.device)
-        tokens = self.sample_tokens(y, s, generator, use_cache, on_token)
+        tokens = self.sample_tokens(y, s, rng, use_cache, on_token)
         x = self.decode(tokens, y, use_cache, student, on_block, s, stats)
-        return quantize(self.denoise(x, y, self.denoise_sigma(s)))
+        return quantize(self.denoise(x, y, self.denoise_sigma(s), denoise_batch))

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .randomness import RandomSource, as_randomness, categorical, normal
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -75,22 +77,21 @@ class GMM:
         log_w = F.log_softmax(self.logits.float(), dim=-1)  # (..., K)
         return torch.logsumexp((log_w + log_norm)[..., None, :] - 0.5 * quad, dim=-1)
 
-    def pick_components(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``count`` component indices per mixture: (..., count) int64."""
-        lead, K = self.logits.shape[:-1], self.logits.shape[-1]
-        probs = F.softmax(self.logits.float(), dim=-1).reshape(-1, K)
-        return torch.multinomial(probs, count, replacement=True, generator=generator).reshape(*lead, count)
+    def pick_components(self, count: int, rng: RandomSource = None) -> torch.Tensor:
+        """Draw ``count`` component indices per mixture (leading dim B, the batch): (..., count) int64.
+        ``rng``: a generator on the mixture's device, per-image streams, or None (torch's global generator)."""
+        return categorical(as_randomness(rng, self.logits.device), F.softmax(self.logits.float(), dim=-1), count)
 
     def components(self, comp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Means and stds of components ``comp`` (..., S) -> each (..., S, D)."""
         pick = comp[..., None].expand(*comp.shape, self.means.shape[-1])
         return self.means.gather(-2, pick), self.stds.gather(-2, pick)
 
-    def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``count`` i.i.d. points from each mixture: (..., count, D)."""
-        mu, sd = self.components(self.pick_components(count, generator))
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return mu + sd * eps
+    def sample(self, count: int, rng: RandomSource = None) -> torch.Tensor:
+        """Draw ``count`` i.i.d. points from each mixture (leading dim B, the batch): (..., count, D)."""
+        rng = as_randomness(rng, self.logits.device)
+        mu, sd = self.components(self.pick_components(count, rng))
+        return mu + sd * normal(rng, mu.shape, mu.dtype)
 
 
 def _no_autocast(device: torch.device):

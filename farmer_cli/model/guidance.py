@@ -20,34 +20,35 @@ import torch
 
 from ..config import SamplingConfig
 from .gmm import GMM
+from .randomness import RandomSource, as_randomness, categorical, normal
 
 
-def draw_unguided(g: GMM, draws: int, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def draw_unguided(g: GMM, draws: int, s: SamplingConfig, rng: RandomSource) -> torch.Tensor:
     """(B,)-batched mixture -> (B, draws, D)."""
-    return g.tempered(1.0 / s.temperature, s.var_scale**0.5).sample(draws, generator)
+    return g.tempered(1.0 / s.temperature, s.var_scale**0.5).sample(draws, rng)
 
 
 def draw_resampled(g_c: GMM, g_u: GMM, draws: int, n_cond: int, n_uncond: int, s: SamplingConfig,
-                   generator: torch.Generator | None) -> torch.Tensor:
+                   rng: RandomSource) -> torch.Tensor:
     """Algorithm 1: conditional/unconditional mixtures (B,) -> (B, draws, D)."""
-    w = s.cfg
+    w, rng = s.cfg, as_randomness(rng, g_c.logits.device)
     cand = torch.cat([
-        g_c.tempered(s.t_pi, s.t_sigma).sample(n_cond, generator),
-        g_u.tempered(s.t_pi, s.t_sigma).sample(n_uncond, generator),
+        g_c.tempered(s.t_pi, s.t_sigma).sample(n_cond, rng),
+        g_u.tempered(s.t_pi, s.t_sigma).sample(n_uncond, rng),
     ], dim=-2)  # (B, S, D)
     log_ratio = (g_c.tempered(s.t_pi_eval, s.t_sigma_eval).log_prob(cand)
                  - g_u.tempered(s.t_pi_eval, s.t_sigma_eval).log_prob(cand))  # (B, S)
     factor = torch.cat([log_ratio.new_full((n_cond,), w), log_ratio.new_full((n_uncond,), w + 1.0)])
     log_w = log_ratio * factor * s.t_resample
-    idx = torch.multinomial(torch.softmax(log_w, dim=-1), draws, replacement=True, generator=generator)
+    idx = categorical(rng, torch.softmax(log_w, dim=-1), draws)
     return cand.gather(1, idx[..., None].expand(-1, -1, cand.shape[-1]))
 
 
-def draw_simple(g_c: GMM, g_u: GMM, draws: int, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def draw_simple(g_c: GMM, g_u: GMM, draws: int, s: SamplingConfig, rng: RandomSource) -> torch.Tensor:
     """JetFormer-style guidance on one shared component index: (B,) mixtures -> (B, draws, D)."""
-    w = s.cfg
+    w, rng = s.cfg, as_randomness(rng, g_c.logits.device)
     g_c, g_u = g_c.tempered(s.t_pi, s.t_sigma), g_u.tempered(s.t_pi, s.t_sigma)
-    comp = g_c.pick_components(draws, generator)
+    comp = g_c.pick_components(draws, rng)
     mu_c, sd_c = g_c.components(comp)
     mu_u, sd_u = g_u.components(comp)
     prec_c, prec_u = sd_c.pow(-2), sd_u.pow(-2)
@@ -55,27 +56,26 @@ def draw_simple(g_c: GMM, g_u: GMM, draws: int, s: SamplingConfig, generator: to
     ok = prec > 0
     safe = torch.where(ok, prec, prec_c)
     mean = torch.where(ok, ((1 + w) * prec_c * mu_c - w * prec_u * mu_u) / safe, mu_c)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + eps * safe.rsqrt()
+    return mean + normal(rng, mean.shape, mean.dtype) * safe.rsqrt()
 
 
 def draw(g_c: GMM, g_u: GMM | None, draws: int, pool: int, s: SamplingConfig,
-         generator: torch.Generator | None) -> torch.Tensor:
+         rng: RandomSource) -> torch.Tensor:
     """Draw from conditional mixtures g_c (B,), guided by the unconditional ones g_u (B,) when s.cfg > 0.
 
     pool: candidates per proposal for resampling (0: s_c and s_u). Returns (B, draws, D)."""
     if s.cfg <= 0 or g_u is None:
-        return draw_unguided(g_c, draws, s, generator)
+        return draw_unguided(g_c, draws, s, rng)
     if s.guidance == "simple":
-        return draw_simple(g_c, g_u, draws, s, generator)
+        return draw_simple(g_c, g_u, draws, s, rng)
     n_c, n_u = (s.cond_candidates, s.uncond_candidates) if pool == 0 else (pool, pool)
-    return draw_resampled(g_c, g_u, draws, n_c, n_u, s, generator)
+    return draw_resampled(g_c, g_u, draws, n_c, n_u, s, rng)
 
 
-def draw_tokens(g: GMM, draws: int, pool: int, s: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def draw_tokens(g: GMM, draws: int, pool: int, s: SamplingConfig, rng: RandomSource) -> torch.Tensor:
     """:func:`draw` for mixtures predicted for one batch that is [conditional; unconditional] when s.cfg > 0
     (leading dim 2B; B unguided). Returns (B, draws, D)."""
     if s.cfg <= 0:
-        return draw_unguided(g, draws, s, generator)
+        return draw_unguided(g, draws, s, rng)
     B = g.logits.shape[0] // 2
-    return draw(g.index(slice(0, B)), g.index(slice(B, 2 * B)), draws, pool, s, generator)
+    return draw(g.index(slice(0, B)), g.index(slice(B, 2 * B)), draws, pool, s, rng)

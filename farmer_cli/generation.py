@@ -1,0 +1,97 @@
+"""Generating many images: fixed micro-batches over a global image index, shared out across processes, with every
+image's randomness drawn from its own stream seeded by (seed, image index).
+
+Image i of a call always lands in micro-batch i // batch; micro-batch c runs on process c % world. So the same
+``seed`` and ``batch`` give byte-identical images on 1 or N processes (each micro-batch is the same computation),
+and image i's random draws do not depend on which other images share its batch (other batch sizes change an image
+only by floating-point rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+from .config import SamplingConfig
+from .model import Farmer
+from .model.randomness import ImageStreams
+
+CPU_DENOISE_BUDGET = 2 << 30  # bytes of denoising activations per micro-batch on a CPU; a GPU gets 1/4 of its memory
+
+
+def denoise_bytes_per_image(model: Farmer) -> int:
+    """Activation memory of one image's denoising backward pass (bytes, float32): every transformer layer keeps
+    about (6W + 2·mlp hidden) values per token (LayerNorm outputs, q/k/v, attention and MLP activations), the AF
+    at its N tokens and the AR prior at its M + n positions."""
+    c = model.cfg
+    per_token_layer = lambda width: 4 * (6 * width + 2 * int(width * c.mlp_ratio))  # noqa: E731
+    flow = c.af_blocks * c.af_layers * c.tokens * per_token_layer(c.af_width)
+    prior = c.ar_layers * (c.cond_repeat + c.ar_tokens) * per_token_layer(c.ar_width)
+    return flow + prior
+
+
+def auto_denoise_batch(model: Farmer, budget: int | None = None) -> int:
+    """Images per denoising pass so that its activations fit ``budget`` bytes (default: a quarter of the GPU's
+    memory, or :data:`CPU_DENOISE_BUDGET` on a CPU)."""
+    device = model.device
+    if budget is None:
+        cuda = device.type == "cuda"
+        budget = torch.cuda.get_device_properties(device).total_memory // 4 if cuda else CPU_DENOISE_BUDGET
+    return max(1, budget // denoise_bytes_per_image(model))
+
+
+def inference_autocast(device: torch.device, precision: str):
+    """Autocast for sampling: ``bf16`` runs the transformers' matmuls in bfloat16 (mixture densities, log-dets and
+    the flow's affine updates stay float32); ``fp32`` changes nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_inference_precision(requested: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on a CUDA GPU that supports it, else fp32; ``fp32`` / ``bf16`` as given."""
+    if requested != "auto":
+        return requested
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Class-balanced labels 0, 1, ..., K-1, 0, 1, ... for n images: (n,) int64."""
+    return torch.arange(n) % num_classes
+
+
+def my_chunks(n: int, batch: int, rank: int = 0, world: int = 1) -> list[range]:
+    """The global image-index ranges (micro-batches of ``batch``) that process ``rank`` of ``world`` generates."""
+    starts = range(0, n, batch)
+    return [range(s, min(s + batch, n)) for c, s in enumerate(starts) if c % world == rank]
+
+
+@torch.no_grad()
+def generate_chunks(model: Farmer, labels: torch.Tensor, s: SamplingConfig, seed: int, batch: int, *,
+                    student=None, rank: int = 0, world: int = 1, precision: str = "fp32", denoise_batch: int = 0,
+                    stats: dict | None = None, on_token: Callable[[int], None] | None = None,
+                    on_block: Callable[[int], None] | None = None) -> Iterator[tuple[range, torch.Tensor]]:
+    """Images for labels (n,) in micro-batches, this process's share: yields (global indices, uint8 images
+    (b, C, H, W) on the CPU). Memory is bounded by ``batch`` (and ``denoise_batch``, 0: :func:`auto_denoise_batch`),
+    whatever n is. ``precision``: fp32 or bf16 (:func:`inference_autocast`)."""
+    denoise_batch = denoise_batch or auto_denoise_batch(model)
+    for chunk in my_chunks(len(labels), batch, rank, world):
+        rng = ImageStreams.for_images(seed, chunk, model.device)
+        with inference_autocast(model.device, precision):
+            images = model.sample(labels[chunk.start:chunk.stop], s, rng, student=student, on_token=on_token,
+                                  on_block=on_block, stats=stats, denoise_batch=denoise_batch)
+        yield chunk, images.cpu()
+
+
+def generate(model: Farmer, n: int, s: SamplingConfig, seed: int, batch: int, student=None,
+             on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """n class-balanced samples on this process -> (uint8 (n, C, H, W), labels (n,))."""
+    labels = balanced_labels(n, model.cfg.num_classes)
+    images = []
+    for chunk, chunk_images in generate_chunks(model, labels, s, seed, batch, student=student):
+        images.append(chunk_images)
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return torch.cat(images), labels

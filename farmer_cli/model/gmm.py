@@ -23,6 +23,7 @@ from torch import nn
 from .randomness import RandomSource, as_randomness, categorical, normal
 
 LOG_2PI = math.log(2 * math.pi)
+EXPANSION_BYTES = 64 << 20  # largest float64 copy of z that :meth:`GMM.log_prob` makes at once
 
 
 @dataclass
@@ -62,6 +63,8 @@ class GMM:
           Centring z and mu on a per-mixture reference does not help (the terms stay of order |z - ref|²/std²,
           and points spread over the mixture by far more than one std). The expansion therefore runs in
           float64, outside autocast, which keeps it within ~1e-6 nats of the exact value at those scales.
+          z is expanded in slices of S of at most :data:`EXPANSION_BYTES` in float64 (guided sampling scores a
+          pool of 2048 redundant candidates per image: 671 MB at batch 64 in one piece).
           (float64 is unsupported on MPS.) For S = 1 the float64 copies would cost more than the differences.
 
         Weights, normalisers and the logsumexp are float32.
@@ -70,9 +73,11 @@ class GMM:
             quad = (((z.float() - self.means.float()) / self.stds.float()) ** 2).sum(-1)[..., None, :]  # (..., 1, K)
         else:
             with _no_autocast(z.device):
-                z64, mu, prec = z.double(), self.means.double(), self.stds.double().pow(-2)
-                quad = ((z64 * z64) @ prec.mT - 2 * z64 @ (mu * prec).mT
-                        + (mu * mu * prec).sum(-1)[..., None, :]).float()  # (..., S, K)
+                mu, prec = self.means.double(), self.stds.double().pow(-2)
+                const = (mu * mu * prec).sum(-1)[..., None, :]  # (..., 1, K)
+                rows = max(1, EXPANSION_BYTES // (8 * z[..., 0, :].numel()))  # points per float64 slice of z
+                quad = torch.cat([_expanded_quadratic(part.double(), mu, prec, const)
+                                  for part in z.split(rows, dim=-2)], dim=-2)  # (..., S, K)
         log_norm = -0.5 * z.shape[-1] * LOG_2PI - torch.log(self.stds.float()).sum(-1)  # (..., K)
         log_w = F.log_softmax(self.logits.float(), dim=-1)  # (..., K)
         return torch.logsumexp((log_w + log_norm)[..., None, :] - 0.5 * quad, dim=-1)
@@ -92,6 +97,12 @@ class GMM:
         rng = as_randomness(rng, self.logits.device)
         mu, sd = self.components(self.pick_components(count, rng))
         return mu + sd * normal(rng, mu.shape, mu.dtype)
+
+
+def _expanded_quadratic(z64: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+    """sum_j (z_j - mu_kj)² p_kj = (z²) @ pᵀ - 2 z @ (mu·p)ᵀ + const for float64 z (..., S, D), mu and p
+    (..., K, D), const = sum_j mu² p (..., 1, K) -> float32 (..., S, K)."""
+    return ((z64 * z64) @ prec.mT - 2 * z64 @ (mu * prec).mT + const).float()
 
 
 def _no_autocast(device: torch.device):

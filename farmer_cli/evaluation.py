@@ -1,12 +1,8 @@
-"""The computations behind ``farmer evaluate``: test bits/dim, generative-classifier accuracy, generated samples,
-their recognisability by a reference classifier, and FID / precision-recall features with cached reference
-statistics."""
+"""The evaluation protocol behind ``farmer evaluate``: bits/dim, classifiers and distributed sample features."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 
 import numpy as np
@@ -15,6 +11,8 @@ import torch
 from .config import Config
 from .batching import iterate_batches
 from .data import DataBundle, ImageDataset
+from .fid_evaluation import fid_metrics
+from .inception import inception_features
 from .model import Farmer, dequantize
 from .scoring import bits_per_dim
 
@@ -76,72 +74,6 @@ def reference_classifier_accuracy(train: ImageDataset, images: torch.Tensor, lab
     return {"accuracy": float((pred == labels.numpy()).mean()), "n": len(labels), "fitted_on": clf.fitted_on_}
 
 
-def stream_features(net, dataset: ImageDataset, batch: int, limit: int = 0, resize: str = "antialias") -> torch.Tensor:
-    """Inception features (N, F) float64 of the first ``limit`` images of ``dataset`` (0: all), one batch of images
-    in memory at a time."""
-    from .metrics import inception_features
-
-    parts = [inception_features(net, u, batch, resize=resize).float()
-             for u, _ in iterate_batches(dataset, batch, limit)]
-    return torch.cat(parts).double() if parts else torch.zeros(0, 0, dtype=torch.float64)
-
-
-def reference_stats(net, weights_sha: str, dataset: ImageDataset, key: dict, batch: int, limit: int,
-                    resize: str = "antialias"):
-    """Inception features and (mean, cov) of real images, cached under the user's cache dir, keyed by the data
-    source, split, resolution, channels, resize rule, image count and weights. Images are streamed: features are
-    computed batch by batch and no more than one batch of images is held."""
-    from .metrics import RESIZE_RULES, cache_dir, feature_stats
-
-    key = {**key, "weights_sha256": weights_sha, "limit": limit}
-    if resize != "antialias":  # the default rule keeps the key (and the caches) of earlier releases
-        key["resize"] = RESIZE_RULES[resize]
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / "fid-stats" / f"{digest}.npz"
-    if path.exists():
-        data = np.load(path)
-        return torch.from_numpy(data["features"]), data["mu"], data["cov"], True
-    feats = stream_features(net, dataset, batch, limit, resize)
-    mu, cov = feature_stats(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, features=feats.numpy(), mu=mu, cov=cov, key=json.dumps(key))
-    tmp.replace(path)
-    return feats, mu, cov, False
-
-
-def ref_file_features(net, stats: dict, weights_sha: str, batch: int, resize: str = "antialias"):
-    """Features of the reference images that a --ref-stats file ships instead of features (ADM's ``arr_0``),
-    streamed from the archive and cached like :func:`reference_stats` (keyed by the file's and the weights'
-    sha256 and the resize rule). -> (features (n, F) float64, cached?)"""
-    from .metrics import RESIZE_RULES, cache_dir, inception_features, iter_npz_images
-
-    key = {"ref_file_sha256": stats["sha256"], "weights_sha256": weights_sha, "resize": RESIZE_RULES[resize]}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / "fid-stats" / f"ref-{digest}.npy"
-    if path.exists():
-        return torch.from_numpy(np.load(path)).double(), True
-    parts = [inception_features(net, u, batch, resize=resize).float()
-             for u in iter_npz_images(stats["path"], batch=batch)]
-    feats = torch.cat(parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, feats.numpy())
-    tmp.replace(path)
-    return feats.double(), False
-
-
-def fid_and_pr(net, fake_images: torch.Tensor, real_feats: torch.Tensor, mu_r, cov_r, k: int = 3,
-               batch: int = 50, resize: str = "antialias") -> dict:
-    from .metrics import feature_stats, frechet_distance, inception_features, precision_recall
-
-    fake = inception_features(net, fake_images, batch, resize=resize)
-    mu_f, cov_f = feature_stats(fake)
-    precision, recall = precision_recall(real_feats, fake, k)
-    return {"fid": frechet_distance(mu_f, cov_f, mu_r, cov_r), "precision": precision, "recall": recall,
-            "n_fake": len(fake), "n_real": len(real_feats), "k": k}
-
-
 def _gather_to_main(part, rank: int, world: int) -> list | None:
     """Every process's ``part`` as a list on process 0 (None elsewhere); [part] on a single process."""
     if world == 1:
@@ -174,7 +106,6 @@ def sample_features(model: Farmer, cfg: Config, n: int, seed: int, batch: int, *
     order; None on the other processes. Features are computed per micro-batch, so 1 and N processes give the same
     numbers."""
     from .generation import balanced_labels, generate_chunks
-    from .metrics import inception_features
 
     labels = balanced_labels(n, model.cfg.num_classes)
     part = []
@@ -204,8 +135,8 @@ def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *
     """The evaluation protocol: every requested metric of ``METRICS`` as one JSON-ready dict (on process 0; None on
     the others).
 
-    ``inception``: (network, protocol dict) from :mod:`farmer_cli.metrics`, needed for fid and pr;
-    ``ref_stats``: a reference loaded by :func:`farmer_cli.metrics.load_ref_stats` (``mu``, ``sigma``, maybe
+    ``inception``: (network, protocol dict) from :mod:`farmer_cli.inception`, needed for fid and pr;
+    ``ref_stats``: a reference loaded by :func:`farmer_cli.ref_stats.load_ref_stats` (``mu``, ``sigma``, maybe
     ``act``) instead of the ``split`` images; ``save_ref_stats``: a path to write the split's statistics to.
     ``rank`` / ``world``: this process under ``accelerate launch``; samples and their features are shared out
     and gathered on process 0, which alone runs bpd, classify and the reference statistics.
@@ -245,78 +176,11 @@ def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *
         on_stage("generative classifier")
         m["classify"] = generative_classifier(model, reference, max_classes, batch, limit, seed)
     if want_features:
-        result["protocol"], fid_metrics = _fid_metrics(cfg, metrics, split, reference, samples["features"], batch,
-                                                       inception[0], inception[1], ref_stats, save_ref_stats,
-                                                       resize, on_stage)
-        m.update(fid_metrics)
+        result["protocol"], figures = fid_metrics(cfg, metrics, split, reference, samples["features"], batch,
+                                                  inception[0], inception[1], ref_stats, save_ref_stats, resize,
+                                                  on_stage)
+        m.update(figures)
     return json_safe(result)
-
-
-def _fid_metrics(cfg: Config, metrics: list[str], split: str, reference: ImageDataset, fake: torch.Tensor,
-                 batch: int, net, protocol: dict, ref_stats: dict | None, save_ref_stats, resize: str, on_stage):
-    """(protocol record, {"fid", "precision_recall", "inception_score"}) from the gathered fake features."""
-    from .metrics import (feature_stats, frechet_distance, inception_score, logits_layer, precision_recall,
-                          save_ref_stats as write_ref_stats)
-
-    if ref_stats is not None:
-        mu_r, cov_r, real = ref_stats["mu"], ref_stats["sigma"], ref_stats["act"]
-        recorded = ref_stats.get("protocol")
-        described = {"kind": "file", "file": ref_stats["path"], "sha256": ref_stats["sha256"],
-                     "n_act": None if real is None else len(real),
-                     "protocol": recorded or "not recorded in the file (ADM's reference batches: TF 2015-12-05 "
-                                             "Inception graph, its own resize_bilinear, N for mu/sigma not stored)"}
-        differs = [f"{what} {recorded.get(key)!r} there, {protocol[key]!r} here" for key, what in
-                   (("resize_name", "resize"), ("weights_sha256", "Inception weights sha256"))
-                   if recorded and recorded.get(key) != protocol[key]]
-        if differs:
-            described["warning"] = "the file was made with another protocol (" + "; ".join(differs) + \
-                                   "): these figures are not comparable"
-        n_real_stats = recorded.get("n_real") if recorded else None
-        if real is None and ref_stats.get("images") is not None and "pr" in metrics:
-            on_stage(f"Inception features of the {ref_stats['images'][0]:,} reference images in the file")
-            real, cached = ref_file_features(net, ref_stats, protocol["weights_sha256"], batch, resize)
-            described["pr_features"] = (f"computed here from the file's {len(real):,} images ('arr_0', as ADM's "
-                                        f"evaluator does), resize {resize}" + (" (cached)" if cached else ""))
-        elif real is not None:
-            described["pr_features"] = "the file's 'act'"
-    else:
-        on_stage(f"Inception features of the {split} split")
-        key = {"source": cfg.data.source, "split": split, "resolution": cfg.model.image_size,
-               "channels": cfg.model.channels, "split_seed": cfg.data.split_seed,
-               "test_fraction": cfg.data.test_fraction}
-        real, mu_r, cov_r, cached = reference_stats(net, protocol["weights_sha256"], reference, key, batch, 0, resize)
-        described = {"kind": "data", "source": cfg.data.source, "split": split, "n": len(real), "cached": cached}
-        n_real_stats = len(real)
-        if save_ref_stats is not None:
-            write_ref_stats(save_ref_stats, real, protocol | {"reference": described, "n_real": len(real)}, mu_r, cov_r)
-            described["saved_to"] = str(save_ref_stats)
-    record = protocol | {"reference": described, "n_fake": len(fake), "n_real": n_real_stats}
-    out: dict = {}
-    if "fid" in metrics:
-        on_stage("FID")
-        mu_f, cov_f = feature_stats(fake)
-        out["fid"] = {"value": frechet_distance(mu_f, cov_f, mu_r, cov_r), "n_fake": len(fake), "n_real": n_real_stats,
-                      "reference": reference_label(described), "resize": resize}
-        weight, why = logits_layer(net, fake.shape[1])
-        out["inception_score"] = (f"unavailable: {why}" if weight is None
-                                  else inception_score(fake, weight) | {"bias": False})
-    if "pr" in metrics:
-        if real is None:
-            out["precision_recall"] = (f"unavailable: {ref_stats['path']} has neither 'act' (reference features) "
-                                       "nor 'arr_0' (reference images); precision/recall needs one of them")
-        else:
-            on_stage("precision / recall")
-            precision, recall = precision_recall(real, fake, 3)
-            out["precision_recall"] = {"precision": precision, "recall": recall, "k": 3, "n_fake": len(fake),
-                                       "n_real": len(real), "reference": reference_label(described)}
-    return record, out
-
-
-def reference_label(described: dict) -> str:
-    """One line naming a reference: "<file> (sha256 <first 12>)" or "<source> <split> split"."""
-    if described["kind"] == "file":
-        return f"{described['file']} (sha256 {described['sha256'][:12]})"
-    return f"{described['source']} {described['split']} split"
 
 
 def json_safe(value):

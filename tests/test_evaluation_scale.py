@@ -20,8 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from farmer_cli.metrics import (feature_stats, frechet_distance, inception_features, inception_score, load_ref_stats,
-                                logits_layer, pr_chunk, precision_recall, resize_299, save_ref_stats)
+from farmer_cli.inception import inception_features, logits_layer, resize_299
+from farmer_cli.metrics import feature_stats, frechet_distance, inception_score, pr_chunk, precision_recall
+from farmer_cli.ref_stats import load_ref_stats, save_ref_stats
 
 import test_cli
 from test_cli import ENV
@@ -216,7 +217,7 @@ def test_inception_score_needs_logits_and_says_why_not():
 def test_ref_stats_round_trip_gives_the_same_fid(tmp_path: Path):
     from farmer_cli.config import DataConfig
     from farmer_cli.data import load_data
-    from farmer_cli.evaluation import stream_features
+    from farmer_cli.fid_evaluation import stream_features
 
     data = load_data(DataConfig(source="digits"), 1, 8)
     net = PooledPixels()
@@ -243,8 +244,8 @@ def test_adm_layout_reference_images_are_streamed_for_pr(compressed: bool, tmp_p
     features here, batch by batch from the archive, the same as from the data set."""
     from farmer_cli.config import DataConfig
     from farmer_cli.data import load_data
-    from farmer_cli.evaluation import ref_file_features, stream_features
-    from farmer_cli.metrics import iter_npz_images
+    from farmer_cli.fid_evaluation import ref_file_features, stream_features
+    from farmer_cli.ref_stats import iter_npz_images
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     test = load_data(DataConfig(source="digits"), 1, 8).test

@@ -14,7 +14,8 @@ from PIL import Image
 from farmer_cli.config import SamplingConfig
 from farmer_cli.config_files import load_preset
 from farmer_cli.inspection import noise_interpolation, variance_sweep
-from farmer_cli.metrics import WeightsError, find_fid_weights, frechet_distance, precision_recall
+from farmer_cli.inception import WeightsError, find_fid_weights
+from farmer_cli.metrics import frechet_distance, precision_recall
 from farmer_cli.model import Farmer
 
 from test_cli import farmer, tiny_run, digit_png  # noqa: F401  (session fixtures shared with the CLI tests)
@@ -94,7 +95,8 @@ except WeightsError:
 def test_inception_features_and_fid_sanity():
     from farmer_cli.config import DataConfig
     from farmer_cli.data import load_data
-    from farmer_cli.metrics import feature_stats, inception_features, load_inception
+    from farmer_cli.inception import inception_features, load_inception
+    from farmer_cli.metrics import feature_stats
 
     net = load_inception(find_fid_weights())
     data = load_data(DataConfig(source="digits"), 1, 8).train

@@ -82,7 +82,7 @@ def run(
 
 
 def _check_stats_options(ref_stats, save_ref_stats, resize: str, chosen: list[str]) -> None:
-    from ..metrics import RESIZE_RULES
+    from ..inception import RESIZE_RULES
     from . import check_output_dir
 
     if resize not in RESIZE_RULES:
@@ -109,8 +109,8 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     from ..data import load_data
     from ..evaluation import METRICS, evaluate
     from ..generation import my_chunks
-    from ..metrics import (StatsError, WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception,
-                           load_ref_stats)
+    from ..inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
+    from ..ref_stats import StatsError, load_ref_stats
     from ..runtime import end_processes, find_checkpoint, make_accelerator, resolve_device
     from .ui import console, escape, progress, stdout
 

@@ -177,6 +177,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # step checkpoints kept in <run>/checkpoints/ (hard links: no extra disk per file)
     eval_batches: int = 4  # test batches for the bits/dim printed at start and end
     sample_every: int = 0  # > 0: save a grid of EMA samples every that many steps (run/samples/step-<step>.png)
+    compile: bool = False  # torch.compile the flow and the prior (bench/train_compile.py: pays on GPUs, not CPUs)
 
     def validate(self) -> None:
         _check(self.steps > 0 or self.epochs > 0, "train.steps", "> 0 (or train.epochs > 0)", self.steps)

@@ -101,6 +101,9 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     global_batch = tc.global_batch(accelerator.num_processes)
     torch.manual_seed(tc.seed)
     model = Farmer(cfg.model)
+    if tc.compile:  # in place: parameter names (and so checkpoints) stay those of the plain model
+        model.flow.compile()
+        model.prior.compile()
     opt = adamw(param_groups(model, tc.weight_decay), tc.lr, (tc.beta1, tc.beta2))
     model, opt = accelerator.prepare(model, opt)  # DDP, or sharded by Accelerate's FSDP plugin
     raw = accelerator.unwrap_model(model)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common import report
-from farmer_cli.config_files import apply_overrides, load_preset
+from farmer_cli.config_files import load_preset
 from farmer_cli.model import Farmer
 from farmer_cli.model.flow import AutoregressiveFlow
 from farmer_cli.model.patchify import patchify

@@ -4,14 +4,15 @@
 
 Models: the quickstart, a mid-size model, and imagenet256-patch8 at its real widths, token counts, mixture sizes
 and channel split with the depth cut (AF 2 blocks x 1 layer, AR 1 layer). Weights are random with the AF's output
-projections perturbed (std 0.02), so Jacobi's rounds here are not those of a trained model (bench/decoders.py
-measures them on a trained run); the other stages' cost does not depend on the weights.
+projections perturbed (std 0.02), except the quickstart's with ``--quickstart-run RUN`` (a trained run). Jacobi's
+rounds depend on the trained weights, so its row is measured only on a trained run; the other stages' cost does
+not depend on the weights. The student is an undistilled copy (its cost is that of a distilled one).
 
 ms per image: median of interleaved repeats. Peak memory: the rise of this process's peak RSS during the stage
 (Linux: the peak is reset through /proc/self/clear_refs and glibc's free memory trimmed before each stage); on a
 GPU, torch.cuda.max_memory_allocated during the stage.
 
-    python bench/sampling_stages.py [--batch 64] [--repeats 3] [--models quickstart,mid,patch8-cut]
+    python bench/sampling_stages.py [--batch 64] [--repeats 3] [--quickstart-run RUN] [--large-batches patch8-cut=8]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from common import report
 from farmer_cli.config import SamplingConfig
+from farmer_cli.checkpoint import load_model
 from farmer_cli.config_files import apply_overrides, load_preset
 from farmer_cli.generation import auto_denoise_batch
 from farmer_cli.model import Farmer
@@ -67,7 +69,7 @@ def measured(fn, device: torch.device) -> tuple[float, int]:
     return seconds, max(0, peak - before)
 
 
-def stages(model: Farmer, student, batch: int, s: SamplingConfig) -> dict:
+def stages(model: Farmer, student, batch: int, s: SamplingConfig, trained: bool) -> dict:
     """Inputs made once (from a real sampling pass) and each stage as a callable."""
     device = model.device
     y = torch.arange(batch, device=device) % model.cfg.num_classes
@@ -78,7 +80,7 @@ def stages(model: Farmer, student, batch: int, s: SamplingConfig) -> dict:
     x = model.from_tokens(model.flow.inverse(z))
     pool = s.redundant_pool or 2 * model.prior.N
     jacobi = SamplingConfig(**{**s.__dict__, "decoder": "jacobi"})
-    return {
+    fns = {
         "informative AR": lambda: model.sample_informative(y, s, streams()),
         "redundant step": lambda: draw(info.redundant, info.redundant_null, model.prior.N, pool, s, streams()),
         "AF inverse sequential": lambda: model.flow.inverse(z),
@@ -87,6 +89,9 @@ def stages(model: Farmer, student, batch: int, s: SamplingConfig) -> dict:
         "denoise": lambda: model.denoise(x, y, 0.05, auto_denoise_batch(model)),
         "whole sample (sequential)": lambda: model.sample(y, s, streams(), denoise_batch=auto_denoise_batch(model)),
     }
+    if not trained:
+        del fns["AF inverse jacobi"]
+    return fns
 
 
 def main() -> None:
@@ -95,20 +100,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quickstart-run", type=Path, help="a trained quickstart run (for the Jacobi row)")
+    ap.add_argument("--large-batches", default="", help="per-model large batch, e.g. patch8-cut=8")
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = []
     for name in args.models.split(","):
         preset, overrides = MODELS[name]
-        cfg = apply_overrides(load_preset(preset), overrides)
-        torch.manual_seed(0)
-        model = Farmer(cfg.model, trained_noise_sigma=0.05).to(device).eval()
-        for block in model.flow.blocks:
-            torch.nn.init.normal_(block.out_proj.weight, std=0.02)
+        trained = name == "quickstart" and args.quickstart_run is not None
+        if trained:
+            model, cfg, _, _ = load_model(args.quickstart_run, device)
+        else:
+            cfg = apply_overrides(load_preset(preset), overrides)
+            torch.manual_seed(0)
+            model = Farmer(cfg.model, trained_noise_sigma=0.05).to(device).eval()
+            for block in model.flow.blocks:
+                torch.nn.init.normal_(block.out_proj.weight, std=0.02)
         student = make_student(model.flow).eval().requires_grad_(False)
         s = SamplingConfig(**{**cfg.sampling.__dict__, "cfg": 4.0})
-        for batch in (1, args.batch):
-            fns = stages(model, student, batch, s)
+        large = dict(item.split("=") for item in args.large_batches.split(",") if item).get(name, args.batch)
+        for batch in (1, int(large)):
+            fns = stages(model, student, batch, s, trained)
             times: dict[str, list[float]] = {k: [] for k in fns}
             peaks: dict[str, int] = {k: 0 for k in fns}
             for _ in range(args.repeats):
@@ -119,7 +131,7 @@ def main() -> None:
             sequential = statistics.median(times["AF inverse sequential"])
             for stage in fns:
                 t = statistics.median(times[stage])
-                rows.append({"model": name, "batch": batch, "stage": stage, "ms_per_image": 1e3 * t / batch,
+                rows.append({"model": name + (" (trained)" if trained else ""), "batch": batch, "stage": stage, "ms_per_image": 1e3 * t / batch,
                              "peak_MiB": peaks[stage] / 2**20,
                              "x_vs_sequential": sequential / t if stage.startswith("AF inverse") else ""})
                 print(rows[-1], flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import TransformerStack
@@ -53,15 +54,19 @@ class AFBlock(nn.Module):
 
     def _affine(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Transformer output (B, t, W) -> (alpha, mu), each (B, t, d) in float32, |alpha| < max_log_scale."""
-        raw_alpha, mu = self.out_proj(out).float().chunk(2, dim=-1)
+        return self._bounded(self.out_proj(out))
+
+    def _bounded(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output projection (B, t, 2d) -> (alpha, mu) in float32, alpha = c·tanh(raw / c)."""
+        raw_alpha, mu = projected.float().chunk(2, dim=-1)
         c = self.max_log_scale
         return c * torch.tanh(raw_alpha / c), mu
 
     def _shifted_params(self, source: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Params for every token from ``source`` (B, N, d): token i's come from position i-1, token 0's are 0."""
-        alpha, mu = self._affine(self.stack(self._hidden(source[:, :-1], 0, y)))
-        pad = alpha.new_zeros(alpha.shape[0], 1, self.dim)
-        return torch.cat([pad, alpha], 1), torch.cat([pad, mu], 1)
+        """Params for every token from ``source`` (B, N, d): token i's come from position i-1, token 0's are 0
+        (one zero row in front of the projected output gives alpha = mu = 0)."""
+        projected = self.out_proj(self.stack(self._hidden(source[:, :-1], 0, y)))
+        return self._bounded(F.pad(projected, (0, 0, 1, 0)))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
                 per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,8 @@ def coerce(value: Any, kind: Any, name: str, origin: str) -> Any:
     try:
         result = _convert(value, kind)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{_at(origin)}'{name}' expects {getattr(kind, '__name__', kind)}, got {value!r}") from None
+        hint = "; use true or false" if kind is bool else ""
+        raise ConfigError(f"{_at(origin)}'{name}' expects {getattr(kind, '__name__', kind)}, got {value!r}{hint}") from None
     if isinstance(result, float) and not math.isfinite(result):
         raise ConfigError(f"{_at(origin)}'{name}' must be a finite number, got {value!r}")
     return result

@@ -80,7 +80,7 @@ def generate_chunks(model: Farmer, labels: torch.Tensor, s: SamplingConfig, seed
     """Images for labels (n,) in micro-batches, this process's share: yields (global indices, uint8 images
     (b, C, H, W) on the CPU). Memory is bounded by ``batch`` (and ``denoise_batch``, 0: :func:`auto_denoise_batch`),
     whatever n is. ``precision``: fp32 or bf16 (:func:`inference_autocast`)."""
-    denoise_batch = denoise_batch or auto_denoise_batch(model)
+    denoise_batch = min(denoise_batch or auto_denoise_batch(model), batch)
     for chunk in my_chunks(len(labels), batch, rank, world):
         rng = ImageStreams.for_images(seed, chunk, model.device)
         with inference_autocast(model.device, precision):

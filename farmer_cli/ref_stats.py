@@ -29,6 +29,9 @@ def load_ref_stats(path: Path, feature_dim: int | None = None) -> dict:
     if not path.is_file():
         raise StatsError(f"--ref-stats {path}: no such file (download ADM's reference batch beforehand; nothing is "
                          "downloaded at run time)")
+    if not zipfile.is_zipfile(path):
+        raise StatsError(f"--ref-stats {path}: not an .npz archive (an .npz is a zip of arrays, as np.savez writes; "
+                         "expected mu (F,) and sigma (F, F), as ADM's reference batches)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):

@@ -127,6 +127,12 @@ def test_sample_rejects_bad_precision_and_needs_out_dir_for_several_processes(ti
                   check=False)
     assert proc.returncode == 2 and "--precision must be auto, fp32 or bf16" in proc.stderr
     assert "Traceback" not in proc.stderr
+    for bad, said in ((["--seed", "-1"], "--seed -1: give a whole number"),
+                      (["--seed", str(2**70)], "from 0 to 2**63 - 1"),
+                      (["--out-dir", "/proc/farmer-samples"], "/proc is not writable")):  # checked before any work
+        proc = farmer("sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "b.png"), *bad, check=False)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "b.png").exists()
 
 
 @pytest.mark.slow

@@ -92,5 +92,25 @@ def check_output_dir(path, option: str = "--out-dir") -> None:
     existing = next((p for p in [path, *path.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         exit_with(f"{option} {path}: {existing} is a file, not a directory")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    if existing is not None and not (os.access(existing, os.W_OK | os.X_OK) and _can_create_in(existing)):
         exit_with(f"{option} {path}: {existing} is not writable")
+
+
+def _can_create_in(directory) -> bool:
+    """Whether a file can really be created in ``directory`` (permissions say yes to root on read-only or virtual
+    file systems such as /proc)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".farmer-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        exit_with(f"--seed {seed}: give a whole number from 0 to 2**63 - 1")

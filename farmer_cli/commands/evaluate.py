@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import CKPT_HELP, DEVICE_HELP, Option, exit_with, user_errors
+from . import CKPT_HELP, DEVICE_HELP, Option, check_seed, exit_with, user_errors
 
 NAME = "evaluate"
 MAX_SAMPLES = 200_000  # the samples' Inception features (16 KB each) are kept for fid and pr
@@ -114,6 +114,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     from ..runtime import end_processes, find_checkpoint, make_accelerator, resolve_device
     from .ui import console, escape, progress, stdout
 
+    check_seed(seed)
     if n_samples < 1:
         exit_with("--n-samples must be at least 1")
     if n_samples > MAX_SAMPLES:

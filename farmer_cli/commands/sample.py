@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, exit_with, resolve_class,
-               user_errors)
+from . import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, exit_with,
+               resolve_class, user_errors)
 
 NAME = "sample"
 MAX_IMAGES = 10_000  # per call: every image is kept in memory for the grid
@@ -104,6 +104,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
         exit_with(f"--precision must be auto, fp32 or bf16, not '{precision}'")
     if n < 1:
         exit_with("--n must be at least 1")
+    check_seed(seed)
     if batch_size < 1 or denoise_batch < 0:
         exit_with("--batch-size must be at least 1 and --denoise-batch at least 0 (0: automatic)")
     if n * max(1, len(classes)) > MAX_IMAGES:

@@ -26,6 +26,18 @@ def grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int = 1, backgrou
     return Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
 
 
+def class_blocks(images: torch.Tensor, per_class: int, max_columns: int = 16,
+                 background: int = 255) -> tuple[torch.Tensor, int]:
+    """Images (K·n, C, H, W), class-major with n = ``per_class`` -> (cells, columns) for :func:`grid`: one row per
+    class, or with n > ``max_columns`` a block of ceil(n / max_columns) rows per class, its last row filled with
+    blank cells so every class starts a new row."""
+    if per_class <= max_columns:
+        return images, per_class
+    rows = -(-per_class // max_columns)
+    blank = images.new_full((rows * max_columns - per_class, *images.shape[1:]), background)
+    return torch.cat([torch.cat([block, blank]) for block in images.split(per_class)]), max_columns
+
+
 def labelled_figure(panel: Image.Image, title: str, row_labels: list[str], col_labels: list[str],
                     cell: tuple[int, int], pad: int = 2, top: int = 36) -> Image.Image:
     """Add a title, row labels (left) and column labels (top) around a grid made by :func:`grid`."""

@@ -158,3 +158,15 @@ def test_same_seed_gives_byte_identical_pngs_on_one_and_two_processes(tiny_run: 
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+
+
+def test_grid_wraps_many_samples_per_class_into_blocks_of_16():
+    from farmer_cli.viz import class_blocks
+
+    images = torch.arange(2 * 20, dtype=torch.uint8)[:, None, None, None].expand(-1, 1, 2, 2)
+    cells, columns = class_blocks(images, 20)
+    assert columns == 16 and cells.shape[0] == 64  # 2 classes x 2 rows x 16
+    assert torch.equal(cells[:20], images[:20]) and (cells[20:32] == 255).all()  # class 0, then blanks
+    assert torch.equal(cells[32:52], images[20:])  # class 1 starts a new row
+    few, columns = class_blocks(images[:6], 3)
+    assert columns == 3 and torch.equal(few, images[:6])

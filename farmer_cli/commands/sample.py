@@ -49,7 +49,8 @@ def run(
                        "the same seed and --batch-size give byte-identical images on 1 or N processes."),
     batch_size: int = Option(64, "--batch-size", "-b", help="Images sampled at once (micro-batch): memory depends "
                              "on it, not on --n."),
-    out: Path = Option(Path("samples.png"), "--out", "-o", help="Grid PNG (rows = classes)."),
+    out: Path = Option(Path("samples.png"), "--out", "-o", help="Grid PNG: one row per class (with --n above 16, "
+                       "a block of rows of 16 per class)."),
     out_dir: Optional[Path] = Option(None, "--out-dir", help="Also write every image as <class>-<name>_<index>.png here."),
     scale: int = Option(0, "--scale", help="Enlarge grid cells this many times (0: auto, to at least 64 px)."),
     student: bool = Option(False, "--student", help="Decode with the distilled one-step student (run farmer distill "
@@ -95,7 +96,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     from ..checkpoint import load_model, load_student
     from ..generation import generate_chunks, my_chunks, resolve_inference_precision
     from ..runtime import end_processes, find_checkpoint, process_state, resolve_device
-    from ..viz import grid, save_png
+    from ..viz import class_blocks, grid, save_png
     from .ui import console, escape, progress
 
     if decoder not in (None, "sequential", "jacobi"):
@@ -148,7 +149,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
         if not main:
             return
         images = torch.cat(images) if world == 1 else _read_pngs(out_dir, y_all, n, class_names)
-        save_png(grid(images, n, scale=scale or max(1, 64 // cfg.model.image_size)), out)
+        save_png(grid(*class_blocks(images, n), scale=scale or max(1, 64 // cfg.model.image_size)), out)
         how = f"cfg {s.cfg} ({s.guidance})" if s.cfg > 0 else f"unguided (T={s.temperature}, S={s.var_scale})"
         sigma = model.denoise_sigma(s)
         how += f", denoised (sigma {sigma:g})" if sigma > 0 else ""

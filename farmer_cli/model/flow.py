@@ -45,12 +45,14 @@ class AFBlock(nn.Module):
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
+    def _offsets(self, start: int, length: int, y: torch.Tensor | None) -> torch.Tensor:
+        """Position (and class) embeddings of positions start..start+length-1: (1 or B, length, W)."""
+        h = self.pos[:, start : start + length]
+        return h if self.class_emb is None else h + self.class_emb(y)[:, None]
+
     def _hidden(self, x: torch.Tensor, start: int, y: torch.Tensor | None) -> torch.Tensor:
         """Embed tokens x (B, t, d) sitting at positions start..start+t-1 -> (B, t, W)."""
-        h = self.in_proj(x) + self.pos[:, start : start + x.shape[1]]
-        if self.class_emb is not None:
-            h = h + self.class_emb(y)[:, None]
-        return h
+        return self.in_proj(x) + self._offsets(start, x.shape[1], y)
 
     def _affine(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Transformer output (B, t, W) -> (alpha, mu), each (B, t, d) in float32, |alpha| < max_log_scale."""
@@ -82,13 +84,14 @@ class AFBlock(nn.Module):
         x = torch.empty_like(z)
         x[:, 0] = z[:, 0]
         cache = self.stack.new_cache(z.shape[1]) if use_cache else None
+        offsets = self._offsets(0, z.shape[1], y)  # once per block, not per token
         for i in range(1, z.shape[1]):
             if cache is not None:
-                out = self.stack(self._hidden(x[:, i - 1 : i], i - 1, y), cache)
+                out = self.stack(self.in_proj(x[:, i - 1 : i]) + offsets[:, i - 1 : i], cache)
             else:
                 out = self.stack(self._hidden(x[:, :i], 0, y))
             alpha, mu = self._affine(out[:, -1:])
-            x[:, i : i + 1] = z[:, i : i + 1] * torch.exp(alpha) + mu
+            x[:, i : i + 1] = torch.addcmul(mu, z[:, i : i + 1], torch.exp(alpha))
         return x
 
     @torch.no_grad()

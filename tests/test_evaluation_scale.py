@@ -290,7 +290,7 @@ def test_cli_save_then_load_ref_stats_same_fid(tiny_run: Path, fake_weights, tmp
 @pytest.mark.parametrize("make, extra, message", [
     (None, [], "no such file"),
     (lambda p: np.savez(p, mu=np.zeros(48)), [], "no 'sigma' array"),
-    (lambda p: p.write_bytes(b"not an npz"), [], "unreadable .npz"),
+    (lambda p: p.write_bytes(b"not an npz"), [], "not an .npz archive"),
     (lambda p: np.savez(p, mu=np.zeros(10), sigma=np.eye(10)), [], "10-d statistics, but the Inception network "
      "gives 48-d"),
     (lambda p: np.savez(p, mu=np.zeros(48), sigma=np.eye(48)), ["--metrics", "fid,pr"], "neither 'act'"),

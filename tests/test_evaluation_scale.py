@@ -277,8 +277,10 @@ def test_cli_save_then_load_ref_stats_same_fid(tiny_run: Path, fake_weights, tmp
     assert saved["protocol"]["reference"] | {"cached": None} == {
         "kind": "data", "source": "digits", "split": "test", "n": 180, "cached": None, "saved_to": str(ref)}
     # read back, with a network that has the same features plus an output layer (other weights: flagged)
+    before = set(tiny_run.glob("eval-*.json"))
     table = cli(*common, "--fid-weights", fake_weights["logits"], "--ref-stats", ref, cache=tmp_path).stdout
-    loaded = json.loads((tiny_run / f"eval-{saved['step']}.json").read_text())
+    (written,) = set(tiny_run.glob("eval-*.json")) - before  # a new file: earlier evaluations are kept
+    loaded = json.loads(written.read_text())
     assert loaded["metrics"]["fid"]["value"] == saved["metrics"]["fid"]["value"]
     assert loaded["metrics"]["precision_recall"]["precision"] == saved["metrics"]["precision_recall"]["precision"]
     assert loaded["metrics"]["fid"]["n_real"] == 180 and loaded["protocol"]["reference"]["kind"] == "file"

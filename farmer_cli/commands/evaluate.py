@@ -81,6 +81,14 @@ def run(
                   limit, max_classes, seed, sampling_overrides, as_json, device, ref_stats, save_ref_stats, resize)
 
 
+def _free_name(run_dir: Path, stem: str) -> Path:
+    """``<stem>.json``, or ``<stem>-2.json``, ``-3`` ... where it exists: an earlier evaluation is never overwritten."""
+    path, k = run_dir / f"{stem}.json", 2
+    while path.exists():
+        path, k = run_dir / f"{stem}-{k}.json", k + 1
+    return path
+
+
 def _check_stats_options(ref_stats, save_ref_stats, resize: str, chosen: list[str]) -> None:
     from ..inception import RESIZE_RULES
     from . import check_output_dir
@@ -195,7 +203,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     if not main:
         return
     result = {"checkpoint": str(run_dir), "step": step, **result, "seconds": round(time.time() - t0, 1)}
-    path = run_dir / f"eval-{step}.json"
+    path = _free_name(run_dir, f"eval-{step}")
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, allow_nan=False)))
     if as_json:
         print(json.dumps(result, allow_nan=False))

@@ -120,6 +120,9 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     world, rank, main = state.num_processes, state.process_index, state.is_main_process
     if world > 1 and out_dir is None:
         exit_with(f"{world} processes write their images to files: pass --out-dir DIR (the grid is built from it)")
+    if world > 1 and device not in ("auto", str(state.device)):
+        exit_with(f"--device {device}: under accelerate launch each process uses the device Accelerate gives it "
+                  f"({state.device} here); leave --device out")
     device = state.device if world > 1 else resolve_device(device)
     try:
         run_dir = find_checkpoint(ckpt)

@@ -14,19 +14,7 @@ CUT=(--preset imagenet256-patch8 --set model.af_blocks=4 --set model.af_layers=2
      --set train.epochs=0 --set train.log_every=5 --set train.ckpt_every=20 --set train.eval_batches=1
      --set train.warmup_steps=10 --batch-size 8 --grad-accum 2 --mixed-precision bf16)
 mkdir -p "$WORK"
-$PY - "$WORK/data" <<'PYEOF'
-import sys
-from pathlib import Path
-import numpy as np
-from PIL import Image
-root, rng = Path(sys.argv[1]), np.random.default_rng(0)
-for k in range(1000):
-    folder = root / f"class-{k:04d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "0.png").exists():
-        small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((256, 256), Image.Resampling.BICUBIC).save(folder / "0.png")
-PYEOF
+$PY "$(dirname "$0")/synthetic_folder.py" "$WORK/data" 1000
 RUN="$WORK/run"
 rm -rf "$RUN"
 echo "== dry-run (plan for this GPU: micro-batch 8, 1 process)"

@@ -10,19 +10,7 @@ WORK=${1:-$(mktemp -d)}
 PY=${PYTHON:-python}
 export FARMER_NO_PROGRESS=1
 mkdir -p "$WORK"
-$PY - "$WORK/data" <<'PYEOF'
-import sys
-from pathlib import Path
-import numpy as np
-from PIL import Image
-root, rng = Path(sys.argv[1]), np.random.default_rng(0)
-for k in range(208):
-    folder = root / f"class-{k:04d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "0.png").exists():
-        small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((256, 256), Image.Resampling.BICUBIC).save(folder / "0.png")
-PYEOF
+$PY "$(dirname "$0")/synthetic_folder.py" "$WORK/data" 208
 RUN="$WORK/run"
 if [ ! -f "$RUN/model.safetensors" ]; then
   $PY -m farmer_cli train --preset imagenet256-patch8 --set model.af_blocks=2 --set model.af_layers=1 \

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import report
+from common import interleaved, report
 from farmer_cli.config_files import load_preset
 from farmer_cli.model import Farmer
 from farmer_cli.model.flow import AutoregressiveFlow
@@ -126,18 +126,6 @@ def farmer_model_step(bf16: bool):
     return step, model
 
 
-def interleave(fns: dict, repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tarflow", type=Path, required=True, help="directory with ml-tarflow's transformer_flow.py")
@@ -156,7 +144,7 @@ def main() -> None:
     params = {"tarflow": sum(p.numel() for p in tar_model.parameters()),
               "farmer": sum(p.numel() for p in farmer_flow.parameters()),
               "farmer whole model": sum(p.numel() for p in whole.parameters())}
-    t = interleave(fns, args.repeats)
+    t = interleaved(fns, args.repeats)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     train_flops = 3 * BATCH * flow_flops_per_image()
     rows = []

@@ -89,13 +89,9 @@ def generate_chunks(model: Farmer, labels: torch.Tensor, s: SamplingConfig, seed
         yield chunk, images.cpu()
 
 
-def generate(model: Farmer, n: int, s: SamplingConfig, seed: int, batch: int, student=None,
-             on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(model: Farmer, n: int, s: SamplingConfig, seed: int, batch: int,
+             student=None) -> tuple[torch.Tensor, torch.Tensor]:
     """n class-balanced samples on this process -> (uint8 (n, C, H, W), labels (n,))."""
     labels = balanced_labels(n, model.cfg.num_classes)
-    images = []
-    for chunk, chunk_images in generate_chunks(model, labels, s, seed, batch, student=student):
-        images.append(chunk_images)
-        if on_batch is not None:
-            on_batch(len(chunk))
+    images = [chunk_images for _, chunk_images in generate_chunks(model, labels, s, seed, batch, student=student)]
     return torch.cat(images), labels

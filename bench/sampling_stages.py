@@ -29,7 +29,7 @@ from common import report
 from farmer_cli.config import SamplingConfig
 from farmer_cli.checkpoint import load_model
 from farmer_cli.config_files import apply_overrides, load_preset
-from farmer_cli.generation import auto_denoise_batch
+from farmer_cli.generation import auto_denoise_batch, inference_autocast, resolve_inference_precision
 from farmer_cli.model import Farmer
 from farmer_cli.model.distill import make_student
 from farmer_cli.model.guidance import draw
@@ -97,13 +97,16 @@ def stages(model: Farmer, student, batch: int, s: SamplingConfig, trained: bool)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--small-batch", type=int, default=1, help="the latency-bound batch (0: skip it)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on a CUDA GPU, as farmer sample) | fp32 | bf16")
     ap.add_argument("--quickstart-run", type=Path, help="a trained quickstart run (for the Jacobi row)")
     ap.add_argument("--large-batches", default="", help="per-model large batch, e.g. patch8-cut=8")
     args = ap.parse_args()
     device = torch.device(args.device)
+    precision = resolve_inference_precision(args.precision, device)
     rows = []
     for name in args.models.split(","):
         preset, overrides = MODELS[name]
@@ -119,13 +122,14 @@ def main() -> None:
         student = make_student(model.flow).eval().requires_grad_(False)
         s = SamplingConfig(**{**cfg.sampling.__dict__, "cfg": 4.0})
         large = dict(item.split("=") for item in args.large_batches.split(",") if item).get(name, args.batch)
-        for batch in (1, int(large)):
+        for batch in [b for b in (args.small_batch, int(large)) if b]:
             fns = stages(model, student, batch, s, trained)
             times: dict[str, list[float]] = {k: [] for k in fns}
             peaks: dict[str, int] = {k: 0 for k in fns}
             for _ in range(args.repeats):
                 for stage, fn in fns.items():
-                    seconds, peak = measured(fn, device)
+                    with inference_autocast(device, precision):
+                        seconds, peak = measured(fn, device)
                     times[stage].append(seconds)
                     peaks[stage] = max(peaks[stage], peak)
             sequential = statistics.median(times["AF inverse sequential"])
@@ -135,7 +139,7 @@ def main() -> None:
                              "peak_MiB": peaks[stage] / 2**20,
                              "x_vs_sequential": sequential / t if stage.startswith("AF inverse") else ""})
                 print(rows[-1], flush=True)
-    report("sampling_stages", rows, {"repeats": args.repeats, "device": str(device), "cfg": 4.0,
+    report("sampling_stages", rows, {"repeats": args.repeats, "device": str(device), "precision": precision, "cfg": 4.0,
                                      "note": "medians of interleaved repeats; random weights"})
 
 

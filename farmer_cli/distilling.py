@@ -32,12 +32,12 @@ STUDENT_LR_FLOOR = 0.01  # the student's cosine schedule ends at 1% of its peak 
 
 
 @torch.no_grad()
-def student_error(model: Farmer, student, data: DataBundle, batch: int, seed: int = 0) -> float:
+def student_error(model: Farmer, student, data: DataBundle, batch: int, device: torch.device, seed: int = 0) -> float:
     """Mean squared error between the student's one-pass inverse and the true inverse on held-out latents.
 
     The latents are the teacher's encodings of test images (so the true inverse is the image itself)."""
     u = torch.stack([data.test[i][0] for i in range(min(batch, len(data.test)))])
-    x = dequantize(u, "uniform", generator=torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
+    x = dequantize(u, "uniform", generator=torch.Generator().manual_seed(seed)).to(device)
     tokens = model.to_tokens(x)
     z, _ = model.flow(tokens)
     return ((student.one_pass_inverse(z) - tokens) ** 2).mean().item()
@@ -59,6 +59,8 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
     """Train (or resume) the student of ``model``'s AF into ``run_dir``."""
     dc, device = cfg.distill, accelerator.device
     teacher = model.flow.to(device).eval().requires_grad_(False)
+    if model.basis is not None:  # to_tokens runs on the device too; the AR prior and heads stay where they are
+        model.basis = model.basis.to(device)
     raw = make_student(teacher)
     opt = adamw(raw.parameters(), dc.lr, (cfg.train.beta1, cfg.train.beta2))
     student, opt = accelerator.prepare(OnePassInverse(raw), opt)  # forward = the one-pass inverse, as DDP needs
@@ -71,7 +73,7 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
                 on_save=lambda step, states: save_weights(run_dir / STUDENT_FILE, states["student"], step, teacher_id),
                 on_event=on_event)
     start = loop.resume() if resume and (run_dir / DISTILL_STATE_FILE).exists() else 0
-    error_before = student_error(model, raw, data, dc.batch_size)  # every rank: a sharded student needs all
+    error_before = student_error(model, raw, data, dc.batch_size, device)  # every rank: a sharded student needs all
     loader = make_loader(data.train, dc.batch_size, accelerator.num_processes, accelerator.process_index,
                          cfg.train.seed + 1, start, 0)
     losses: list[float] = []
@@ -86,6 +88,6 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
 
     t0 = time.time()
     loop.run(step_fn, iter(loader), dc.steps)
-    error_after = student_error(model, raw.eval(), data, dc.batch_size)
+    error_after = student_error(model, raw.eval(), data, dc.batch_size, device)
     return DistillResult(dc.steps, losses[0] if losses else math.nan, losses[-1] if losses else math.nan,
                          error_before, error_after, time.time() - t0, raw)

@@ -170,3 +170,41 @@ def test_grid_wraps_many_samples_per_class_into_blocks_of_16():
     assert torch.equal(cells[32:52], images[20:])  # class 1 starts a new row
     few, columns = class_blocks(images[:6], 3)
     assert columns == 3 and torch.equal(few, images[:6])
+
+
+# ----- attention backends while decoding -----
+def _sdpa_flags() -> tuple[bool, bool, bool, bool]:
+    f = torch.backends.cuda
+    return f.flash_sdp_enabled(), f.mem_efficient_sdp_enabled(), f.cudnn_sdp_enabled(), f.math_sdp_enabled()
+
+
+def test_decoding_on_a_gpu_turns_per_shape_cudnn_attention_off_and_restores_the_flags():
+    """Every decoding step has a new key length; cuDNN attention builds a graph per shape (~30 ms a step cold on
+    an H100), so decoding on CUDA runs with flash / memory-efficient / math only. The flags are global: they must
+    be as before afterwards, and a CPU decode must not touch them."""
+    from farmer_cli.model.attention import decoding_attention
+
+    before = _sdpa_flags()
+    with decoding_attention(torch.device("cuda")):
+        assert _sdpa_flags() == (True, True, False, True)
+    assert _sdpa_flags() == before
+    with decoding_attention(torch.device("cpu")):
+        assert _sdpa_flags() == before
+
+
+def test_both_decoding_loops_run_under_the_decoding_backends(model, monkeypatch):
+    """The AR prior's token loop and every AF block's sequential inverse enter the decoding context."""
+    import contextlib
+
+    from farmer_cli.model import farmer as farmer_module, flow as flow_module
+
+    entered = []
+
+    def recorder(device):
+        entered.append(torch.device(device).type)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(farmer_module, "decoding_attention", recorder)
+    monkeypatch.setattr(flow_module, "decoding_attention", recorder)
+    model.sample(torch.tensor([0, 1]), SamplingConfig(cfg=2.0), torch.Generator().manual_seed(0))
+    assert entered == ["cpu"] * (1 + len(model.flow.blocks))

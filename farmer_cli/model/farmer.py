@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, SamplingConfig
+from .attention import decoding_attention
 from .flow import AutoregressiveFlow
 from .gmm import GMM
 from .guidance import draw, draw_tokens
@@ -214,16 +215,17 @@ class Farmer(nn.Module):
         labels = torch.cat([y, torch.full_like(y, self.null_class)]) if guided else y
         cache = prior.stack.new_cache(prior.M + prior.N + 1) if use_cache else None
         z_info = torch.zeros(B, 0, prior.d_I, device=device)
-        for i in range(prior.N):
+        with decoding_attention(device):
+            for i in range(prior.N):
+                prefix = torch.cat([z_info, z_info]) if guided else z_info
+                token = draw_tokens(prior.info_head(prior.next_hidden(labels, prefix, cache)), 1, 0, s, rng)
+                z_info = torch.cat([z_info, token], dim=1)
+                if on_token is not None:
+                    on_token(i)
+            if prior.red_head is None:
+                return InformativeSample(z_info, None, None)
             prefix = torch.cat([z_info, z_info]) if guided else z_info
-            token = draw_tokens(prior.info_head(prior.next_hidden(labels, prefix, cache)), 1, 0, s, rng)
-            z_info = torch.cat([z_info, token], dim=1)
-            if on_token is not None:
-                on_token(i)
-        if prior.red_head is None:
-            return InformativeSample(z_info, None, None)
-        prefix = torch.cat([z_info, z_info]) if guided else z_info
-        red = prior.red_head(prior.next_hidden(labels, prefix, cache))
+            red = prior.red_head(prior.next_hidden(labels, prefix, cache))
         if not guided:
             return InformativeSample(z_info, red, None)
         return InformativeSample(z_info, red.index(slice(0, B)), red.index(slice(B, 2 * B)))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import TransformerStack
+from .attention import TransformerStack, decoding_attention
 
 
 class AFBlock(nn.Module):
@@ -85,13 +85,14 @@ class AFBlock(nn.Module):
         x[:, 0] = z[:, 0]
         cache = self.stack.new_cache(z.shape[1]) if use_cache else None
         offsets = self._offsets(0, z.shape[1], y)  # once per block, not per token
-        for i in range(1, z.shape[1]):
-            if cache is not None:
-                out = self.stack(self.in_proj(x[:, i - 1 : i]) + offsets[:, i - 1 : i], cache)
-            else:
-                out = self.stack(self._hidden(x[:, :i], 0, y))
-            alpha, mu = self._affine(out[:, -1:])
-            x[:, i : i + 1] = torch.addcmul(mu, z[:, i : i + 1], torch.exp(alpha))
+        with decoding_attention(z.device):
+            for i in range(1, z.shape[1]):
+                if cache is not None:
+                    out = self.stack(self.in_proj(x[:, i - 1 : i]) + offsets[:, i - 1 : i], cache)
+                else:
+                    out = self.stack(self._hidden(x[:, :i], 0, y))
+                alpha, mu = self._affine(out[:, -1:])
+                x[:, i : i + 1] = torch.addcmul(mu, z[:, i : i + 1], torch.exp(alpha))
         return x
 
     @torch.no_grad()

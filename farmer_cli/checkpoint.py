@@ -142,8 +142,11 @@ def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {payload.get('format_version')!r}, this farmer reads "
                               f"{FORMAT_VERSION}; retrain or use the farmer version that wrote it")
+    raw = payload.get("config")
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        raw["model"].setdefault("gelu", "tanh")  # runs written before model.gelu existed used the tanh GELU
     try:
-        cfg = from_dict(payload.get("config"), origin=str(path))
+        cfg = from_dict(raw, origin=str(path))
     except ConfigError as err:
         raise CheckpointError(f"config does not match this farmer version: {err}") from None
     names = payload.get("class_names", [])

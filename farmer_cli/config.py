@@ -25,6 +25,7 @@ Noise = Literal["gaussian", "uniform"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
 Guidance = Literal["resample", "simple"]
 Decoder = Literal["sequential", "jacobi"]
+Gelu = Literal["exact", "tanh"]
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -76,6 +77,7 @@ class ModelConfig:
     #                                     informative channels cover every sub-token (patch-8 presets)
     final_permute: FinalPermute = "none"  # token order between AF and AR (paper's ablation, v2 Table 3)
     mlp_ratio: float = 4.0
+    gelu: Gelu = "exact"  # MLP activation: erf GELU as TARFlow; "tanh" approximation (runs written before 2026-11-26)
     min_scale: float = 1e-3  # floor of every GMM component std
     grad_checkpoint: bool = False  # recompute each transformer layer in backward (activation checkpointing)
 

@@ -119,6 +119,36 @@ def test_denoising_sigma_travels_with_the_model(tiny_run: Path):  # noqa: F811
     assert model.denoise_sigma(SamplingConfig(denoise=False)) == 0.0
 
 
+def test_runs_written_before_model_gelu_keep_the_tanh_gelu_they_were_trained_with(tiny_run: Path, tmp_path: Path):  # noqa: F811
+    """New models use the exact (erf) GELU; a run whose config.json predates ``model.gelu`` was trained with the
+    tanh approximation and must load with it (and give the same log-likelihoods as before)."""
+    import shutil
+
+    from farmer_cli.checkpoint import load_model
+
+    new_model, new_cfg, _, _ = load_model(tiny_run, device="cpu")
+    assert new_cfg.model.gelu == "exact" and new_model.flow.blocks[0].stack.layers[0].mlp[1].approximate == "none"
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    payload = json.loads((old / "config.json").read_text())
+    del payload["config"]["model"]["gelu"]
+    (old / "config.json").write_text(json.dumps(payload))
+    old_model, old_cfg, _, _ = load_model(old, device="cpu")
+    assert old_cfg.model.gelu == "tanh"
+    assert all(m.approximate == "tanh" for m in old_model.modules() if isinstance(m, torch.nn.GELU))
+    u = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 1])
+
+    def bpd(model):
+        torch.manual_seed(0)  # the same dequantisation noise for both
+        with torch.no_grad():
+            return model(u, y, noise="uniform")["bpd"]
+
+    assert torch.equal(bpd(new_model), bpd(new_model))
+    assert not torch.equal(bpd(new_model), bpd(old_model))
+    assert torch.allclose(bpd(new_model), bpd(old_model), atol=0.05)
+
+
 # ----- the engine: stop signals -----
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path: Path):

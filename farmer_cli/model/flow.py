@@ -31,16 +31,17 @@ class AFBlock(nn.Module):
         num_classes: > 0 makes the block class-conditional (a class embedding added to every position; index
             ``num_classes`` is the null class); 0 (the paper's choice) makes it unconditional.
         checkpoint: activation checkpointing of the transformer in training (see :class:`TransformerStack`).
+        gelu: the MLPs' GELU, "exact" (erf) or "tanh" (the approximation).
     """
 
     def __init__(self, dim: int, tokens: int, width: int, layers: int, heads: int, mlp_ratio: float,
-                 max_log_scale: float, num_classes: int = 0, checkpoint: bool = False) -> None:
+                 max_log_scale: float, num_classes: int = 0, checkpoint: bool = False, gelu: str = "exact") -> None:
         super().__init__()
         self.dim, self.max_log_scale = dim, max_log_scale
         self.in_proj = nn.Linear(dim, width)
         self.pos = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
         self.class_emb = nn.Embedding(num_classes + 1, width) if num_classes else None
-        self.stack = TransformerStack(width, layers, heads, mlp_ratio, checkpoint=checkpoint)
+        self.stack = TransformerStack(width, layers, heads, mlp_ratio, checkpoint=checkpoint, gelu=gelu)
         self.out_proj = nn.Linear(width, 2 * dim)
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
@@ -137,10 +138,10 @@ class AutoregressiveFlow(nn.Module):
 
     def __init__(self, dim: int, tokens: int, blocks: int, width: int, layers: int, heads: int,
                  mlp_ratio: float = 4.0, max_log_scale: float = 3.0, permutation: str = "alternate",
-                 num_classes: int = 0, checkpoint: bool = False) -> None:
+                 num_classes: int = 0, checkpoint: bool = False, gelu: str = "exact") -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            AFBlock(dim, tokens, width, layers, heads, mlp_ratio, max_log_scale, num_classes, checkpoint)
+            AFBlock(dim, tokens, width, layers, heads, mlp_ratio, max_log_scale, num_classes, checkpoint, gelu)
             for _ in range(blocks)
         )
         self.flips = [permutation == "always-flip" or t % 2 == 1 for t in range(blocks)]

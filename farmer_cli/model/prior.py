@@ -37,7 +37,8 @@ class ARPrior(nn.Module):
         nn.init.normal_(self.class_emb.weight, std=0.02)
         self.in_proj = nn.Linear(self.d_I, W)
         self.pos = nn.Parameter(torch.randn(1, self.M + self.N, W) * 0.02)
-        self.stack = TransformerStack(W, cfg.ar_layers, cfg.ar_heads, cfg.mlp_ratio, checkpoint=cfg.grad_checkpoint)
+        self.stack = TransformerStack(W, cfg.ar_layers, cfg.ar_heads, cfg.mlp_ratio, checkpoint=cfg.grad_checkpoint,
+                                      gelu=cfg.gelu)
         self.info_head = GMMHead(W, cfg.informative_components, self.d_I, cfg.min_scale)
         self.red_head = GMMHead(W, cfg.redundant_components, self.d_R, cfg.min_scale) if self.d_R else None
 

@@ -20,4 +20,21 @@ for module in (train, score, sample, distill, inspect_channels, evaluate, ood):
 
 
 def main() -> None:
-    app()
+    """Run the app. A usage error that typer/click catch (an unknown option, a value of the wrong type, a missing
+    argument) is one red line on stderr naming the option and the command's --help, exit status 2; bare ``farmer``
+    still shows the help."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as err:  # click's errors, matched by their interface (typer may ship its own copy of click)
+        if not (hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int)):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":
+            err.show()
+        else:
+            from .commands.ui import console, escape
+
+            ctx = getattr(err, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            console.print(f"[red]error:[/] {escape(err.format_message())}{where}", highlight=False)
+        raise SystemExit(err.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -133,6 +133,26 @@ def test_score_data_image_beats_noise(tiny_run: Path, digit_png: Path, tmp_path:
 
 
 @pytest.mark.parametrize("args, message", [
+    (["sample", "--n", "abc"], "error: Invalid value for '--n'"),
+    (["train", "--steps", "1.5"], "error: Invalid value for '--steps'"),
+    (["sample", "--bogus"], "error: No such option: --bogus"),
+    (["smaple"], "error: No such command 'smaple'"),
+])
+def test_option_parsing_errors_are_one_line_with_status_2(args, message):
+    """What typer/click reject before farmer runs (wrong type, unknown option or command) is one line naming the
+    option and the --help to read, not a usage box."""
+    proc = farmer(*args, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(message) and "--help)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bare_farmer_still_shows_the_help():
+    proc = farmer(check=False)
+    out = proc.stdout + proc.stderr
+    assert "Usage:" in out and "sample" in out and "error:" not in out
+
+
+@pytest.mark.parametrize("args, message", [
     (["score", "missing.png"], "no such file"),
     (["score", "{notimage}"], "not a readable image"),
     (["score", "{digit}", "--ckpt", "{nockpt}"], "not a farmer checkpoint"),

@@ -148,7 +148,7 @@ def test_combined_score_is_the_larger_two_sided_z_score():
 
 
 def test_fashion_mnist_source(monkeypatch, tmp_path: Path):
-    from farmer_cli import data
+    from farmer_cli import sources as data
 
     if all((data.FASHION_MNIST_DIR / f).exists() for f in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
         bundle = load_data(DataConfig(source="fashion-mnist"), 1, 28)

@@ -22,7 +22,7 @@ def user_errors() -> Iterator[None]:
     """Show the library's messages; turn any user-facing error into one line on stderr and exit status 2."""
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..data import DataError
+    from ..sources import DataError
     from ..metrics import WeightsError
     from ..runtime import DeviceError
     from .ui import console, escape, show_library_messages

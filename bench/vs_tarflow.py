@@ -8,12 +8,14 @@ AdamW; Gaussian dequantisation noise 0.05 as in TARFlow's training. Rows (median
 * KV-cached sampling of 16 images (the AF inverse, unguided);
 * farmer's whole model (flow + GMM prior, the quickstart) train step, for scale;
 * MFU: model FLOPs per step (2 x multiply-adds of every matmul forward, x3 with backward) over the time, against
-  this machine's measured peak (a 2048^3 matmul in each precision).
+  this machine's measured peak (a 2048^3 matmul in each precision);
+* with ``--profile``: where each train step and sampling call spends its time (torch.profiler self time, ms per
+  call, grouped: matmuls, attention, LayerNorm, GELU, optimizer, the rest), which explains the ratios.
 
 Nothing of TARFlow is part of farmer: pass the directory holding its ``transformer_flow.py`` (a checkout of
 https://github.com/apple/ml-tarflow) and it is imported at run time.
 
-    python bench/vs_tarflow.py --tarflow /path/to/ml-tarflow [--repeats 7] [--threads 2]
+    python bench/vs_tarflow.py --tarflow /path/to/ml-tarflow [--repeats 7] [--threads 2] [--profile]
 """
 
 from __future__ import annotations
@@ -126,11 +128,36 @@ def farmer_model_step(bf16: bool):
     return step, model
 
 
+OP_GROUPS = {  # aten operator name fragments -> group (first match wins)
+    "matmul": ("addmm", "aten::mm", "bmm", "aten::matmul"),
+    "attention": ("attention", "softmax"),
+    "LayerNorm": ("layer_norm",),
+    "GELU": ("gelu",),
+    "optimizer": ("adam", "_foreach", "lerp", "addcdiv"),
+}
+
+
+def profile_groups(fn, calls: int = 3) -> dict[str, float]:
+    """ms of operator self time per call of ``fn``, by :data:`OP_GROUPS` (``other``: everything else)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    groups = dict.fromkeys([*OP_GROUPS, "other"], 0.0)
+    for event in prof.key_averages():
+        group = next((g for g, keys in OP_GROUPS.items() if any(k in event.key for k in keys)), "other")
+        groups[group] += event.self_cpu_time_total / 1e3 / calls
+    return groups
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tarflow", type=Path, required=True, help="directory with ml-tarflow's transformer_flow.py")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--profile", action="store_true", help="also print where each step's time goes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tf = load_tarflow(args.tarflow)
@@ -160,9 +187,15 @@ def main() -> None:
         rows.append({"row": f"farmer whole model (quickstart) step, {tag}", "tarflow_ms": "",
                      "farmer_ms": 1e3 * t[f"farmer whole-model step {tag}"], "tarflow_over_farmer": "",
                      "farmer_MFU_pct": "", "tarflow_MFU_pct": ""})
-    report("vs_tarflow", rows, {"repeats": args.repeats, "threads": args.threads, "params": params,
-                                "matmul_peak_TFLOPs": {k: v / 1e12 for k, v in peaks.items()},
-                                "train_flops_per_step": train_flops})
+    meta = {"repeats": args.repeats, "threads": args.threads, "params": params,
+            "matmul_peak_TFLOPs": {k: v / 1e12 for k, v in peaks.items()}, "train_flops_per_step": train_flops}
+    if args.profile:
+        meta["profile_ms_per_call"] = {name: profile_groups(fns[name]) for name in fns if "whole" not in name}
+        groups = [*OP_GROUPS, "other"]
+        print("operator self time, ms per call:", "  ".join(f"{g:>9}" for g in groups))
+        for name, by_group in meta["profile_ms_per_call"].items():
+            print(f"  {name:<28}", "  ".join(f"{by_group[g]:9.1f}" for g in groups))
+    report("vs_tarflow", rows, meta)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def test_library_imports_no_ui():
             "ui = ('farmer_cli.app', 'farmer_cli.__main__', 'farmer_cli.commands', 'farmer_cli.presets')\n"
             "names = [m.name for m in pkgutil.iter_modules(farmer_cli.__path__, 'farmer_cli.')"
             " if not m.name.startswith(ui)]\n"
-            "names += [m.name for m in pkgutil.iter_modules([farmer_cli.__path__[0] + '/model'], 'farmer_cli.model.')]\n"
+            "model = farmer_cli.__path__[0] + '/model'\n"
+            "names += [m.name for m in pkgutil.iter_modules([model], 'farmer_cli.model.')]\n"
             "for name in names: importlib.import_module(name)\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('typer', 'rich')]\n"
             "assert not bad and len(names) > 30 and 'farmer_cli.sources' in names, (bad, names)")
@@ -125,7 +126,7 @@ def test_denoising_sigma_travels_with_the_model(tiny_run: Path):  # noqa: F811
     assert model.denoise_sigma(SamplingConfig(denoise=False)) == 0.0
 
 
-def test_runs_written_before_model_gelu_keep_the_tanh_gelu_they_were_trained_with(tiny_run: Path, tmp_path: Path):  # noqa: F811
+def test_runs_from_before_model_gelu_keep_their_tanh_gelu(tiny_run: Path, tmp_path: Path):  # noqa: F811
     """New models use the exact (erf) GELU; a run whose config.json predates ``model.gelu`` was trained with the
     tanh approximation and must load with it (and give the same log-likelihoods as before)."""
     import shutil

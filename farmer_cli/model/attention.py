@@ -110,7 +110,8 @@ class TransformerLayer(nn.Module):
         self.attn = SelfAttention(width, heads)
         self.norm2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        activation = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")  # erf: fwd+bwd 2.3x faster on an EPYC CPU
+        # erf (TARFlow's GELU): forward + backward 2.3x faster than the tanh approximation on an EPYC CPU
+        activation = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.mlp = nn.Sequential(nn.Linear(width, hidden), activation, nn.Linear(hidden, width))
 
     def forward(self, h: torch.Tensor, causal: bool, cache: KVCache | None, layer: int) -> torch.Tensor:

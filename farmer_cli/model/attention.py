@@ -68,11 +68,11 @@ def _recompute_with_forward_attention_backends() -> tuple[contextlib.AbstractCon
 def decoding_attention(device: torch.device) -> contextlib.AbstractContextManager:
     """Attention backends for token-by-token decoding, where every step's key length is new.
 
-    On a CUDA GPU, PyTorch's first choice on Hopper/Blackwell (with cuDNN > 9.15) is cuDNN attention, which
-    builds and caches a graph per shape: decoding paid that for each of its N key lengths, about 30 ms a step
-    cold on an H100 (the first imagenet256-patch8 sample call at cut depth: AF inverse 62.7 s cold, the whole
-    sample 2.6 s once warm). Flash / memory-efficient attention need no per-shape setup, so decoding uses them
-    (math as the fallback). Elsewhere nothing changes."""
+    On a CUDA GPU, recent PyTorch prefers cuDNN attention on Hopper/Blackwell, and cuDNN builds and caches a graph
+    per shape, so decoding would pay that for each of its N key lengths: on an H100 the first AF inverse of an
+    imagenet256-patch8 sample call (cut depth) took 62.7 s, ~30 ms a step, and the whole sample 2.6 s once warm.
+    Flash / memory-efficient attention need no per-shape setup, so decoding uses them (math as the fallback).
+    Elsewhere nothing changes."""
     if torch.device(device).type != "cuda":
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

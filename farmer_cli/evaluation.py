@@ -70,8 +70,12 @@ def reference_classifier_accuracy(train: ImageDataset, images: torch.Tensor, lab
     """Share of generated images that a logistic regression fitted on real training pixels reads as the class
     asked for: "would a simple classifier recognise these samples?" (scikit-learn)."""
     clf = fit_reference_classifier(train, limit)
-    pred = classify_pixels(clf, images)
-    return {"accuracy": float((pred == labels.numpy()).mean()), "n": len(labels), "fitted_on": clf.fitted_on_}
+    return sample_accuracy(clf, classify_pixels(clf, images), labels)
+
+
+def sample_accuracy(clf, predictions: np.ndarray, labels: torch.Tensor) -> dict:
+    """The sample-acc figure: the share of predictions (n,) equal to the classes asked for, labels (n,)."""
+    return {"accuracy": float((predictions == labels.numpy()).mean()), "n": len(labels), "fitted_on": clf.fitted_on_}
 
 
 def _gather_to_main(part, rank: int, world: int) -> list | None:
@@ -163,9 +167,7 @@ def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *
         result["sampling"] = dataclasses.asdict(cfg.sampling) | {
             "student": student is not None, "n_samples": n_samples, "denoise_sigma": model.denoise_sigma(cfg.sampling)}
         if clf is not None:
-            pred = samples["predictions"]
-            m["sample_acc"] = {"accuracy": float((pred == samples["labels"].numpy()).mean()), "n": len(pred),
-                               "fitted_on": clf.fitted_on_}
+            m["sample_acc"] = sample_accuracy(clf, samples["predictions"], samples["labels"])
     elif not main:
         return None
     if "bpd" in metrics:

@@ -108,6 +108,19 @@ def _can_create_in(directory) -> bool:
         return False
 
 
+def process_device(device: str, state):
+    """The device this process runs on: ``--device`` on one process; under accelerate launch (``state``: the
+    Accelerator or PartialState) the one Accelerate gives it, and any other explicit ``--device`` is refused."""
+    from ..runtime import resolve_device
+
+    if state.num_processes == 1:
+        return resolve_device(device)
+    if device not in ("auto", str(state.device)):
+        exit_with(f"--device {device}: under accelerate launch each process uses the device Accelerate gives it "
+                  f"({state.device} here); leave --device out")
+    return state.device
+
+
 MAX_SEED = 2**63 - 1
 
 

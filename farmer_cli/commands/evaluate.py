@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import CKPT_HELP, DEVICE_HELP, Option, check_seed, exit_with, user_errors
+from . import CKPT_HELP, DEVICE_HELP, Option, check_seed, exit_with, process_device, user_errors
 
 NAME = "evaluate"
 MAX_SAMPLES = 200_000  # the samples' Inception features (16 KB each) are kept for fid and pr
@@ -119,7 +119,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     from ..generation import my_chunks
     from ..inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
     from ..ref_stats import StatsError, load_ref_stats
-    from ..runtime import end_processes, find_checkpoint, make_accelerator, resolve_device
+    from ..runtime import end_processes, find_checkpoint, make_accelerator
     from .ui import console, escape, progress, stdout
 
     check_seed(seed)
@@ -161,10 +161,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     acc = make_accelerator("no", cpu=device == "cpu")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     try:
-        if world > 1 and device not in ("auto", str(acc.device)):
-            exit_with(f"--device {device}: under accelerate launch each process uses the device Accelerate gives it "
-                      f"({acc.device} here); leave --device out")
-        dev = acc.device if world > 1 else resolve_device(device)
+        dev = process_device(device, acc)
         model, cfg, class_names, step = load_model(run_dir, dev)
         overrides = ([f"data.source={data}"] if data else []) + ([f"sampling.cfg={cfg_weight}"] if cfg_weight is not None else [])
         apply_overrides(cfg, overrides + list(sampling_overrides))
@@ -239,11 +236,13 @@ def protocol_lines(result: dict) -> list[str]:
 
 
 def _reference(described: dict) -> str:
+    from ..fid_evaluation import reference_label
+
     if described["kind"] == "file":
-        return f"{described['file']} (sha256 {described['sha256'][:12]})"
+        return reference_label(described)
     cached = " (statistics cached)" if described.get("cached") else ""
     saved = f", saved to {described['saved_to']}" if described.get("saved_to") else ""
-    return f"{described['source']} {described['split']} split, {described['n']:,} images{cached}{saved}"
+    return f"{reference_label(described)}, {described['n']:,} images{cached}{saved}"
 
 
 def _print_table(result: dict, out) -> None:

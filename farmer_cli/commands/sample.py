@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, exit_with,
-               resolve_class, user_errors)
+               process_device, resolve_class, user_errors)
 
 NAME = "sample"
 MAX_IMAGES = 10_000  # per call: every image is kept in memory for the grid
@@ -95,7 +95,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
 
     from ..checkpoint import load_model, load_student
     from ..generation import generate_chunks, my_chunks, resolve_inference_precision
-    from ..runtime import end_processes, find_checkpoint, process_state, resolve_device
+    from ..runtime import end_processes, find_checkpoint, process_state
     from ..viz import class_blocks, grid, save_png
     from .ui import console, escape, progress
 
@@ -120,10 +120,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     world, rank, main = state.num_processes, state.process_index, state.is_main_process
     if world > 1 and out_dir is None:
         exit_with(f"{world} processes write their images to files: pass --out-dir DIR (the grid is built from it)")
-    if world > 1 and device not in ("auto", str(state.device)):
-        exit_with(f"--device {device}: under accelerate launch each process uses the device Accelerate gives it "
-                  f"({state.device} here); leave --device out")
-    device = state.device if world > 1 else resolve_device(device)
+    device = process_device(device, state)
     try:
         run_dir = find_checkpoint(ckpt)
         model, cfg, class_names, step = load_model(run_dir, device)

@@ -29,7 +29,7 @@ from common import report
 from farmer_cli.config import SamplingConfig
 from farmer_cli.checkpoint import load_model
 from farmer_cli.config_files import apply_overrides, load_preset
-from farmer_cli.generation import auto_denoise_batch, inference_autocast, resolve_inference_precision
+from farmer_cli.generation import inference_autocast, plan_denoise, resolve_inference_precision
 from farmer_cli.model import Farmer
 from farmer_cli.model.distill import make_student
 from farmer_cli.model.guidance import draw
@@ -79,6 +79,7 @@ def stages(model: Farmer, student, batch: int, s: SamplingConfig, trained: bool)
                                                           s.redundant_pool or 2 * model.prior.N, s, streams())], -1))
     x = model.from_tokens(model.flow.inverse(z))
     pool = s.redundant_pool or 2 * model.prior.N
+    denoise = plan_denoise(model, batch)
     jacobi = SamplingConfig(**{**s.__dict__, "decoder": "jacobi"})
     fns = {
         "informative AR": lambda: model.sample_informative(y, s, streams()),
@@ -86,8 +87,9 @@ def stages(model: Farmer, student, batch: int, s: SamplingConfig, trained: bool)
         "AF inverse sequential": lambda: model.flow.inverse(z),
         "AF inverse jacobi": lambda: model.flow.jacobi_inverse(z, None, jacobi.jacobi_tol, jacobi.jacobi_max_iter),
         "AF inverse student": lambda: student.one_pass_inverse(z),
-        "denoise": lambda: model.denoise(x, y, 0.05, auto_denoise_batch(model)),
-        "whole sample (sequential)": lambda: model.sample(y, s, streams(), denoise_batch=auto_denoise_batch(model)),
+        "denoise": lambda: model.denoise(x, y, 0.05, *denoise),
+        "whole sample (sequential)": lambda: model.sample(y, s, streams(), denoise_batch=denoise[0],
+                                                           denoise_checkpoint=denoise[1]),
     }
     if not trained:
         del fns["AF inverse jacobi"]

@@ -17,33 +17,31 @@ import torch
 from .config import SamplingConfig
 from .model import Farmer
 from .model.randomness import ImageStreams
+from .plan import WORKSPACE_FACTOR, saved_bytes_by_depth
 
-# Measured: imagenet256-patch8 with AF 2 x 1 and AR 1 layer, 20 images denoised at once on a CPU raised the peak
-# RSS by 5.1 GB, 255 MB per image, where the activation count below gives 106 MB (bench/sample_rehearsal.sh).
-DENOISE_OVERHEAD = 2.4
 CPU_DENOISE_BUDGET = 2 << 30  # bytes of denoising activations per micro-batch on a CPU; a GPU gets 1/4 of its memory
 
 
-def denoise_bytes_per_image(model: Farmer) -> int:
-    """Memory of one image's denoising backward pass (bytes, float32): every transformer layer keeps about
-    (6W + 2·mlp hidden) values per token (LayerNorm outputs, q/k/v, attention and MLP activations), the AF at its
-    N tokens and the AR prior at its M + n positions; times :data:`DENOISE_OVERHEAD` for what that count leaves
-    out (gradient buffers during the backward pass, the mixture heads' outputs and densities)."""
-    c = model.cfg
-    per_token_layer = lambda width: 4 * (6 * width + 2 * int(width * c.mlp_ratio))  # noqa: E731
-    flow = c.af_blocks * c.af_layers * c.tokens * per_token_layer(c.af_width)
-    prior = c.ar_layers * (c.cond_repeat + c.ar_tokens) * per_token_layer(c.ar_width)
-    return int(DENOISE_OVERHEAD * (flow + prior))
+def denoise_bytes_per_image(model: Farmer, checkpoint: bool) -> int:
+    """Memory of one image's denoising pass (bytes): what autograd keeps for the score's backward pass (with
+    ``checkpoint``, one input per transformer layer) plus the backward workspace, counted on the meta device
+    (:func:`~farmer_cli.plan.saved_bytes_by_depth`, the count ``farmer train --dry-run`` makes). Counted in
+    float32: an upper bound under bf16 autocast."""
+    saved, largest = saved_bytes_by_depth(model.cfg, checkpoint)
+    return int(saved + WORKSPACE_FACTOR * largest)
 
 
-def auto_denoise_batch(model: Farmer, budget: int | None = None) -> int:
-    """Images per denoising pass so that its activations fit ``budget`` bytes (default: a quarter of the GPU's
-    memory, or :data:`CPU_DENOISE_BUDGET` on a CPU)."""
-    device = model.device
+def plan_denoise(model: Farmer, images: int, budget: int | None = None) -> tuple[int, bool]:
+    """(images per denoising pass, activation checkpointing) for ``images`` images within ``budget`` bytes
+    (default: a quarter of the GPU's memory, or :data:`CPU_DENOISE_BUDGET` on a CPU): all at once without
+    checkpointing when they fit, else checkpointed (one more forward pass) and as many per pass as fit."""
     if budget is None:
+        device = model.device
         cuda = device.type == "cuda"
         budget = torch.cuda.get_device_properties(device).total_memory // 4 if cuda else CPU_DENOISE_BUDGET
-    return max(1, budget // denoise_bytes_per_image(model))
+    if images * denoise_bytes_per_image(model, checkpoint=False) <= budget:
+        return images, False
+    return max(1, min(images, budget // denoise_bytes_per_image(model, checkpoint=True))), True
 
 
 def inference_autocast(device: torch.device, precision: str):
@@ -78,14 +76,18 @@ def generate_chunks(model: Farmer, labels: torch.Tensor, s: SamplingConfig, seed
                     stats: dict | None = None, on_token: Callable[[int], None] | None = None,
                     on_block: Callable[[int], None] | None = None) -> Iterator[tuple[range, torch.Tensor]]:
     """Images for labels (n,) in micro-batches, this process's share: yields (global indices, uint8 images
-    (b, C, H, W) on the CPU). Memory is bounded by ``batch`` (and ``denoise_batch``, 0: :func:`auto_denoise_batch`),
+    (b, C, H, W) on the CPU). Memory is bounded by ``batch`` (and ``denoise_batch``, 0: :func:`plan_denoise`),
     whatever n is. ``precision``: fp32 or bf16 (:func:`inference_autocast`)."""
-    denoise_batch = min(denoise_batch or auto_denoise_batch(model), batch)
+    if denoise_batch:  # the caller sized it: checkpointed, the smallest footprint per image
+        denoise = (min(denoise_batch, batch), True)
+    else:
+        denoise = plan_denoise(model, batch) if model.denoise_sigma(s) > 0 else (batch, False)
     for chunk in my_chunks(len(labels), batch, rank, world):
         rng = ImageStreams.for_images(seed, chunk, model.device)
         with inference_autocast(model.device, precision):
             images = model.sample(labels[chunk.start:chunk.stop], s, rng, student=student, on_token=on_token,
-                                  on_block=on_block, stats=stats, denoise_batch=denoise_batch)
+                                  on_block=on_block, stats=stats, denoise_batch=denoise[0],
+                                  denoise_checkpoint=denoise[1])
         yield chunk, images.cpu()
 
 

@@ -18,12 +18,13 @@ holds (``CPU_RUNTIME_BYTES`` for a CPU process: torch, data, allocator; on a GPU
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .config import Config
+from .config import Config, ModelConfig
 from .model import Farmer
 
 GiB = 1024**3
@@ -78,14 +79,17 @@ def parameter_parts(model: Farmer) -> dict[str, int]:
     return {"autoregressive flow": count(model.flow), "AR transformer": count(prior) - sum(heads.values()), **heads}
 
 
-def _probe(cfg: Config, checkpoint: bool, fused_attention: bool) -> tuple[int, int, float]:
-    """One meta-device training step of one image: (bytes saved for backward, largest saved tensor, FLOPs of
-    forward + backward). Every saved tensor counted grows with the batch, so these are per-image figures (an
-    upper bound: a few, like attention masks, do not grow). On the meta device attention runs as matmul-softmax and keeps its (B, H, T, T)
-    probabilities; ``fused_attention`` leaves them out (flash / memory-efficient kernels keep O(T) per head)."""
+def probe_backward(model_cfg: ModelConfig, checkpoint: bool, fused_attention: bool = True, noise: str = "uniform",
+                   sigma: float = 0.0, count_flops: bool = True) -> tuple[int, int, float]:
+    """The likelihood's forward + backward pass of one image on the meta device (a training step, or the
+    denoising step's score): (bytes saved for backward, largest saved tensor, FLOPs of forward + backward).
+    Every saved tensor counted grows with the batch, so these are per-image figures (an upper bound: a few, like
+    attention masks, do not grow). On the meta device attention runs as matmul-softmax and keeps its
+    (B, H, T, T) probabilities; ``fused_attention`` leaves them out (flash / memory-efficient kernels keep O(T)
+    per head). Tensors are float32 here: an upper bound under bf16 autocast, where matmul inputs are 16-bit."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model_cfg = type(cfg.model)(**{**asdict(cfg.model), "grad_checkpoint": checkpoint})
+    model_cfg = type(model_cfg)(**{**asdict(model_cfg), "grad_checkpoint": checkpoint})
     with torch.device("meta"):
         model = Farmer(model_cfg).train()
     params = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -98,14 +102,34 @@ def _probe(cfg: Config, checkpoint: bool, fused_attention: bool) -> tuple[int, i
             saved[storage._cdata] = storage.nbytes()
         return t
 
-    mc = cfg.model
+    mc = model_cfg
     u = torch.zeros(1, mc.channels, mc.image_size, mc.image_size, dtype=torch.uint8, device="meta")
     y = torch.zeros(1, dtype=torch.long, device="meta")
-    counter = FlopCounterMode(display=False)
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(u, y, noise=cfg.train.noise, sigma=cfg.train.noise_start)["bpd"].mean()
+    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    with counter, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(u, y, noise=noise, sigma=sigma)["bpd"].mean()
         loss.backward()
-    return sum(saved.values()), max(saved.values(), default=0), float(counter.get_total_flops())
+    flops = float(counter.get_total_flops()) if count_flops else math.nan
+    return sum(saved.values()), max(saved.values(), default=0), flops
+
+
+def saved_bytes_by_depth(model_cfg: ModelConfig, checkpoint: bool) -> tuple[int, int]:
+    """:func:`probe_backward`'s (saved bytes, largest saved tensor) for ``model_cfg``, from four probes of
+    depth-cut copies (seconds instead of minutes for the 1.9B model). Saved bytes are linear in the depths:
+
+        S(b, l, a) = S(1, 1, 1) + (b - 1)·(c_block + c_layer) + b·(l - 1)·c_layer + (a - 1)·c_ar
+
+    with b AF blocks of l layers and a AR layers; c_layer, c_block + c_layer and c_ar are the increments from
+    one more AF layer, AF block and AR layer. The largest tensor does not grow with depth."""
+    def probe(blocks: int, layers: int, ar_layers: int) -> tuple[int, int]:
+        cut = replace(model_cfg, af_blocks=blocks, af_layers=layers, ar_layers=ar_layers)
+        return probe_backward(cut, checkpoint, count_flops=False)[:2]
+
+    (base, largest), (blocks, _), (layers, _), (ar, _) = (probe(1, 1, 1), probe(2, 1, 1), probe(1, 2, 1),
+                                                        probe(1, 1, 2))
+    b, l, a = model_cfg.af_blocks, model_cfg.af_layers, model_cfg.ar_layers
+    saved = base + (b - 1) * (blocks - base) + b * (l - 1) * (layers - base) + (a - 1) * (ar - base)
+    return saved, largest
 
 
 def make_plan(cfg: Config, processes: int = 1, precision: str = "no", fused_attention: bool = True) -> Plan:
@@ -123,7 +147,8 @@ def make_plan(cfg: Config, processes: int = 1, precision: str = "no", fused_atte
         static["autocast weight copies"] = 2 * P
     if processes > 1:
         static["DDP gradient buckets"] = 4 * P
-    figures = {ckpt: _probe(cfg, ckpt, fused_attention) for ckpt in (False, True)}
+    figures = {ckpt: probe_backward(cfg.model, ckpt, fused_attention, cfg.train.noise, cfg.train.noise_start)
+               for ckpt in (False, True)}
     flops = figures[cfg.model.grad_checkpoint][2]
     return Plan(parts, static, figures[False][0], figures[True][0], int(WORKSPACE_FACTOR * figures[False][1]),
                 int(WORKSPACE_FACTOR * figures[True][1]), flops, cfg.model.grad_checkpoint)

@@ -279,7 +279,7 @@ def test_checkpointing_is_inactive_in_eval_no_grad_and_cached_decoding(monkeypat
     stack.train()
     with torch.no_grad():
         stack(h)
-    cache = stack.new_cache()
+    cache = stack.new_cache(1, 4, "cpu")
     stack(h[:, :3], cache)
     stack(h[:, 3:], cache)
     stack.checkpoint = False  # the attribute switches it off
@@ -349,21 +349,23 @@ def test_jacobi_inverse_equals_the_sequential_inverse(tiny_cfg):
     assert rounds == [2, 2, 2] and (capped - exact).abs().max() > 1e-4  # two rounds are not enough here
 
 
-@pytest.mark.parametrize("max_len", [None, 12])
-def test_kv_cache_is_written_in_place_and_matches_the_full_pass(max_len):
-    """Token-by-token decoding through the cache equals one causal pass; with max_len the buffers are allocated
-    once and written in place (no copy of the prefix per token)."""
+@pytest.mark.parametrize("exact_span", [True, False])
+def test_kv_cache_is_written_in_place_and_matches_the_full_pass(exact_span):
+    """Token-by-token decoding through the cache equals one causal pass, whether attention reads exactly the filled
+    positions or the whole (partly unfilled, masked) buffer; the buffers are allocated once and written in place
+    at a position kept on the device."""
     torch.manual_seed(0)
     stack = TransformerStack(32, 2, 4).eval()
     h = torch.randn(2, 12, 32)
-    cache = stack.new_cache(max_len)
+    cache = stack.new_cache(2, 12, "cpu")
     with torch.no_grad():
         full = stack(h)
+        cache.span = 3 if exact_span else 12
         steps, buffers = [stack(h[:, :3], cache)], set()
         for i in range(3, 12):
+            cache.span = i + 1 if exact_span else 12
             steps.append(stack(h[:, i : i + 1], cache))
             buffers.add(cache.keys[0].data_ptr())
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    assert cache.length == 12
-    if max_len:
-        assert len(buffers) == 1 and cache.keys[0].shape[2] == max_len
+    assert int(cache.position) == 12
+    assert len(buffers) == 1 and cache.keys[0].shape[2] == 12

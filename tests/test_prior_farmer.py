@@ -92,9 +92,9 @@ def test_prior_factorisation_matches_next_hidden_and_heads(tiny_cfg):
         assert torch.equal(zi, z[..., :dI]) and torch.equal(zr, z[..., dI:])
         ref_i = torch.zeros(B)
         for t in range(n):
-            g = prior.info_head(prior.next_hidden(y, zi[:, :t], None))
+            g = prior.info_head(prior.next_hidden(y, zi[:, :t]))
             ref_i += g.log_prob(zi[:, t:t + 1]).squeeze(-1)
-        g_red = prior.red_head(prior.next_hidden(y, zi, None))
+        g_red = prior.red_head(prior.next_hidden(y, zi))
         assert g_red.means.shape == (B, cfg.redundant_components, cfg.d_redundant)
         ref_r = g_red.log_prob(zr).sum(-1)
     assert lpi.shape == (B,) and lpr.shape == (B,)
@@ -108,11 +108,11 @@ def test_prior_next_hidden_cache_matches_recompute(tiny_cfg):
     B, n = 2, cfg.ar_tokens
     zi = torch.randn(B, n, cfg.d_informative)
     y = torch.tensor([1, 7])
-    cache = prior.stack.new_cache()
+    cache = prior.stack.new_cache(B, prior.M + n, "cpu")
     with torch.no_grad():
         for t in range(n + 1):
-            a = prior.next_hidden(y, zi[:, :t], cache)
-            b = prior.next_hidden(y, zi[:, :t], None)
+            a = prior.prefill(y, cache) if t == 0 else prior.token_step(zi, cache)
+            b = prior.next_hidden(y, zi[:, :t])
             assert a.shape == (B, cfg.ar_width)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -263,7 +263,7 @@ def test_k1_without_split_is_a_deeper_affine_flow(tiny_cfg, randomise_out_proj):
         z, _ = model.flow(patchify(img, cfg.patch_size))  # independent of encode(): patchify + flow
         outs = []
         for t in range(cfg.ar_tokens):
-            g = model.prior.info_head(model.prior.next_hidden(y, z[:, :t], None))
+            g = model.prior.info_head(model.prior.next_hidden(y, z[:, :t]))
             outs.append((z[:, t] - g.means[:, 0]) / g.stds[:, 0])
         return torch.stack(outs, 1)
 
@@ -361,9 +361,9 @@ def test_sampled_tokens_follow_the_prior_conditionals(tiny_cfg, randomise_out_pr
         zi, zr = model.prior.split(tok)
         res = []
         for t in range(cfg.ar_tokens):
-            g = model.prior.info_head(model.prior.next_hidden(y, zi[:, :t], None))
+            g = model.prior.info_head(model.prior.next_hidden(y, zi[:, :t]))
             res.append((zi[:, t] - g.means[:, 0]) / g.stds[:, 0])
-        g = model.prior.red_head(model.prior.next_hidden(y, zi, None))
+        g = model.prior.red_head(model.prior.next_hidden(y, zi))
         red = (zr - g.means[:, :1]) / g.stds[:, :1]
     info = torch.cat(res).flatten().double().numpy()
     red = red.flatten().double().numpy()

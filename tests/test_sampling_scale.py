@@ -15,7 +15,7 @@ import torch
 
 from farmer_cli.config import SamplingConfig
 from farmer_cli.config_files import load_preset
-from farmer_cli.generation import auto_denoise_batch, denoise_bytes_per_image, generate_chunks, my_chunks
+from farmer_cli.generation import denoise_bytes_per_image, generate_chunks, my_chunks, plan_denoise
 from farmer_cli.model import Farmer
 from farmer_cli.model.randomness import ImageStreams, SharedGenerator, categorical, image_seed, normal
 
@@ -102,14 +102,34 @@ def test_denoising_in_micro_batches_equals_one_pass(model: Farmer):
 
 
 def test_automatic_denoise_batch_follows_the_memory_budget(model: Farmer):
-    per_image = denoise_bytes_per_image(model)
-    assert per_image > 0
-    assert auto_denoise_batch(model, budget=10 * per_image) == 10
-    assert auto_denoise_batch(model, budget=per_image // 2) == 1
+    per_image, checkpointed = denoise_bytes_per_image(model, False), denoise_bytes_per_image(model, True)
+    assert 0 < checkpointed < per_image
+    assert plan_denoise(model, 10, budget=10 * per_image) == (10, False)  # all fit: one pass, no recomputation
+    assert plan_denoise(model, 10, budget=5 * per_image) == (min(10, 5 * per_image // checkpointed), True)
+    assert plan_denoise(model, 10, budget=checkpointed // 2) == (1, True)
     with torch.device("meta"):
         patch8 = Farmer(load_preset("imagenet256-patch8").model)
-    # AF 32 x 6 layers x 1024 tokens x 768 wide: about 9 GB of counted float32 activations per image, x 2.4
-    assert 18e9 < denoise_bytes_per_image(patch8) < 25e9
+    # AF 32 x 6 layers x 1024 tokens x 768 wide: about 22 GB of float32 activations per image kept for backward
+    assert 18e9 < denoise_bytes_per_image(patch8, False) < 25e9
+    # checkpointed, one input per layer: at least 16 images per pass in a quarter of an 80 GB GPU
+    assert plan_denoise(patch8, 64, budget=80 * 2**30 // 4)[0] >= 16
+
+
+def test_checkpointed_denoising_equals_the_plain_pass(model: Farmer):
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    y = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(model.denoise(x, y, 0.05, checkpoint=True), model.denoise(x, y, 0.05),
+                               rtol=1e-5, atol=1e-6)
+    assert not any(stack.checkpoint for stack in model.modules() if hasattr(stack, "checkpoint_in_eval"))
+
+
+def test_depth_extrapolated_saved_bytes_equal_the_full_probe(tiny_cfg):
+    from farmer_cli.plan import probe_backward, saved_bytes_by_depth
+
+    cfg = tiny_cfg(af_blocks=3, af_layers=2, ar_layers=3)
+    for checkpoint in (False, True):
+        saved, largest, _ = probe_backward(cfg, checkpoint, count_flops=False)
+        assert saved_bytes_by_depth(cfg, checkpoint) == (saved, largest)
 
 
 def test_generate_chunks_yields_this_process_share(model: Farmer):

@@ -4,9 +4,9 @@ Pre-norm layers: ``h = h + Attn(LN(h))``, ``h = h + MLP(LN(h))`` with ``scaled_d
 Attention is causal (token i attends to tokens <= i) unless ``causal=False`` (the distilled student).
 
 For sequential decoding a :class:`KVCache` stores every layer's keys and values: feeding the next ``t`` tokens
-costs O(t · prefix) instead of recomputing attention over the whole prefix.
+costs O(t · prefix) instead of recomputing attention over the whole prefix, with the same shapes at every step.
 
-For training, activation checkpointing (``checkpoint=True``) keeps only each layer's input and recomputes the
+For training (and denoising), activation checkpointing (``checkpoint=True``) keeps only each layer's input and recomputes the
 layer's activations in the backward pass: activation memory drops from O(layers · activations per layer) to
 O(layers · B·T·W + activations of one layer) at the cost of one more forward pass per step.
 """
@@ -23,33 +23,55 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 
 class KVCache:
-    """Per-layer key/value buffers of shape (B, heads, capacity, head_dim), preallocated and written in place left
-    to right (``length`` positions are filled). With ``max_len`` known (a decoder's sequence length) the buffers
-    are allocated once; without, capacity doubles when full (amortised O(1) per token instead of a copy of the
-    whole prefix per token)."""
+    """Fixed-shape key/value storage for token-by-token decoding.
 
-    def __init__(self, num_layers: int, max_len: int | None = None) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.max_len = max_len
-        self.length = 0
+    Per layer a (B, heads, capacity, head_dim) key and value buffer, zero-filled, in the dtype the keys are computed
+    in (bfloat16 under bf16 autocast, see :func:`activation_dtype`). The next write position is ``position``, a
+    0-dim int64 tensor on the buffers' device advanced in place, so a decoding step has no Python value that
+    changes from token to token: its shapes and the addresses it touches are the same every step, which is what
+    ``torch.compile`` (one graph for all positions) and CUDA graphs (capture once, replay per token) need.
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, H, t, hd) keys/values for ``layer`` after the ``length`` cached ones; return views of all
-        keys/values so far, (B, H, length + t, hd)."""
-        end = self.length + k.shape[2]
-        buffer = self.keys[layer]
-        if buffer is None or buffer.shape[2] < end:
-            capacity = self.max_len if self.max_len and self.max_len >= end else max(2 * end, 16)
-            grown_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-            grown_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
-            if buffer is not None:
-                grown_k[:, :, : self.length] = buffer[:, :, : self.length]
-                grown_v[:, :, : self.length] = self.values[layer][:, :, : self.length]
-            self.keys[layer], self.values[layer] = grown_k, grown_v
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    Attention reads the first ``span`` positions of the buffers under a mask (key j is visible to new token r iff
+    j <= position + r). The decoder sets ``span`` (:meth:`~.steps.StepRunner.attend`): the exact filled length when
+    running eagerly (then one new token needs no mask), a bucket of it for CUDA graphs (one graph per bucket),
+    ``capacity`` for a compiled step. Buffers may be reused by several
+    decoders of the same shape (the AF blocks): :meth:`restart` rewinds the position; stale entries beyond it are
+    finite and masked.
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, capacity: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.span = capacity
+        self.exact_span = False  # span == filled positions: one new token needs no mask
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self._key_index = torch.arange(capacity, device=device)
+        self._write_index: torch.Tensor | None = None  # (t,) positions of the tokens being fed
+        self.mask: torch.Tensor | None = None  # (t, span) bool for the tokens being fed
+
+    def restart(self) -> None:
+        """Decode a new sequence into the same buffers (position 0)."""
+        self.position.zero_()
+
+    def begin(self, t: int) -> None:
+        """Before feeding t new tokens: their write positions and their (t, span) attention mask."""
+        self._write_index = self.position + torch.arange(t, device=self.position.device)
+        exact = t == 1 and self.exact_span
+        self.mask = None if exact else self._key_index[: self.span] <= self._write_index[:, None]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, t, hd) keys/values of ``layer`` at the current positions; return the (B, H, span, hd)
+        keys/values attention reads."""
+        self.keys[layer].index_copy_(2, self._write_index, k)
+        self.values[layer].index_copy_(2, self._write_index, v)
+        return self.keys[layer][:, :, : self.span], self.values[layer][:, :, : self.span]
+
+    def advance(self, t: int) -> None:
+        """After feeding t tokens: the next write position moves on by t (in place, on the device)."""
+        self.position.add_(t)
 
 
 def _recompute_with_forward_attention_backends() -> tuple[contextlib.AbstractContextManager,
@@ -78,6 +100,15 @@ def decoding_attention(device: torch.device) -> contextlib.AbstractContextManage
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def activation_dtype(device: torch.device | str, weights: torch.dtype) -> torch.dtype:
+    """The dtype linear layers compute in on ``device`` here: autocast's while it is on for floating weights,
+    else the weights' own."""
+    device_type = torch.device(device).type
+    if weights.is_floating_point and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weights
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -86,20 +117,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, h: torch.Tensor, causal: bool, cache: KVCache | None, layer: int) -> torch.Tensor:
-        """h: (B, t, W) -> (B, t, W). With a cache, the t new tokens follow the cache's ``length`` tokens."""
+        """h: (B, t, W) -> (B, t, W). With a cache, the t new tokens follow the cache's ``position`` tokens."""
         B, t, W = h.shape
         q, k, v = self.qkv(h).view(B, t, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.append(layer, k, v)
-        if not causal or t == 1:
-            out = F.scaled_dot_product_attention(q, k, v)
-        elif past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # t new tokens after a prefix: new token j sees positions <= past + j
-            mask = torch.ones(t, past + t, dtype=torch.bool, device=h.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if cache is not None:  # the t new tokens after what the cache holds; the mask says which keys are filled
+            k, v = cache.write(layer, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.proj(out.transpose(1, 2).reshape(B, t, W))
 
 
@@ -124,9 +149,10 @@ class TransformerStack(nn.Module):
 
     ``forward(h)``: (B, T, W) -> (B, T, W). ``causal`` is an attribute so a trained causal stack can be turned
     bidirectional (the distillation student) without new parameters. ``checkpoint`` (also an attribute) runs each
-    layer under activation checkpointing whenever that can save memory: in training mode, with grad enabled and
-    without a KV cache; otherwise (evaluation, ``torch.no_grad``, cached decoding) it has no effect. Outputs and
-    gradients are the same either way.
+    layer under activation checkpointing whenever that can save memory: in training mode (or in evaluation mode
+    inside :func:`checkpointing`: the denoising step's backward pass), with grad enabled and without a KV cache;
+    otherwise (evaluation, ``torch.no_grad``, cached decoding) it has no effect. Outputs and gradients are the
+    same either way.
     """
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, causal: bool = True,
@@ -136,13 +162,21 @@ class TransformerStack(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.causal = causal
         self.checkpoint = checkpoint
+        self.checkpoint_in_eval = False  # set by :func:`checkpointing` for the denoising step
 
-    def new_cache(self, max_len: int | None = None) -> KVCache:
-        """An empty cache for decoding up to ``max_len`` positions (buffers allocated once when given)."""
-        return KVCache(len(self.layers), max_len)
+    def new_cache(self, batch: int, capacity: int, device: torch.device | str) -> KVCache:
+        """An empty cache for decoding ``batch`` sequences of up to ``capacity`` positions (causal stacks only), in
+        the dtype this stack's keys are computed in here (:func:`activation_dtype`)."""
+        attn = self.layers[0].attn
+        head_dim = attn.qkv.in_features // attn.heads
+        return KVCache(len(self.layers), batch, attn.heads, capacity, head_dim, device,
+                       activation_dtype(device, attn.qkv.weight.dtype))
 
     def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        recompute = self.checkpoint and self.training and cache is None and torch.is_grad_enabled()
+        recompute = (self.checkpoint and (self.training or self.checkpoint_in_eval) and cache is None
+                     and torch.is_grad_enabled())
+        if cache is not None:
+            cache.begin(h.shape[1])
         for i, layer in enumerate(self.layers):
             if recompute:
                 h = activation_checkpoint(layer, h, self.causal, None, i, use_reentrant=False,
@@ -150,5 +184,20 @@ class TransformerStack(nn.Module):
             else:
                 h = layer(h, self.causal, cache, i)
         if cache is not None:
-            cache.length += h.shape[1]
+            cache.advance(h.shape[1])
         return self.norm(h)
+
+
+@contextlib.contextmanager
+def checkpointing(module: nn.Module, enabled: bool = True):
+    """Activation checkpointing in every :class:`TransformerStack` of ``module`` for the duration (restored
+    after): the denoising step's backward pass keeps one input per layer instead of every activation."""
+    stacks = [m for m in module.modules() if isinstance(m, TransformerStack)]
+    before = [(stack.checkpoint, stack.checkpoint_in_eval) for stack in stacks]
+    for stack in stacks:
+        stack.checkpoint, stack.checkpoint_in_eval = stack.checkpoint or enabled, enabled
+    try:
+        yield
+    finally:
+        for stack, (flag, in_eval) in zip(stacks, before):
+            stack.checkpoint, stack.checkpoint_in_eval = flag, in_eval

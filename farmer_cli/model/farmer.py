@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, SamplingConfig
-from .attention import decoding_attention
+from .attention import checkpointing, decoding_attention
 from .flow import AutoregressiveFlow
 from .gmm import GMM
 from .guidance import draw, draw_tokens
 from .patchify import dct_basis, merge_tokens, patchify, split_tokens, unpatchify
 from .prior import ARPrior
+from .steps import StepRunner
 from .randomness import RandomSource, as_randomness
 
 
@@ -126,10 +127,12 @@ class Farmer(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, y: torch.Tensor | None = None, use_cache: bool = True,
                student: nn.Module | None = None, on_block: Callable[[int], None] | None = None,
-               s: SamplingConfig | None = None, stats: dict | None = None) -> torch.Tensor:
+               s: SamplingConfig | None = None, stats: dict | None = None,
+               runner: StepRunner | None = None) -> torch.Tensor:
         """AR tokens (B, n, D_ar) -> image x (B, C, H, W): one student pass when ``student`` is given, else the AF's
-        exact inverse, token by token (KV cache) or, with ``s.decoder == "jacobi"``, by parallel Jacobi iteration
-        (its rounds per block go to ``stats["jacobi_rounds"]``)."""
+        exact inverse, token by token (KV cache; steps run by ``runner``, eager by default) or, with
+        ``s.decoder == "jacobi"``, by parallel Jacobi iteration (its rounds per block go to
+        ``stats["jacobi_rounds"]``)."""
         y = self._labels(y, tokens.shape[0], tokens.device)
         z = self.from_ar_tokens(tokens.float())
         if student is not None:
@@ -139,7 +142,7 @@ class Farmer(nn.Module):
             if stats is not None:
                 stats.setdefault("jacobi_rounds", []).append(rounds)
         else:
-            x = self.flow.inverse(z, self._flow_class(y), use_cache=use_cache, on_block=on_block)
+            x = self.flow.inverse(z, self._flow_class(y), use_cache=use_cache, on_block=on_block, runner=runner)
         return self.from_tokens(x)
 
     # ----- likelihood -----
@@ -205,38 +208,51 @@ class Farmer(nn.Module):
     # ----- sampling -----
     @torch.no_grad()
     def sample_informative(self, y: torch.Tensor, s: SamplingConfig, rng: RandomSource = None,
-                           use_cache: bool = True, on_token: Callable[[int], None] | None = None) -> InformativeSample:
-        """Classes y (B,) -> the informative tokens, drawn one by one (KV cache: each step feeds one token), and
-        the shared redundant mixture(s). With guidance (s.cfg > 0) the conditional and null-class passes run as
-        one batch of 2B internally. ``rng``: a generator on the model's device, per-image streams, or None."""
+                           use_cache: bool = True, on_token: Callable[[int], None] | None = None,
+                           runner: StepRunner | None = None) -> InformativeSample:
+        """Classes y (B,) -> the informative tokens, drawn one by one, and the shared redundant mixture(s). With
+        the KV cache each step feeds one token (:meth:`ARPrior.token_step`, run by ``runner``: eager by
+        default); without, each recomputes the prefix. With guidance (s.cfg > 0) the conditional and null-class
+        passes run as one batch of 2B. ``rng``: a generator on the model's device, per-image streams, or None."""
         prior, B, device = self.prior, y.shape[0], y.device
         rng = as_randomness(rng, device)
+        runner = runner or StepRunner()
         guided = s.cfg > 0
         labels = torch.cat([y, torch.full_like(y, self.null_class)]) if guided else y
-        cache = prior.stack.new_cache(prior.M + prior.N + 1) if use_cache else None
-        z_info = torch.zeros(B, 0, prior.d_I, device=device)
+        z_info = torch.zeros(labels.shape[0], prior.N, prior.d_I, device=device)  # both halves hold the tokens
+        capacity = prior.M + prior.N
+        if use_cache:
+            cache = runner.buffers(("ar cache", labels.shape[0], device), lambda: prior.stack.new_cache(labels.shape[0], capacity, device))
+            cache.restart()
+            runner.attend(cache, prior.M)
         with decoding_attention(device):
+            hidden = prior.prefill(labels, cache) if use_cache else prior.next_hidden(labels, z_info[:, :0])
             for i in range(prior.N):
-                prefix = torch.cat([z_info, z_info]) if guided else z_info
-                token = draw_tokens(prior.info_head(prior.next_hidden(labels, prefix, cache)), 1, 0, s, rng)
-                z_info = torch.cat([z_info, token], dim=1)
+                token = draw_tokens(prior.info_head(hidden), 1, 0, s, rng)  # (B, 1, d_I)
+                z_info[:, i : i + 1] = torch.cat([token, token]) if guided else token
+                if i == prior.N - 1 and prior.red_head is None:
+                    pass  # nothing reads the hidden state after the last token
+                elif use_cache:
+                    span = runner.attend(cache, prior.M + i + 1)
+                    hidden = runner.run(("ar", span), ARPrior.token_step, prior, z_info, cache)
+                else:
+                    hidden = prior.next_hidden(labels, z_info[:, : i + 1])
                 if on_token is not None:
                     on_token(i)
-            if prior.red_head is None:
-                return InformativeSample(z_info, None, None)
-            prefix = torch.cat([z_info, z_info]) if guided else z_info
-            red = prior.red_head(prior.next_hidden(labels, prefix, cache))
-        if not guided:
-            return InformativeSample(z_info, red, None)
-        return InformativeSample(z_info, red.index(slice(0, B)), red.index(slice(B, 2 * B)))
+            red = None if prior.red_head is None else prior.red_head(hidden)
+        tokens = z_info[:B]
+        if red is None or not guided:
+            return InformativeSample(tokens, red, None)
+        return InformativeSample(tokens, red.index(slice(0, B)), red.index(slice(B, 2 * B)))
 
     @torch.no_grad()
     def sample_tokens(self, y: torch.Tensor, s: SamplingConfig, rng: RandomSource = None,
-                      use_cache: bool = True, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
+                      use_cache: bool = True, on_token: Callable[[int], None] | None = None,
+                      runner: StepRunner | None = None) -> torch.Tensor:
         """Classes y (B,) -> AR tokens (B, n, D_ar): informative tokens one by one, then all N redundant vectors
         from the one shared mixture (through the resampling pool when guided)."""
         rng = as_randomness(rng, y.device)
-        z_info, red, red_null = self.sample_informative(y, s, rng, use_cache, on_token)
+        z_info, red, red_null = self.sample_informative(y, s, rng, use_cache, on_token, runner)
         if red is None:
             return z_info
         z_red = draw(red, red_null, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, rng)
@@ -246,20 +262,22 @@ class Farmer(nn.Module):
         """The noise level one denoising step removes after decoding: 0 when ``s.denoise`` is off."""
         return self.trained_noise_sigma if s.denoise else 0.0
 
-    def denoise(self, x: torch.Tensor, y: torch.Tensor | None, sigma: float, batch: int = 0) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, y: torch.Tensor | None, sigma: float, batch: int = 0,
+                checkpoint: bool = False) -> torch.Tensor:
         """One score-based denoising step (Tweedie): E[x_clean | x] = x + sigma² ∇_x log p(x).
 
         A model trained on data plus N(0, sigma²) noise models the noisy density, so its exact log-likelihood
         gives the score in one backward pass (as TARFlow does; the FARMER paper describes no denoising).
-        x (B, C, H, W) -> (B, C, H, W). The backward pass keeps every layer's activations, so it runs ``batch``
-        images at a time (0: all at once); images are independent, so the result does not depend on it."""
+        x (B, C, H, W) -> (B, C, H, W). The backward pass keeps every layer's activations (with ``checkpoint``,
+        only each layer's input, at the cost of one more forward pass), so it runs ``batch`` images at a time
+        (0: all at once); images are independent, so the result depends on neither."""
         if sigma <= 0:
             return x
         chunks = x.split(batch) if batch > 0 else (x,)
         labels = y.split(batch) if batch > 0 and y is not None else (y,) * len(chunks)
         out = []
         for xc, yc in zip(chunks, labels):
-            with torch.enable_grad():
+            with torch.enable_grad(), checkpointing(self, checkpoint):
                 xc = xc.detach().float().requires_grad_(True)
                 log_p = -self.nll_continuous(xc, yc)["nll"].sum()
                 (score,) = torch.autograd.grad(log_p, xc)
@@ -271,14 +289,17 @@ class Farmer(nn.Module):
                use_cache: bool = True, student: nn.Module | None = None,
                on_token: Callable[[int], None] | None = None,
                on_block: Callable[[int], None] | None = None, stats: dict | None = None,
-               denoise_batch: int = 0) -> torch.Tensor:
+               denoise_batch: int = 0, denoise_checkpoint: bool = False) -> torch.Tensor:
         """Classes y (B,) -> uint8 images (B, C, H, W), denoised by :meth:`denoise_sigma` when ``s.denoise``
-        (``denoise_batch`` images at a time, 0: all).
+        (``denoise_batch`` images at a time, 0: all; with activation checkpointing when ``denoise_checkpoint``).
 
         ``on_token`` / ``on_block`` are called after each sampled token / inverted AF block (progress bars).
         ``rng``: a ``torch.Generator`` on the model's device (:attr:`device`), per-image streams
-        (:class:`~farmer_cli.model.randomness.ImageStreams`) or None (torch's global generator)."""
+        (:class:`~farmer_cli.model.randomness.ImageStreams`) or None (torch's global generator).
+        Both decoding loops run their steps as ``s.decode_steps`` says (:mod:`~farmer_cli.model.steps`)."""
         y = y.to(self.device)
-        tokens = self.sample_tokens(y, s, rng, use_cache, on_token)
-        x = self.decode(tokens, y, use_cache, student, on_block, s, stats)
-        return quantize(self.denoise(x, y, self.denoise_sigma(s), denoise_batch))
+        runner = StepRunner(s.decode_steps, self.device)
+        tokens = self.sample_tokens(y, s, rng, use_cache, on_token, runner)
+        x = self.decode(tokens, y, use_cache, student, on_block, s, stats, runner)
+        del runner  # its KV caches and graphs are not needed for denoising
+        return quantize(self.denoise(x, y, self.denoise_sigma(s), denoise_batch, denoise_checkpoint))

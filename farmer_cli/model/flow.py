@@ -14,13 +14,14 @@ untrained block is the identity.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import TransformerStack, decoding_attention
+from .attention import KVCache, TransformerStack, decoding_attention
+from .steps import StepRunner
 
 
 class AFBlock(nn.Module):
@@ -79,22 +80,44 @@ class AFBlock(nn.Module):
         z = (x.float() - mu) * torch.exp(-alpha)
         return z, (-alpha.sum(dim=-1) if per_token else -alpha.sum(dim=(1, 2)))
 
+    def decode_step(self, x: torch.Tensor, z: torch.Tensor, offsets: torch.Tensor, cache: KVCache) -> None:
+        """One token of the inverse, fixed-shape: with p = ``cache.position``, feed token p of x (B, N, d) and
+        write token p + 1 of x, x_(p+1) = z_(p+1)·exp(alpha) + mu. ``offsets`` (B, N, W): position (and class)
+        embeddings. Every index is a device tensor, so the step is the same computation at every p."""
+        fed = cache.position.view(1)
+        h = self.in_proj(x.index_select(1, fed)) + offsets.index_select(1, fed)
+        alpha, mu = self._affine(self.stack(h, cache))  # the stack moves cache.position on to p + 1
+        new = cache.position.view(1)
+        x.index_copy_(1, new, torch.addcmul(mu, z.index_select(1, new), torch.exp(alpha)).to(x.dtype))
+
     @torch.no_grad()
-    def inverse(self, z: torch.Tensor, y: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
-        """z (B, N, d) -> x (B, N, d), token by token. With the KV cache each step feeds one token."""
-        x = torch.empty_like(z)
-        x[:, 0] = z[:, 0]
-        cache = self.stack.new_cache(z.shape[1]) if use_cache else None
-        offsets = self._offsets(0, z.shape[1], y)  # once per block, not per token
+    def inverse(self, z: torch.Tensor, y: torch.Tensor | None = None, use_cache: bool = True,
+                runner: StepRunner | None = None, key: Hashable = 0) -> torch.Tensor:
+        """z (B, N, d) -> x (B, N, d) float32, token by token. With the KV cache each step feeds one token
+        (:meth:`decode_step`, run by ``runner``: eager by default) into buffers ``runner`` keeps for every block
+        of this shape; ``key`` names this block among them. Without the cache every step recomputes the prefix
+        (the reference path)."""
+        B, N, _ = z.shape
+        if not use_cache:
+            x = z.float().clone()
+            for i in range(1, N):
+                alpha, mu = self._affine(self.stack(self._hidden(x[:, :i], 0, y))[:, -1:])
+                x[:, i : i + 1] = torch.addcmul(mu, z[:, i : i + 1].float(), torch.exp(alpha))
+            return x
+        runner = runner or StepRunner()
+        buffers = runner.buffers(("af", B, N, self.dim, z.device), lambda: (
+            z.new_empty(z.shape, dtype=torch.float32), z.new_empty(z.shape, dtype=torch.float32),
+            z.new_empty((B, N, self.pos.shape[-1]), dtype=self.pos.dtype), self.stack.new_cache(B, N, z.device)))
+        x, z_static, offsets, cache = buffers
+        z_static.copy_(z)
+        x.copy_(z)  # token 0 is z_0; the others are written step by step
+        offsets.copy_(self._offsets(0, N, y).expand(B, -1, -1))  # once per block, not per token
+        cache.restart()
         with decoding_attention(z.device):
-            for i in range(1, z.shape[1]):
-                if cache is not None:
-                    out = self.stack(self.in_proj(x[:, i - 1 : i]) + offsets[:, i - 1 : i], cache)
-                else:
-                    out = self.stack(self._hidden(x[:, :i], 0, y))
-                alpha, mu = self._affine(out[:, -1:])
-                x[:, i : i + 1] = torch.addcmul(mu, z[:, i : i + 1], torch.exp(alpha))
-        return x
+            for i in range(1, N):
+                span = runner.attend(cache, i)
+                runner.run(("af", key, span), AFBlock.decode_step, self, x, z_static, offsets, cache)
+        return x.clone()
 
     @torch.no_grad()
     def jacobi_inverse(self, z: torch.Tensor, y: torch.Tensor | None = None, tol: float = 1e-5,
@@ -165,11 +188,14 @@ class AutoregressiveFlow(nn.Module):
 
     @torch.no_grad()
     def inverse(self, z: torch.Tensor, y: torch.Tensor | None = None, use_cache: bool = True,
-                upto: int | None = None, on_block: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Z^t -> Z^0 through blocks t..1 (t = ``upto``, default n), each sequential over tokens."""
+                upto: int | None = None, on_block: Callable[[int], None] | None = None,
+                runner: StepRunner | None = None) -> torch.Tensor:
+        """Z^t -> Z^0 through blocks t..1 (t = ``upto``, default n), each sequential over tokens; the blocks'
+        decoding steps share one ``runner`` (eager by default) and its buffers."""
         upto = len(self.blocks) if upto is None else upto
+        runner = runner or StepRunner()
         for t in reversed(range(upto)):
-            z = self._in(t, self.blocks[t].inverse(self._in(t, z), y, use_cache))
+            z = self._in(t, self.blocks[t].inverse(self._in(t, z), y, use_cache, runner, t))
             if on_block is not None:
                 on_block(t)
         return z

@@ -70,10 +70,21 @@ class ARPrior(nn.Module):
             log_red = self.red_head(out[:, -1]).log_prob(z_red)  # (B, N)
         return (log_info, log_red) if per_token else (log_info.sum(-1), log_red.sum(-1))
 
-    def next_hidden(self, y: torch.Tensor, z_info: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Hidden state (B, W) at the last position given the prefix z_info (B, t, d_I).
+    def next_hidden(self, y: torch.Tensor, z_info: torch.Tensor) -> torch.Tensor:
+        """Hidden state (B, W) at the last position given the prefix z_info (B, t, d_I), the whole prefix
+        recomputed (the reference path for tests and benchmarks; decoding uses :meth:`prefill` and
+        :meth:`token_step`)."""
+        return self.stack(self._embed(y, z_info, 0))[:, -1]
 
-        With a cache only the positions not yet in it are fed (one token per decoding step); without, the whole
-        prefix is recomputed (reference path for tests and benchmarks)."""
-        start = cache.length if cache is not None else 0
-        return self.stack(self._embed(y, z_info, start), cache)[:, -1]
+    def prefill(self, y: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed the M class positions of classes y (B,) into an empty cache: the hidden state (B, W) that predicts
+        the first informative token."""
+        return self.stack(self._embed(y, self.pos.new_zeros(y.shape[0], 0, self.d_I), 0), cache)[:, -1]
+
+    def token_step(self, z_info: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One fixed-shape decoding step: feed informative token p - M of z_info (B, N, d_I) at sequence position
+        p = ``cache.position``; the hidden state (B, W) that predicts the next token (or, after the last one, the
+        shared redundant mixture). Every index is a device tensor, so the step is the same at every p."""
+        fed = cache.position.view(1)
+        h = self.in_proj(z_info.index_select(1, fed - self.M)) + self.pos.index_select(1, fed)
+        return self.stack(h, cache)[:, -1]

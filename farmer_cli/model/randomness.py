@@ -40,8 +40,16 @@ class SharedGenerator:
 class ImageStreams:
     """One random stream per image: B generators on ``device``, each refilling its own buffer of uniforms.
 
-    An image's stream is a function of its seed and of the sequence of draw sizes, which is the same for every
-    image of a batch, so the numbers image i receives do not depend on its batch or its position in it."""
+    An image's stream is a function of its seed alone (its generator's uniforms in order; draws take consecutive
+    pieces of it), so the numbers image i receives do not depend on its batch or its position in it.
+
+    Every generator call draws exactly ``block`` values (32,768 float64). On a CUDA device which Philox counter
+    feeds which element depends on the launch grid, which PyTorch caps at what the GPU holds at once
+    (streaming multiprocessors x resident blocks); a call of 32,768 values needs 128 blocks of 256 threads,
+    below that cap on any GPU with at least 16 multiprocessors of 2,048 threads (or 32 of 1,024), so on all of
+    those the same seed gives the same uniforms. Larger calls would not (the redundant step draws ~655k values
+    per image at imagenet256-patch8). CPU and CUDA generators are different algorithms: the same seed gives
+    different images on a CPU and on a GPU."""
 
     def __init__(self, seeds: Sequence[int], device: torch.device, block: int = 1 << 15) -> None:
         self.device, self.block = torch.device(device), block
@@ -58,10 +66,10 @@ class ImageStreams:
         if B != len(self.generators):
             raise ValueError(f"a draw for {B} images from streams made for {len(self.generators)}")
         if self.buffer.shape[1] < k:
-            size = max(self.block, k)
-            fresh = torch.stack([torch.rand(size, generator=g, device=self.device, dtype=torch.float64)
-                                 for g in self.generators])
-            self.buffer = torch.cat([self.buffer, fresh], dim=1)
+            calls = math.ceil((k - self.buffer.shape[1]) / self.block)
+            fresh = [torch.rand(self.block, generator=g, device=self.device, dtype=torch.float64)
+                     for g in self.generators for _ in range(calls)]  # image-major: generator i's calls in order
+            self.buffer = torch.cat([self.buffer, torch.stack(fresh).view(len(self.generators), -1)], dim=1)
         out, self.buffer = self.buffer[:, :k], self.buffer[:, k:]
         return out.reshape(tuple(shape))
 

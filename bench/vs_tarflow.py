@@ -5,7 +5,8 @@ patch 4 (49 tokens of 16 values), width 128, head size 64 (2 heads), MLP x4, 4 b
 AdamW; Gaussian dequantisation noise 0.05 as in TARFlow's training. Rows (medians of interleaved repeats):
 
 * train step (forward, backward, AdamW step) in float32 and under bfloat16 autocast;
-* KV-cached sampling of 16 images (the AF inverse, unguided);
+* KV-cached sampling of 16 images (the AF inverse, unguided), farmer's decoding steps eager and compiled
+  (``torch.compile`` of the fixed-shape step, model/steps.py; its one-off compile time is printed);
 * farmer's whole model (flow + GMM prior, the quickstart) train step, for scale;
 * MFU: model FLOPs per step (2 x multiply-adds of every matmul forward, x3 with backward) over the time, against
   this machine's measured peak (a 2048^3 matmul in each precision);
@@ -33,6 +34,7 @@ from farmer_cli.config_files import load_preset
 from farmer_cli.model import Farmer
 from farmer_cli.model.flow import AutoregressiveFlow
 from farmer_cli.model.patchify import patchify
+from farmer_cli.model.steps import StepRunner
 from farmer_cli.runtime import attention_backend
 
 IMAGE, PATCH, WIDTH, BLOCKS, LAYERS, BATCH, CLASSES, SIGMA = 28, 4, 128, 4, 4, 64, 10, 0.05
@@ -104,8 +106,8 @@ def farmer_flow_step(bf16: bool):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sample():
-        return flow.inverse(torch.randn(16, TOKENS, DIM), torch.arange(16) % CLASSES)
+    def sample(runner=None):
+        return flow.inverse(torch.randn(16, TOKENS, DIM), torch.arange(16) % CLASSES, runner=runner)
 
     return step, sample, flow
 
@@ -168,6 +170,11 @@ def main() -> None:
         fns[f"farmer step {tag}"], farmer_sample, farmer_flow = farmer_flow_step(bf16)
         fns[f"farmer whole-model step {tag}"], whole = farmer_model_step(bf16)
     fns["tarflow sample"], fns["farmer sample"] = tar_sample, farmer_sample
+    compiled = StepRunner("compile")
+    start = time.perf_counter()
+    farmer_sample(compiled)  # the one-off compilation (one graph for every position and block)
+    compile_s = time.perf_counter() - start
+    fns["farmer sample compiled"] = lambda: farmer_sample(compiled)
     params = {"tarflow": sum(p.numel() for p in tar_model.parameters()),
               "farmer": sum(p.numel() for p in farmer_flow.parameters()),
               "farmer whole model": sum(p.numel() for p in whole.parameters())}
@@ -180,21 +187,24 @@ def main() -> None:
         rows.append({"row": f"train step, {tag}", "tarflow_ms": 1e3 * tar, "farmer_ms": 1e3 * far,
                      "tarflow_over_farmer": tar / far, "farmer_MFU_pct": 100 * train_flops / far / peaks[tag],
                      "tarflow_MFU_pct": 100 * train_flops / tar / peaks[tag]})
-    rows.append({"row": "KV-cached sampling, 16 images", "tarflow_ms": 1e3 * t["tarflow sample"],
-                 "farmer_ms": 1e3 * t["farmer sample"], "tarflow_over_farmer": t["tarflow sample"] / t["farmer sample"],
-                 "farmer_MFU_pct": "", "tarflow_MFU_pct": ""})
+    for name, key in (("KV-cached sampling, 16 images", "farmer sample"),
+                      ("KV-cached sampling, 16 images, compiled steps", "farmer sample compiled")):
+        rows.append({"row": name, "tarflow_ms": 1e3 * t["tarflow sample"], "farmer_ms": 1e3 * t[key],
+                     "tarflow_over_farmer": t["tarflow sample"] / t[key], "farmer_MFU_pct": "", "tarflow_MFU_pct": ""})
     for tag in ("fp32", "bf16"):
         rows.append({"row": f"farmer whole model (quickstart) step, {tag}", "tarflow_ms": "",
                      "farmer_ms": 1e3 * t[f"farmer whole-model step {tag}"], "tarflow_over_farmer": "",
                      "farmer_MFU_pct": "", "tarflow_MFU_pct": ""})
-    meta = {"repeats": args.repeats, "threads": args.threads, "params": params,
+    meta = {"repeats": args.repeats, "threads": args.threads, "params": params, "compile_s": compile_s,
             "matmul_peak_TFLOPs": {k: v / 1e12 for k, v in peaks.items()}, "train_flops_per_step": train_flops}
     if args.profile:
-        meta["profile_ms_per_call"] = {name: profile_groups(fns[name]) for name in fns if "whole" not in name}
+        meta["profile_ms_per_call"] = {name: profile_groups(fns[name]) for name in fns
+                                       if "whole" not in name and "compiled" not in name}
         groups = [*OP_GROUPS, "other"]
         print("operator self time, ms per call:", "  ".join(f"{g:>9}" for g in groups))
         for name, by_group in meta["profile_ms_per_call"].items():
             print(f"  {name:<28}", "  ".join(f"{by_group[g]:9.1f}" for g in groups))
+    print(f"farmer's compiled decoding step: {compile_s:.1f} s to compile (once per process), then the row above")
     report("vs_tarflow", rows, meta)
 
 

@@ -37,11 +37,13 @@ def batch_indices(n: int, batch: int, world: int, rank: int, seed: int, start_st
             step += 1
 
 
-def make_loader(dataset: ImageDataset, batch: int, world: int, rank: int, seed: int, start_step: int, workers: int):
+def make_loader(dataset: ImageDataset, batch: int, world: int, rank: int, seed: int, start_step: int, workers: int,
+                pin_memory: bool = False):
     """A DataLoader yielding (uint8 images, labels, skipped count) batches in :func:`batch_indices` order, with at
-    most one worker per CPU core this process may use."""
+    most one worker per CPU core this process may use; ``pin_memory`` (for a CUDA device) makes batches in
+    page-locked memory, so ``.to(device, non_blocking=True)`` copies them without stopping the host."""
     workers = min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_indices(len(dataset), batch, world, rank, seed, start_step),
-        collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+        collate_fn=collate, num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
     )

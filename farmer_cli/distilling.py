@@ -75,19 +75,20 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
     start = loop.resume() if resume and (run_dir / DISTILL_STATE_FILE).exists() else 0
     error_before = student_error(model, raw, data, dc.batch_size, device)  # every rank: a sharded student needs all
     loader = make_loader(data.train, dc.batch_size, accelerator.num_processes, accelerator.process_index,
-                         cfg.train.seed + 1, start, 0)
-    losses: list[float] = []
+                         cfg.train.seed + 1, start, 0, pin_memory=device.type == "cuda")
+    seen: dict[str, torch.Tensor] = {}  # this invocation's first and last loss, read back once at the end
 
     def step_fn(batch, step: int) -> StepOutput:
         u = batch[0]
-        x = model.to_tokens(dequantize(u.to(device), "uniform"))
+        x = model.to_tokens(dequantize(u.to(device, non_blocking=True), "uniform"))
         with accelerator.autocast(), attention_backend(device, accelerator.mixed_precision):
             loss, per_block = distill_loss(teacher, student, x, dc.latent_noise_max)
-        losses.append(loss.item())
+        seen.setdefault("first", loss.detach())
+        seen["last"] = loss.detach()
         return StepOutput(loss, {"loss": loss, "per_block": per_block}, u.shape[0])
 
     t0 = time.time()
     loop.run(step_fn, iter(loader), dc.steps)
     error_after = student_error(model, raw.eval(), data, dc.batch_size, device)
-    return DistillResult(dc.steps, losses[0] if losses else math.nan, losses[-1] if losses else math.nan,
-                         error_before, error_after, time.time() - t0, raw)
+    first, last = (float(seen[k]) if seen else math.nan for k in ("first", "last"))
+    return DistillResult(dc.steps, first, last, error_before, error_after, time.time() - t0, raw)

@@ -58,13 +58,14 @@ def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, st
     set_optimizer_state_dict(module, optimizer, state, options=_loading())
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a DTensor (a collective, not a host sync), or the tensor itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def as_float(value) -> float:
-    """A scalar tensor (or DTensor, as a sharded model's gradient norm) as a float."""
-    return float(_full(torch.as_tensor(value)))
+    """A scalar tensor (or DTensor, as a sharded model's gradient norm) as a float (a host sync)."""
+    return float(full_tensor(torch.as_tensor(value)))
 
 
 class EMA:
@@ -79,9 +80,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, step: int, decay: float) -> None:
+        """shadow <- shadow + (1 - d)·(param - shadow) for every parameter at once (one foreach kernel per group
+        of tensors instead of one per tensor: 2,826 of them in the 1.9B model)."""
         d = min(decay, (1 + step) / (10 + step))
-        for e, p in zip(self.shadows, self.model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1 - d)
+        torch._foreach_lerp_(self.shadows, [p.detach() for p in self.model.parameters()], 1 - d)
 
     @contextlib.contextmanager
     @torch.no_grad()
@@ -99,7 +101,7 @@ class EMA:
 
     def gather(self) -> dict[str, torch.Tensor]:
         """Full EMA weights by parameter name on the main process (CPU), empty elsewhere. Collective."""
-        full = {name: _full(e).detach().cpu() for name, e in zip(self.names, self.shadows)}
+        full = {name: full_tensor(e).detach().cpu() for name, e in zip(self.names, self.shadows)}
         return full if is_main() else {}
 
     @torch.no_grad()

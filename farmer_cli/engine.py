@@ -2,7 +2,8 @@
 
 :class:`Loop` owns what every run of either needs: AdamW with linear warm-up then cosine decay, resuming from the
 training state, per-step seeding (so N steps + resume + N steps equal 2N in one go), gradient clipping, divergence
-detection naming the step and the term, ``metrics.jsonl``-style records, checkpoint cadence, and saving on a stop
+detection naming the step and the term (watched on the device, read at logging and checkpoint steps, so other
+steps make no host sync), ``metrics.jsonl``-style records, checkpoint cadence, and saving on a stop
 signal (SIGINT, SIGTERM, SIGUSR1) at the end of the current step. Training and distillation differ only in the
 *step function* they pass to :meth:`Loop.run` and in what they save beside the training state.
 
@@ -25,10 +26,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .checkpoint import CheckpointError, history, load_training_state, save_training_state, snapshot
-from .distributed import as_float, gather_optimizer, load_optimizer, no_grad_sync
+from .distributed import as_float, full_tensor, gather_optimizer, load_optimizer, no_grad_sync
 
 log = logging.getLogger("farmer")
 
+STOP_VOTE_EVERY = 10  # steps between the ranks' stop votes in a multi-process run
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
@@ -96,6 +98,40 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class FiniteWatch:
+    """Non-finite values watched on the device without waiting for it: for each name, the first step at which it
+    was non-finite (-1: never). Nothing is read back until :meth:`check`, which the loop calls at logging and
+    checkpoint steps only, so a step that does neither makes no host sync; a blow-up is reported at most
+    ``log_every`` steps late, and before any checkpoint could save its weights."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.first: dict[str, torch.Tensor] = {}
+
+    def observe(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            first = self.first.get(name)
+            if first is None:
+                first = self.first[name] = torch.full((), -1, dtype=torch.long, device=self.device)
+            bad = ~torch.isfinite(value.detach()).all()
+            first.copy_(torch.where(bad & (first < 0), step, first))
+
+    def check(self) -> None:
+        """Raise :class:`TrainingDiverged` naming the first bad step and what blew up there (one host sync)."""
+        if not self.first:
+            return
+        firsts = dict(zip(self.first, torch.stack(list(self.first.values())).tolist()))
+        bad = {name: step for name, step in firsts.items() if step >= 0}
+        if not bad:
+            return
+        step = min(bad.values())
+        terms = [name for name, when in bad.items() if when == step]
+        what = "non-finite gradient norm" if terms == ["grad_norm"] else (
+            f"the loss became non-finite ({', '.join(t for t in terms if t != 'loss') or 'loss'} blew up)")
+        raise TrainingDiverged(f"step {step}: {what}. The last good checkpoint is kept. Try a lower --lr, a smaller "
+                               "model.af_max_log_scale, or --mixed-precision no.")
+
+
 class Loop:
     """One optimisation loop over the trainable module ``model`` (already through ``accelerator.prepare``).
 
@@ -129,6 +165,7 @@ class Loop:
         self.on_save, self.after_step = on_save, after_step
         self.on_event = on_event or (lambda event: None)
         self.step = 0
+        self.watch = FiniteWatch(accelerator.device)
 
     # ----- state -----
     def resume(self) -> int:
@@ -165,7 +202,8 @@ class Loop:
 
     def save(self, step: int) -> None:
         """Every rank takes part in gathering the state (sharded models send their shards); the main process writes
-        the training state, then ``on_save``."""
+        the training state, then ``on_save``. Weights that went non-finite are never saved."""
+        self.watch.check()
         self.acc.wait_for_everyone()
         states = {name: part.gather() for name, part in self.state.items()}
         optimizer = gather_optimizer(self.optimized, self.inner_optimizer)
@@ -197,23 +235,19 @@ class Loop:
         return self.metrics_path.open("a")
 
     # ----- the loop -----
-    def _check(self, step: int, out: StepOutput) -> None:
-        if torch.isfinite(out.loss):
-            return
-        bad = [k for k, v in out.terms.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all()]
-        raise TrainingDiverged(
-            f"step {step}: the loss became non-finite ({', '.join(bad) or 'loss'} blew up). The last good checkpoint "
-            "is kept. Try a lower --lr, a smaller model.af_max_log_scale, or --mixed-precision no.")
-
-    def _record(self, step: int, outs: list[StepOutput], grad_norm: float, images_per_s: float) -> dict[str, Any]:
-        """Tensor terms are averaged over the step's micro-batches; other terms come from the last one."""
-        record: dict[str, Any] = {"step": step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                  "images_per_s": images_per_s}
+    def _record(self, step: int, outs: list[StepOutput], grad_norm: torch.Tensor,
+                images_per_s: float) -> dict[str, Any]:
+        """Tensor terms are averaged over the step's micro-batches (lists of tensors element by element); other
+        terms come from the last one. (A logging step: reading the values back is where the host waits.)"""
+        record: dict[str, Any] = {"step": step, "lr": self.scheduler.get_last_lr()[0],
+                                  "grad_norm": as_float(grad_norm), "images_per_s": images_per_s}
         if self.acc.device.type == "cuda":
             record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
         for key, value in outs[-1].terms.items():
             if isinstance(value, torch.Tensor):
-                value = sum(o.terms[key].float().mean().item() for o in outs) / len(outs)
+                value = torch.stack([o.terms[key].detach().float().mean() for o in outs]).mean().item()
+            elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                value = torch.stack([torch.stack(o.terms[key]).detach().float() for o in outs]).mean(0).tolist()
             record[key] = value
         return record
 
@@ -227,7 +261,8 @@ class Loop:
             micro = step * self.accum + i
             torch.manual_seed(self.seed * 1_000_003 + micro * world + rank)
             out = step_fn(next(batches), step)
-            self._check(step, out)
+            self.watch.observe(step, {"loss": out.loss} | {k: v for k, v in out.terms.items()
+                                                           if isinstance(v, torch.Tensor)})
             last = i == self.accum - 1
             with contextlib.nullcontext() if last else no_grad_sync(acc, self.model):
                 acc.backward(out.loss / self.accum)
@@ -249,10 +284,7 @@ class Loop:
                     self.model.train()
                     outs = self._accumulate(step_fn, batches, step)
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                    grad_norm = as_float(grad_norm)
-                    if not math.isfinite(grad_norm):
-                        raise TrainingDiverged(f"step {step}: non-finite gradient norm; the last good checkpoint "
-                                               "is kept. Try a lower --lr or --mixed-precision no.")
+                    self.watch.observe(step, {"grad_norm": full_tensor(grad_norm)})
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -260,6 +292,7 @@ class Loop:
                     self.step = done = step + 1
                     seen += sum(o.images for o in outs) * world
                     if done % self.log_every == 0 or done == end:
+                        self.watch.check()
                         now = time.time()
                         record = self._record(done, outs, grad_norm, seen / max(1e-9, now - last_log))
                         seen, last_log = 0, now
@@ -269,7 +302,7 @@ class Loop:
                         acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
                         self.on_event(LoopEvent("log", done, self.total, record))
                     self.on_event(LoopEvent("step", done, self.total))
-                    if self._stop_requested(stop):
+                    if self._stop_requested(stop, done):
                         self.save(done)
                         self.on_event(LoopEvent("stop", done, self.total))
                         raise Stopped(done, stop.signame or "another process")
@@ -280,11 +313,15 @@ class Loop:
                 metrics.close()
         return self.step
 
-    def _stop_requested(self, stop: _StopFlag) -> bool:
-        """True on every rank when any rank received a stop signal (so all save the same step)."""
+    def _stop_requested(self, stop: _StopFlag, done: int) -> bool:
+        """True on every rank when any rank received a stop signal (so all save the same step). With several
+        processes the ranks vote every :data:`STOP_VOTE_EVERY` steps (a collective and a host sync each time), so
+        a stop comes at most that many steps late."""
         flag = stop.signame is not None
         if self.acc.num_processes == 1:
             return flag
+        if done % STOP_VOTE_EVERY:
+            return False
         votes = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(votes, reduction="sum").item() > 0)
 

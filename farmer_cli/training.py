@@ -137,14 +137,14 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
         save_config(run_dir, cfg, data.class_names, {"step": 0, "global_batch": global_batch})
     bpd_before = test_bpd(raw, cfg, data) if not resume else math.nan  # every rank: sharded models need all
     loader = make_loader(data.train, tc.batch_size, accelerator.num_processes, accelerator.process_index,
-                         tc.seed, start * tc.grad_accum_steps, cfg.data.num_workers)
+                         tc.seed, start * tc.grad_accum_steps, cfg.data.num_workers, pin_memory=device.type == "cuda")
     batches, skipped, null = iter(loader), 0, cfg.model.num_classes
 
     def step_fn(batch, step: int) -> StepOutput:
         nonlocal skipped
         u, y, bad = batch
         skipped += bad
-        u, y = u.to(device), y.to(device)
+        u, y = u.to(device, non_blocking=True), y.to(device, non_blocking=True)
         drop = torch.rand(y.shape, device=device) < tc.label_dropout
         y = torch.where(drop, torch.full_like(y, null), y)
         sigma = noise_sigma(step, total, tc.noise_start, tc.noise_end)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from farmer_cli.config import ModelConfig
 
@@ -43,3 +44,22 @@ def tiny_cfg():
 @pytest.fixture
 def randomise_out_proj():
     return _randomise_out_proj
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts dispatched operators, and those that make the host wait for the device: a value read back
+    (``.item()``, ``bool(t)``, ``float(t)``) or a shape that depends on one."""
+
+    SYNCS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "equal",
+             "allclose", "repeat_interleave")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if func.overloadpacket.__name__ in self.SYNCS:
+            self.syncs.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

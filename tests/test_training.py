@@ -73,6 +73,86 @@ def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path:
     assert math.isfinite(sum(v.sum().item() for v in weights.values()))
 
 
+class _ExplodingLate(_Exploding):
+    """A non-finite log-det at training step 5 only (a step that neither logs nor saves)."""
+
+    def forward(self, u, y=None, noise="uniform", sigma=0.0):
+        out = Farmer.forward(self, u, y, noise, sigma)
+        type(self).calls += 1
+        if type(self).calls == 6:
+            out["logdet"] = out["logdet"] * float("nan")
+            out["bpd"] = out["bpd"] + out["logdet"]
+        return out
+
+
+def test_non_finite_loss_at_a_quiet_step_is_caught_at_the_next_log(tmp_path: Path, monkeypatch):
+    """The finiteness check stays on the device until a logging or checkpoint step: a blow-up at step 5 (log every
+    4, checkpoint every 4) is reported at step 8 naming step 5 and its term, and the step-4 checkpoint is kept."""
+    from farmer_cli import training
+    from farmer_cli.runtime import make_accelerator
+
+    cfg = load_preset("tiny")
+    cfg.train.steps, cfg.train.ckpt_every, cfg.train.log_every = 20, 4, 4
+    _ExplodingLate.calls = 0
+    monkeypatch.setattr(training, "Farmer", _ExplodingLate)
+    events = []
+    with pytest.raises(TrainingDiverged, match=r"step 5: .*logdet"):
+        train(cfg, load_data(cfg.data, 1, 8), tmp_path / "run", make_accelerator("no"),
+              on_event=lambda e: events.append((e.kind, e.step)))
+    assert ("step", 7) in events and ("step", 8) not in events and ("log", 8) not in events  # found at step 8
+    assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=False)["step"] == 4
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "run" / "model.safetensors").values())
+
+
+def _syncs_per_quiet_step(run) -> list[int]:
+    """Host syncs made by each step that neither logs nor checkpoints, from ``run(on_event)`` under a counter."""
+    from conftest import SyncCounter
+
+    marks = []
+    with SyncCounter() as counter:
+        run(lambda e: marks.append((e.kind, e.step, len(counter.syncs))))
+    steps = [(step, n) for kind, step, n in marks if kind in ("start", "step")]
+    loud = {step for kind, step, _ in marks if kind in ("log", "checkpoint")}
+    return [n - before for (_, before), (step, n) in zip(steps, steps[1:]) if step not in loud]
+
+
+def test_training_and_distillation_steps_that_do_not_log_make_no_host_sync(tmp_path: Path):
+    from farmer_cli.checkpoint import load_model
+    from farmer_cli.distilling import distill
+    from farmer_cli.runtime import make_accelerator
+
+    cfg = load_preset("tiny")
+    cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = 7, 3, 100
+    cfg.distill.steps = 7
+    data = load_data(cfg.data, 1, 8)
+    quiet = _syncs_per_quiet_step(lambda on_event: train(cfg, data, tmp_path / "run", make_accelerator("no"),
+                                                         on_event=on_event))
+    assert quiet == [0] * 4, quiet  # steps 1, 2, 4, 5 of 1..7 (3 and 6 log, 7 logs and saves)
+    model, cfg, _, _ = load_model(tmp_path / "run")
+    quiet = _syncs_per_quiet_step(lambda on_event: distill(model, cfg, data, tmp_path / "run", make_accelerator("no"),
+                                                           on_event=on_event))
+    assert quiet == [0] * 4, quiet
+
+
+def test_foreach_ema_equals_the_per_tensor_update():
+    from farmer_cli.distributed import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+    ema = EMA(model)
+    reference = [e.clone() for e in ema.shadows]
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(step, 0.9)
+        d = min(0.9, (1 + step) / (10 + step))
+        for r, p in zip(reference, model.parameters()):  # the per-tensor loop the foreach update replaced
+            r.lerp_(p.detach(), 1 - d)
+    for e, r in zip(ema.shadows, reference):
+        torch.testing.assert_close(e, r, rtol=0, atol=1e-7)
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path):
     """Micro-batch 16 x 2 accumulation takes the same optimiser steps as batch 32 (no noise, no label dropout, so
     the only difference is how the batch is split)."""

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from ..config import DecodeSteps
 from . import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, exit_with,
                process_device, resolve_class, user_errors)
 
@@ -59,20 +60,26 @@ def run(
                                     "jacobi (all tokens in parallel, iterated to the same exact inverse; "
                                     "--set sampling.jacobi_tol / jacobi_max_iter) or student. Default: the "
                                     "checkpoint's sampling.decoder (sequential)."),
+    decode_steps: Optional[DecodeSteps] = Option(None, "--decode-steps", help="How the token-by-token decoding steps run: auto (CUDA graphs on a "
+                                         "GPU, eager elsewhere), eager, compile (torch.compile: ~10-30 s to compile, "
+                                         "pays off for many batches on a CPU) or cuda-graphs. Default: the "
+                                         "checkpoint's sampling.decode_steps (auto). Same images in every mode "
+                                         "up to float rounding."),
     device: str = Option("auto", "--device", help=DEVICE_HELP + " Under accelerate launch each process uses its "
                          "own device."),
     precision: str = Option("auto", "--precision", help="auto (bf16 on a CUDA GPU that supports it, else fp32), "
                             "fp32 or bf16: the transformers' matmuls under autocast; mixture densities, log-dets "
                             "and the flow's affine updates stay float32."),
-    denoise_batch: int = Option(0, "--denoise-batch", help="Images per denoising backward pass (it keeps every "
-                                "layer's activations); 0: automatic, to fit a quarter of the GPU's memory or 2 GiB "
-                                "on a CPU."),
+    denoise_batch: int = Option(0, "--denoise-batch", help="Images per denoising backward pass, with activation "
+                                "checkpointing; 0: automatic (the whole batch at once when its activations fit a "
+                                "quarter of the GPU's memory or 2 GiB on a CPU, else checkpointed passes of as many "
+                                "as fit)."),
     overrides: List[str] = Option([], "--set", help="Override sampling settings, e.g. --set sampling.t_resample=2."),
 ) -> None:
     with user_errors():
         _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
                 batch_size, out, out_dir, scale, student or decoder == "student", overrides, device,
-                None if decoder == "student" else decoder, precision, denoise_batch)
+                None if decoder == "student" else decoder, precision, denoise_batch, decode_steps)
 
 
 def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides):
@@ -90,11 +97,13 @@ def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidanc
 
 
 def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-            batch_size, out, out_dir, scale, student, overrides, device, decoder, precision, denoise_batch):
+            batch_size, out, out_dir, scale, student, overrides, device, decoder, precision, denoise_batch,
+            decode_steps):
     import torch
 
     from ..checkpoint import load_model, load_student
     from ..generation import generate_chunks, my_chunks, resolve_inference_precision
+    from ..model.steps import resolve_mode
     from ..runtime import end_processes, find_checkpoint, process_state
     from ..viz import class_blocks, grid, save_png
     from .ui import console, escape, progress
@@ -125,7 +134,12 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
         run_dir = find_checkpoint(ckpt)
         model, cfg, class_names, step = load_model(run_dir, device)
         s = sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling,
-                            overrides + ([f"sampling.decoder={decoder}"] if decoder else []))
+                            overrides + ([f"sampling.decoder={decoder}"] if decoder else [])
+                            + ([f"sampling.decode_steps={decode_steps}"] if decode_steps else []))
+        try:
+            steps = resolve_mode(s.decode_steps, device)
+        except ValueError as e:
+            exit_with(f"--decode-steps: {e} (auto, eager and compile run anywhere)")
         student_flow = load_student(run_dir, model) if student else None
         labels = _labels(classes, model.cfg.num_classes, class_names, seed)
         y_all = torch.tensor(labels).repeat_interleave(n)
@@ -154,7 +168,8 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
         sigma = model.denoise_sigma(s)
         how += f", denoised (sigma {sigma:g})" if sigma > 0 else ""
         console.print(f"{len(images)} samples of {len(labels)} class(es) from step {step} of {escape(str(run_dir))}, "
-                      f"{how}, {_decoder_text(student_flow, s, stats)} decoder, {precision} on {device}"
+                      f"{how}, {_decoder_text(student_flow, s, stats)} decoder ({steps} steps), {precision} on "
+                      f"{device}"
                       f"{f' x {world} processes' if world > 1 else ''}: {seconds:.1f} s "
                       f"({len(images) / seconds:.1f} img/s) -> [bold]{escape(str(out))}[/]"
                       + (f" and {escape(str(out_dir))}/" if out_dir else ""))

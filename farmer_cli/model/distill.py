@@ -43,8 +43,9 @@ class OnePassInverse(nn.Module):
 
 
 def distill_loss(teacher: AutoregressiveFlow, student: nn.Module, x: torch.Tensor, noise_max: float,
-                 y: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
-    """x: patchified images (B, N, d) -> (loss, per-block losses from block n down to block 1).
+                 y: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x: patchified images (B, N, d) -> (loss, per-block losses from block n down to block 1, 0-dim tensors
+    detached from the graph: reading them is left to whoever logs them).
 
     ``student``: an :class:`OnePassInverse` (possibly wrapped by DDP / FSDP)."""
     with torch.no_grad():
@@ -54,4 +55,4 @@ def distill_loss(teacher: AutoregressiveFlow, student: nn.Module, x: torch.Tenso
     _, outputs = student(z_n + s * torch.randn_like(z_n), y, return_intermediates=True)
     targets = states[-2::-1]  # Z^(n-1), ..., Z^0
     losses = [((out - tgt.float()) ** 2).mean() for out, tgt in zip(outputs, targets)]
-    return torch.stack(losses).mean(), [v.item() for v in losses]
+    return torch.stack(losses).mean(), [v.detach() for v in losses]

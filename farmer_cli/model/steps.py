@@ -6,7 +6,8 @@ whose write position is a device tensor, and per-decoder input/output buffers in
 has the same shapes and touches the same memory at every token, so a :class:`StepRunner` can run it
 
 * ``eager``: called as it is (the reference every other mode must equal);
-* ``compile``: ``torch.compile(step, fullgraph=True, dynamic=False)``, attention over the whole cache
+* ``compile``: ``torch.compile(step, fullgraph=True, dynamic=False,
+                                                            backend=self.backend)``, attention over the whole cache
   (``span`` = capacity), so one graph serves every position and every block of the same shape;
 * ``cuda-graphs``: per (step, span bucket) the first call runs eagerly, then the step is captured into a
   ``torch.cuda.CUDAGraph`` and every later call is one replay, instead of ~100 kernel launches per AF step and
@@ -22,13 +23,15 @@ runner lives for one sampling call (one autocast region); a new call captures ag
 from __future__ import annotations
 
 import math
-from typing import Callable, Hashable
+import warnings
+from typing import Callable, Hashable, get_args
 
 import torch
 
+from ..config import DecodeSteps
 from .attention import KVCache
 
-MODES = ("auto", "eager", "compile", "cuda-graphs")
+MODES = get_args(DecodeSteps)
 SPAN_BUCKET = 128  # positions: a CUDA-graph step attends over the filled cache rounded up to a multiple of this
 
 
@@ -48,8 +51,9 @@ class StepRunner:
     """Runs decoding steps in one :data:`MODES` mode and holds what that mode keeps between steps (compiled
     functions, captured graphs and their memory pool)."""
 
-    def __init__(self, mode: str = "eager", device: torch.device | str = "cpu") -> None:
+    def __init__(self, mode: str = "eager", device: torch.device | str = "cpu", backend: str = "inductor") -> None:
         self.mode = resolve_mode(mode, device)
+        self.backend = backend  # torch.compile's backend in ``compile`` mode
         self._compiled: dict[Callable, Callable] = {}
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, object]] = {}
         self._pool = None
@@ -72,7 +76,7 @@ class StepRunner:
             span = min(cache.capacity, SPAN_BUCKET * math.ceil(filled / SPAN_BUCKET))
         else:
             span = filled
-        cache.span, cache.exact_span = span, span == filled
+        cache.span, cache.exact_span = span, self.mode == "eager"  # a replayed step must not depend on filled
         return span
 
     def run(self, key: Hashable, step: Callable, *args):
@@ -82,7 +86,8 @@ class StepRunner:
             return step(*args)
         if self.mode == "compile":
             if step not in self._compiled:
-                self._compiled[step] = torch.compile(step, fullgraph=True, dynamic=False)
+                self._compiled[step] = torch.compile(step, fullgraph=True, dynamic=False,
+                                                            backend=self.backend)
             return self._compiled[step](*args)
         captured = self._graphs.get(key)
         if captured is not None:
@@ -91,8 +96,13 @@ class StepRunner:
             return output
         result = step(*args)  # the real step, and the warm-up the capture needs
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = step(*args)  # recorded, not run: the next call with this key replays it
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = step(*args)  # recorded, not run: the next call with this key replays it
+        except RuntimeError as error:  # a kernel that cannot be captured: run the rest of this call eagerly
+            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {error}", RuntimeWarning, stacklevel=2)
+            self.mode = "eager"
+            return result
         self._pool = graph.pool()
         self._graphs[key] = (graph, output)
         return result

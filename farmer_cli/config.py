@@ -80,7 +80,13 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     gelu: Gelu = "exact"  # MLP activation: erf GELU as TARFlow; "tanh" approximation (runs written before 2026-11-26)
     min_scale: float = 1e-3  # floor of every GMM component std
-    grad_checkpoint: bool = False  # recompute each transformer layer in backward (activation checkpointing)
+    grad_checkpoint: bool = False  # recompute transformer layers in backward (activation checkpointing)
+    checkpoint_fraction: float = 1.0  # with grad_checkpoint: the share of each stack's layers recomputed (1: all)
+
+    @property
+    def checkpoint_share(self) -> float:
+        """The share of every transformer stack's layers run under activation checkpointing (0: none)."""
+        return self.checkpoint_fraction if self.grad_checkpoint else 0.0
 
     @property
     def tokens(self) -> int:
@@ -119,6 +125,8 @@ class ModelConfig:
                   "af_width", "af_heads", "ar_layers", "ar_width", "ar_heads", "cond_repeat", "informative_dims",
                   "informative_components", "redundant_components", "token_merge")
         _positive(self, "model", "af_max_log_scale", "mlp_ratio", "min_scale")
+        _check(0 <= self.checkpoint_fraction <= 1, "model.checkpoint_fraction", "in [0, 1]",
+               self.checkpoint_fraction)
         if self.image_size % self.patch_size:
             raise ConfigError(f"model.image_size={self.image_size} is not a multiple of model.patch_size={self.patch_size}")
         side = self.image_size // self.patch_size

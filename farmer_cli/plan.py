@@ -44,23 +44,42 @@ class Plan:
     workspace_bytes_per_image_ckpt: int
     train_flops_per_image: float  # forward + backward (+ recomputation with checkpointing)
     grad_checkpoint: bool  # what the config asks for
+    model_flops_per_image: float = math.nan  # forward + backward without recomputation: what MFU counts
+    checkpoint_fraction: float = 1.0  # with grad_checkpoint: the share of layers recomputed
 
     @property
     def total_parameters(self) -> int:
         return sum(self.parameters.values())
 
-    def per_image(self, checkpoint: bool | None = None) -> int:
-        ckpt = self.grad_checkpoint if checkpoint is None else checkpoint
-        if ckpt:
-            return self.activation_bytes_per_image_ckpt + self.workspace_bytes_per_image_ckpt
-        return self.activation_bytes_per_image + self.workspace_bytes_per_image
+    @property
+    def checkpoint_share(self) -> float:
+        """The share of transformer layers the config recomputes (0: no checkpointing)."""
+        return self.checkpoint_fraction if self.grad_checkpoint else 0.0
 
-    def peak_bytes(self, micro_batch: int, runtime: int = 0, checkpoint: bool | None = None) -> int:
+    def per_image(self, checkpoint: float | None = None) -> int:
+        """Activation + workspace bytes per image when a share ``checkpoint`` (0 to 1, or a bool) of every stack's
+        layers is recomputed (None: what the config asks). Saved activations fall linearly with the layers
+        recomputed (the layers of a stack are alike); the workspace stays that of a plain layer while any remains."""
+        share = self.checkpoint_share if checkpoint is None else float(checkpoint)
+        saved = (1 - share) * self.activation_bytes_per_image + share * self.activation_bytes_per_image_ckpt
+        workspace = self.workspace_bytes_per_image_ckpt if share >= 1 else self.workspace_bytes_per_image
+        return int(saved + workspace)
+
+    def peak_bytes(self, micro_batch: int, runtime: int = 0, checkpoint: float | None = None) -> int:
         return sum(self.static_bytes.values()) + micro_batch * self.per_image(checkpoint) + runtime
 
-    def largest_micro_batch(self, memory_bytes: float, runtime: int = 0, checkpoint: bool | None = None) -> int:
+    def largest_micro_batch(self, memory_bytes: float, runtime: int = 0, checkpoint: float | None = None) -> int:
         free = memory_bytes - sum(self.static_bytes.values()) - runtime
         return max(0, int(free // self.per_image(checkpoint)))
+
+    def least_checkpointing(self, memory_bytes: float, micro_batch: int, layers: int, runtime: int = 0
+                            ) -> float | None:
+        """The smallest share j/``layers`` of layers to recompute (least recomputation, so the most images/s) at
+        which ``micro_batch`` fits ``memory_bytes``; None when even full checkpointing does not fit."""
+        for j in range(layers + 1):
+            if self.peak_bytes(micro_batch, runtime, j / layers) <= memory_bytes:
+                return j / layers
+        return None
 
     def epoch_hours(self, images: int, gpus: int, tflops: float, utilisation: float) -> float:
         return images * self.train_flops_per_image / (gpus * tflops * 1e12 * utilisation) / 3600
@@ -89,7 +108,7 @@ def probe_backward(model_cfg: ModelConfig, checkpoint: bool, fused_attention: bo
     per head). Tensors are float32 here: an upper bound under bf16 autocast, where matmul inputs are 16-bit."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model_cfg = type(model_cfg)(**{**asdict(model_cfg), "grad_checkpoint": checkpoint})
+    model_cfg = type(model_cfg)(**{**asdict(model_cfg), "grad_checkpoint": checkpoint, "checkpoint_fraction": 1.0})
     with torch.device("meta"):
         model = Farmer(model_cfg).train()
     params = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -149,9 +168,11 @@ def make_plan(cfg: Config, processes: int = 1, precision: str = "no", fused_atte
         static["DDP gradient buckets"] = 4 * P
     figures = {ckpt: probe_backward(cfg.model, ckpt, fused_attention, cfg.train.noise, cfg.train.noise_start)
                for ckpt in (False, True)}
-    flops = figures[cfg.model.grad_checkpoint][2]
+    share = cfg.model.checkpoint_share
+    flops = figures[False][2] + share * (figures[True][2] - figures[False][2])  # recomputation grows with the share
     return Plan(parts, static, figures[False][0], figures[True][0], int(WORKSPACE_FACTOR * figures[False][1]),
-                int(WORKSPACE_FACTOR * figures[True][1]), flops, cfg.model.grad_checkpoint)
+                int(WORKSPACE_FACTOR * figures[True][1]), flops, cfg.model.grad_checkpoint, figures[False][2],
+                cfg.model.checkpoint_fraction)
 
 
 def gpu_tflops(name: str) -> float:

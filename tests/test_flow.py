@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from farmer_cli.model import ARPrior, AutoregressiveFlow, TransformerStack
+from farmer_cli.model import ARPrior, AutoregressiveFlow, Farmer, TransformerStack
 from farmer_cli.model import attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -299,6 +299,28 @@ def test_checkpointing_under_a_forward_only_attention_backend():
             return m(x).float()
 
     assert_same_outputs_and_grads(outputs_and_grads(plain, h, upstream, run), outputs_and_grads(ckpt, h, upstream, run))
+
+
+def test_selective_checkpointing_recomputes_a_share_of_layers_with_the_same_gradients(monkeypatch, tiny_cfg):
+    """checkpoint = 0.5 recomputes the first half of a stack's layers; model.checkpoint_fraction reaches every
+    stack; outputs and gradients equal those of no checkpointing and of full checkpointing."""
+    calls = []
+    real = attention.activation_checkpoint
+    monkeypatch.setattr(attention, "activation_checkpoint", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    h, upstream = torch.randn(2, 8, 32).requires_grad_(True), torch.randn(2, 8, 32)
+    results = []
+    for share in (0.0, 0.5, 1.0):
+        torch.manual_seed(5)
+        stack = TransformerStack(32, 4, 2, checkpoint=share).train()
+        calls.clear()
+        results.append(outputs_and_grads(stack, h, upstream, lambda m, v: m(v)))
+        assert calls == list(range(round(share * 4)))  # layers 0 .. k-1 recomputed
+    assert_same_outputs_and_grads(results[0], results[1])
+    assert_same_outputs_and_grads(results[0], results[2])
+    cfg = tiny_cfg(grad_checkpoint=True, checkpoint_fraction=0.5, af_layers=2, ar_layers=2)
+    model = Farmer(cfg)
+    assert {stack.checkpoint for stack in model.modules() if isinstance(stack, TransformerStack)} == {0.5}
+    assert Farmer(tiny_cfg(checkpoint_fraction=0.5)).prior.stack.checkpoint == 0.0  # grad_checkpoint off
 
 
 def test_checkpoint_switch_reaches_every_stack(randomise_out_proj, tiny_cfg):

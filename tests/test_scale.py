@@ -82,6 +82,22 @@ def test_plan_counts_parameters_and_checkpointing_saves_activations():
     assert plan.largest_micro_batch(plan.peak_bytes(7)) == 7
 
 
+def test_partial_checkpointing_plan_and_the_least_that_fits():
+    """A share of layers recomputed sits between none and all in memory and FLOPs; the dry-run's pick is the least
+    recomputation whose peak fits, and None when nothing does."""
+    cfg = apply_overrides(load_preset("tiny"), ["model.af_layers=2", "model.ar_layers=2", "model.grad_checkpoint=true",
+                                                "model.checkpoint_fraction=0.5"])
+    plan = make_plan(cfg)
+    none, half, full = (plan.peak_bytes(16, checkpoint=share) for share in (0.0, 0.5, 1.0))
+    assert full < half < none and plan.peak_bytes(16) == half
+    assert plan.model_flops_per_image < plan.train_flops_per_image < make_plan(
+        apply_overrides(cfg, ["model.checkpoint_fraction=1"])).train_flops_per_image
+    assert plan.least_checkpointing(none, 16, 2) == 0.0
+    assert plan.least_checkpointing(half, 16, 2) == 0.5
+    assert plan.least_checkpointing(full, 16, 2) == 1.0
+    assert plan.least_checkpointing(full - 1, 16, 2) is None
+
+
 def test_plan_activations_grow_with_depth():
     shallow, deep = (make_plan(apply_overrides(load_preset("tiny"), [f"model.af_blocks={n}"])) for n in (1, 3))
     assert deep.activation_bytes_per_image > shallow.activation_bytes_per_image
@@ -92,6 +108,7 @@ def test_dry_run_prints_the_plan_and_allocates_nothing(tmp_path: Path):
     plan = json.loads(proc.stdout)
     assert 1.0e9 < plan["total_parameters"] < 1.3e9
     assert plan["global_batch"] == 512 and plan["largest_micro_batch"] >= plan["micro_batch"]
+    assert plan["least_checkpointing_that_fits"] in [j / 4 for j in range(5)]  # AF blocks of 4 layers
     assert not (tmp_path / "runs").exists()
     table = farmer("train", "--preset", "tiny", "--dry-run", cwd=tmp_path)
     assert "predicted peak" in table.stdout and "largest micro-batch" in table.stdout

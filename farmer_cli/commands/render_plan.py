@@ -20,7 +20,8 @@ def _count(n: float) -> str:
 def print_plan(f: dict) -> None:
     where = (f"{f['processes']} GPU(s) of {f['memory_gib']:g} GiB" if f["device"] == "gpu"
              else f"this CPU ({f['memory_gib']:g} GiB)")
-    ckpt = "on" if f["grad_checkpoint"] else "off"
+    share = f["checkpoint_fraction"] if f["grad_checkpoint"] else 0.0
+    ckpt = "off" if share == 0 else ("on" if share == 1 else f"on for {share:.0%} of the layers")
     parts = Table(title=escape(f"{f['preset']}: {_count(f['total_parameters'])} parameters"))
     parts.add_column("part")
     parts.add_column("parameters", justify="right")
@@ -45,8 +46,15 @@ def print_plan(f: dict) -> None:
                 f"[bold]{_gib(f['predicted_peak_bytes'])}[/]")
     mem.add_row(f"largest micro-batch in {f['memory_gib']:g} GiB: checkpointing off / on",
                 f"{f['largest_micro_batch_no_ckpt']} / {f['largest_micro_batch_ckpt']}")
+    least = f["least_checkpointing_that_fits"]
+    if least is None:
+        least_text = "none: micro-batch too large even with every layer recomputed; lower --batch-size"
+    else:
+        least_text = (f"{least:.3g} of the layers (--set model.grad_checkpoint={str(least > 0).lower()}"
+                      + (f" --set model.checkpoint_fraction={least:.4g}" if 0 < least < 1 else "") + ")")
+    mem.add_row(f"least activation checkpointing that fits micro-batch {f['micro_batch']}", least_text)
     stdout.print(mem)
-    stdout.print(f"training FLOPs per image (forward + backward{', recomputation' if f['grad_checkpoint'] else ''}): "
+    stdout.print(f"training FLOPs per image (forward + backward{', recomputation' if share else ''}): "
                  f"{f['train_flops_per_image'] / 1e12:.2f} TFLOP; one ImageNet-1k epoch (1,281,167 images) on "
                  f"{f['processes']} H100 at 40% of the bf16 peak: {f['imagenet_epoch_hours_at_40pct']:.1f} h",
                  highlight=False)

@@ -196,6 +196,8 @@ def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overr
                "largest_micro_batch": plan.largest_micro_batch(memory, runtime),
                "largest_micro_batch_no_ckpt": plan.largest_micro_batch(memory, runtime, checkpoint=False),
                "largest_micro_batch_ckpt": plan.largest_micro_batch(memory, runtime, checkpoint=True),
+               "least_checkpointing_that_fits": plan.least_checkpointing(memory, cfg.train.batch_size,
+                                                                         cfg.model.af_layers, runtime),
                "imagenet_epoch_hours_at_40pct": plan.epoch_hours(1_281_167, processes, gpu_tflops("H100"), 0.4),
                **plan.to_dict()}
     if as_json:

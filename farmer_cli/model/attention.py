@@ -148,20 +148,21 @@ class TransformerStack(nn.Module):
     """L pre-norm transformer layers followed by a final LayerNorm.
 
     ``forward(h)``: (B, T, W) -> (B, T, W). ``causal`` is an attribute so a trained causal stack can be turned
-    bidirectional (the distillation student) without new parameters. ``checkpoint`` (also an attribute) runs each
-    layer under activation checkpointing whenever that can save memory: in training mode (or in evaluation mode
+    bidirectional (the distillation student) without new parameters. ``checkpoint`` (also an attribute; a share of
+    the layers, 0 to 1, or a bool for none / all) runs the first round(checkpoint·L) layers under activation
+    checkpointing whenever that can save memory: in training mode (or in evaluation mode
     inside :func:`checkpointing`: the denoising step's backward pass), with grad enabled and without a KV cache;
     otherwise (evaluation, ``torch.no_grad``, cached decoding) it has no effect. Outputs and gradients are the
     same either way.
     """
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, causal: bool = True,
-                 checkpoint: bool = False, gelu: str = "exact") -> None:
+                 checkpoint: float = 0.0, gelu: str = "exact") -> None:
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(width, heads, mlp_ratio, gelu) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.causal = causal
-        self.checkpoint = checkpoint
+        self.checkpoint = checkpoint  # share of the layers recomputed: the first round(checkpoint * L); True = all
         self.checkpoint_in_eval = False  # set by :func:`checkpointing` for the denoising step
 
     def new_cache(self, batch: int, capacity: int, device: torch.device | str) -> KVCache:
@@ -173,12 +174,12 @@ class TransformerStack(nn.Module):
                        activation_dtype(device, attn.qkv.weight.dtype))
 
     def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        recompute = (self.checkpoint and (self.training or self.checkpoint_in_eval) and cache is None
-                     and torch.is_grad_enabled())
+        active = (self.training or self.checkpoint_in_eval) and cache is None and torch.is_grad_enabled()
+        recomputed = round(float(self.checkpoint) * len(self.layers)) if active else 0
         if cache is not None:
             cache.begin(h.shape[1])
         for i, layer in enumerate(self.layers):
-            if recompute:
+            if i < recomputed:
                 h = activation_checkpoint(layer, h, self.causal, None, i, use_reentrant=False,
                                           context_fn=_recompute_with_forward_attention_backends)
             else:
@@ -190,12 +191,12 @@ class TransformerStack(nn.Module):
 
 @contextlib.contextmanager
 def checkpointing(module: nn.Module, enabled: bool = True):
-    """Activation checkpointing in every :class:`TransformerStack` of ``module`` for the duration (restored
-    after): the denoising step's backward pass keeps one input per layer instead of every activation."""
+    """Activation checkpointing of every layer of every :class:`TransformerStack` of ``module`` for the duration
+    (restored after): the denoising step's backward pass keeps one input per layer instead of every activation."""
     stacks = [m for m in module.modules() if isinstance(m, TransformerStack)]
     before = [(stack.checkpoint, stack.checkpoint_in_eval) for stack in stacks]
     for stack in stacks:
-        stack.checkpoint, stack.checkpoint_in_eval = stack.checkpoint or enabled, enabled
+        stack.checkpoint, stack.checkpoint_in_eval = (1.0 if enabled else stack.checkpoint), enabled
     try:
         yield
     finally:

@@ -74,7 +74,7 @@ class Farmer(nn.Module):
         self.flow = AutoregressiveFlow(
             cfg.token_dim, cfg.tokens, cfg.af_blocks, cfg.af_width, cfg.af_layers, cfg.af_heads, cfg.mlp_ratio,
             cfg.af_max_log_scale, cfg.af_permutation, cfg.num_classes if cfg.af_class_conditional else 0,
-            checkpoint=cfg.grad_checkpoint, gelu=cfg.gelu,
+            checkpoint=cfg.checkpoint_share, gelu=cfg.gelu,
         )
         self.prior = ARPrior(cfg)
         basis = dct_basis(cfg.patch_size, cfg.channels) if cfg.token_basis == "dct" else None

@@ -31,12 +31,13 @@ class AFBlock(nn.Module):
         dim: d, channels per token. tokens: N. width/layers/heads: the causal transformer.
         num_classes: > 0 makes the block class-conditional (a class embedding added to every position; index
             ``num_classes`` is the null class); 0 (the paper's choice) makes it unconditional.
-        checkpoint: activation checkpointing of the transformer in training (see :class:`TransformerStack`).
+        checkpoint: activation checkpointing of the transformer in training, the share of its layers recomputed
+            (0 to 1; see :class:`TransformerStack`).
         gelu: the MLPs' GELU, "exact" (erf) or "tanh" (the approximation).
     """
 
     def __init__(self, dim: int, tokens: int, width: int, layers: int, heads: int, mlp_ratio: float,
-                 max_log_scale: float, num_classes: int = 0, checkpoint: bool = False, gelu: str = "exact") -> None:
+                 max_log_scale: float, num_classes: int = 0, checkpoint: float = 0.0, gelu: str = "exact") -> None:
         super().__init__()
         self.dim, self.max_log_scale = dim, max_log_scale
         self.in_proj = nn.Linear(dim, width)
@@ -155,13 +156,14 @@ class AutoregressiveFlow(nn.Module):
     """n AF blocks; block t permutes tokens in (flip or identity), transforms, and permutes back out.
 
     ``permutation="alternate"`` flips every odd block (TARFlow); ``"always-flip"`` flips every block.
-    ``checkpoint`` turns on activation checkpointing in every block's transformer (training only; see
+    ``checkpoint`` turns on activation checkpointing in every block's transformer, for that share of its layers
+    (training only; see
     :class:`TransformerStack`).
     """
 
     def __init__(self, dim: int, tokens: int, blocks: int, width: int, layers: int, heads: int,
                  mlp_ratio: float = 4.0, max_log_scale: float = 3.0, permutation: str = "alternate",
-                 num_classes: int = 0, checkpoint: bool = False, gelu: str = "exact") -> None:
+                 num_classes: int = 0, checkpoint: float = 0.0, gelu: str = "exact") -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             AFBlock(dim, tokens, width, layers, heads, mlp_ratio, max_log_scale, num_classes, checkpoint, gelu)

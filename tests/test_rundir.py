@@ -1,0 +1,67 @@
+"""Owning a run directory (farmer_cli/rundir.py): only farmer's runs are replaced, only farmer's files deleted, and
+the lock file is never followed through a link or opened when it is not a regular file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from farmer_cli.checkpoint import CheckpointError
+from farmer_cli.rundir import claim
+
+from test_cli import farmer
+
+
+def _farmer_run(run: Path) -> Path:
+    """A directory laid out as farmer leaves a run, with a user's own files beside farmer's."""
+    (run / "samples").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"format_version": 1, "config": {}}))
+    for name in ("model.safetensors", "metrics.jsonl", "eval-10.json", "eval-10-2.json", "samples/step-00000010.png",
+                 "checkpoints/step-00000010/model.safetensors"):
+        (run / name).write_text("farmer's")
+    for name in ("samples/mine.png", "eval-notes.json", "checkpoints/README", "notes.txt"):
+        (run / name).write_text("the user's")
+    return run
+
+
+def test_overwrite_deletes_only_what_farmer_names(tmp_path: Path):
+    run = _farmer_run(tmp_path / "run")
+    claim(run, resume=False, overwrite=True).release()
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert left == [".lock", "checkpoints/README", "eval-notes.json", "notes.txt", "samples/mine.png"]
+
+
+def test_a_directory_that_is_not_a_run_is_never_written_over(tmp_path: Path):
+    out = tmp_path / "p"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "mine.png").write_text("x")
+    (out / "config.json").write_text('{"app": 1}')
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError, match=r"not a farmer run's \(config.json\)"):
+            claim(out, resume=False, overwrite=overwrite)
+    assert (out / "config.json").read_text() == '{"app": 1}' and (out / "samples" / "mine.png").exists()
+    proc = farmer("train", "--preset", "tiny", "--steps", "1", "--out", str(out), "--overwrite", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "not a farmer run's" in proc.stderr.strip().splitlines()[-1]
+    assert (out / "config.json").read_text() == '{"app": 1}' and (out / "samples" / "mine.png").exists()
+
+
+def test_a_lock_that_is_a_link_directory_or_fifo_is_refused(tmp_path: Path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for kind in ("symlink", "directory", "fifo"):
+        run = _farmer_run(tmp_path / kind)
+        lock = run / ".lock"
+        if kind == "symlink":
+            lock.symlink_to(victim)
+        elif kind == "directory":
+            lock.mkdir()
+        else:
+            os.mkfifo(lock)
+        with pytest.raises(CheckpointError, match=r"\.lock: .*remove it"):
+            claim(run, resume=True)
+    assert victim.read_text() == "keep me"

@@ -206,6 +206,12 @@ def test_sample_writes_grid_and_files(tiny_run: Path, tmp_path: Path):
         assert im.size == (8, 8)
 
 
+def test_sample_with_a_class_given_twice_writes_every_image(tiny_run: Path, tmp_path: Path):
+    farmer("sample", "--ckpt", str(tiny_run), "--class", "3", "--class", "3", "--n", "2", "--out",
+           str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "each"))
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [f"3-3_{i:04d}.png" for i in range(4)]
+
+
 def test_sample_is_deterministic_for_a_seed(tiny_run: Path, tmp_path: Path):
     for name in ("a", "b"):
         farmer("sample", "--ckpt", str(tiny_run), "--n", "3", "--seed", "7", "--out", str(tmp_path / f"{name}.png"))

@@ -61,6 +61,20 @@ def test_patch_logdets_follow_each_blocks_token_order():
     torch.testing.assert_close(logdet, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_heatmaps_of_images_with_the_same_name_do_not_overwrite_each_other(tiny_run: Path, digit_png: Path,  # noqa: F811
+                                                                          tmp_path: Path):
+    import shutil
+
+    for sub in ("a", "b"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+        shutil.copy(digit_png, tmp_path / "d" / sub / "0.png")
+    heat = tmp_path / "heat.png"
+    proc = farmer("score", str(tmp_path / "d"), "--ckpt", str(tiny_run), "--heatmap", str(heat), "--json")
+    written = sorted(json.loads(line)["heatmap"] for line in proc.stdout.splitlines())
+    assert written == [str(tmp_path / "heat_a_0.png"), str(tmp_path / "heat_b_0.png")]
+    assert all(Path(p).is_file() for p in written)
+
+
 def test_score_heatmap_and_compression_figures(tiny_run: Path, digit_png: Path, tmp_path: Path):  # noqa: F811
     heat = tmp_path / "bits.png"
     proc = farmer("score", str(digit_png), "--ckpt", str(tiny_run), "--heatmap", str(heat), "--json")

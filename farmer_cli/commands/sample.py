@@ -190,8 +190,12 @@ def _labels(classes: list[str], num_classes: int, class_names: list[str], seed: 
 
 
 def _png_name(index: int, labels, n: int, class_names: list[str]) -> str:
-    """File of image ``index`` (global, class-major): <class>-<name>_<index within its class>.png."""
-    return f"{_safe(class_names, int(labels[index]))}_{index % n:04d}.png"
+    """File of image ``index`` (global, class-major, n per row): <class>-<name>_<index within its class>.png,
+    counting on across rows of the same class (a class given twice writes _0000.. then _000n..), so no two images
+    share a name."""
+    row, label = index // n, int(labels[index])
+    earlier = sum(int(labels[r * n]) == label for r in range(row))  # rows of this class before this one
+    return f"{_safe(class_names, label)}_{earlier * n + index % n:04d}.png"
 
 
 def _write_pngs(out_dir: Path, chunk: range, images, labels, n: int, class_names: list[str]) -> None:

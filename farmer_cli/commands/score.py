@@ -66,6 +66,7 @@ def _score(images, ckpt, class_, samples, batch_size, as_json, device, heatmap):
     mc = cfg.model
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)
     loaded = [load_image(f, mc.channels, mc.image_size) for f in files]  # fails early, naming the bad file
+    heat_paths = _heatmap_paths(files, heatmap) if heatmap is not None else []
     rows = []
     gen = torch.Generator().manual_seed(0)
     with progress(disable=len(files) < 2 * batch_size) as bar:
@@ -89,7 +90,7 @@ def _score(images, ckpt, class_, samples, batch_size, as_json, device, heatmap):
                 if heatmap is not None:
                     row["patch_size"] = mc.patch_size
                     row["patch_bits"] = [[round(float(v), 4) for v in r] for r in maps[i]]
-                    out = heatmap if len(files) == 1 else heatmap.with_name(f"{heatmap.stem}_{Path(f).stem}.png")
+                    out = heat_paths[start + i]
                     title = f"{Path(f).name}: {float(bpd[i]):.3f} bits/dim ({label_text(class_)})"
                     save_png(bits_figure(u[i], maps[i].numpy() / mc.token_dim, title), out)
                     row["heatmap"] = str(out)
@@ -130,3 +131,23 @@ def _rounded(value, digits: int):
     value = float(value)
     return round(value, digits) if math.isfinite(value) else None
 
+
+
+def _heatmap_paths(files: list, heatmap: Path) -> list[Path]:
+    """One heatmap per image, no two the same: ``heatmap`` itself for one image, else ``<heatmap stem>_<image
+    stem>.png``, with the image's folders (below the folders all images share) where stems repeat
+    (d/a/0.png, d/b/0.png -> heat_a_0.png, heat_b_0.png), and its position where even that repeats."""
+    import os
+    from collections import Counter
+
+    if len(files) == 1:
+        return [heatmap]
+    paths = [Path(f) for f in files]
+    root = Path(os.path.commonpath([str(p.parent.resolve()) for p in paths]))
+    stems = [p.stem for p in paths]
+    repeated = {s for s, k in Counter(stems).items() if k > 1}
+    names = ["_".join(p.resolve().relative_to(root).with_suffix("").parts) if s in repeated else s
+             for p, s in zip(paths, stems)]
+    clashes = {n for n, k in Counter(names).items() if k > 1}
+    names = [f"{n}_{i}" if n in clashes else n for i, n in enumerate(names)]
+    return [heatmap.with_name(f"{heatmap.stem}_{name}.png") for name in names]

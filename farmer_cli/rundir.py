@@ -144,6 +144,23 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
     return lock
 
 
+DISTILL_FILES = (STUDENT_FILE, DISTILL_STATE_FILE, DISTILL_METRICS_FILE)
+
+
+def holds_distillation(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in DISTILL_FILES)
+
+
+def remove_distillation(run_dir: Path) -> None:
+    """Delete a run's student, its distillation state and metrics and its ``checkpoints/distill-step-*``
+    (``farmer distill --overwrite``; call holding the run's lock)."""
+    for name in DISTILL_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for old in (run_dir / HISTORY_DIR).glob("distill-step-*"):
+        if HISTORY_NAMES.fullmatch(old.name):
+            shutil.rmtree(old)
+
+
 def resume_conflicts(stored: Config, requested: Config) -> list[str]:
     """``section.key: stored -> requested`` for every setting a resumed run would change but may not."""
     conflicts = []

@@ -225,3 +225,11 @@ def test_distill_resume_keeps_its_schedule(tmp_path: Path):
     farmer("train", "--preset", "tiny", "--out", str(fresh), "--steps", "2")
     nothing = farmer("distill", "--ckpt", str(fresh), "--resume", check=False)
     assert nothing.returncode == 2 and "no distillation to continue" in nothing.stderr
+    # a second distillation never silently replaces the first: --overwrite starts afresh
+    student = (run / "student.safetensors").read_bytes()
+    again = farmer("distill", "--ckpt", str(run), "--steps", "3", check=False)
+    assert again.returncode == 2 and "already holds a student" in again.stderr
+    assert (run / "student.safetensors").read_bytes() == student
+    farmer("distill", "--ckpt", str(run), "--steps", "3", "--overwrite")
+    steps = [json.loads(line)["step"] for line in (run / "distill_metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3 and max(steps) == 3  # the old run's metrics are gone

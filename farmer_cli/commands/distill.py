@@ -8,6 +8,7 @@ Examples:
   farmer distill
   farmer distill --ckpt runs/quickstart-20260101-120000 --steps 2000
   farmer distill --resume
+  farmer distill --overwrite          # replace the run's student
 """
 
 from __future__ import annotations
@@ -28,25 +29,32 @@ def run(
     lr: Optional[float] = Option(None, "--lr", help="Peak learning rate of the student."),
     mixed_precision: Optional[str] = Option(None, "--mixed-precision", help="auto | no | bf16 | fp16."),
     resume: bool = Option(False, "--resume", help="Continue an interrupted distillation of this checkpoint."),
+    overwrite: bool = Option(False, "--overwrite", help="Replace the run's existing student (its weights, "
+                             "distillation state, metrics and distill-step checkpoints are deleted first)."),
     overrides: List[str] = Option([], "--set", help="Override distillation, data or training-loop settings, e.g. "
                                   "--set distill.latent_noise_max=0.2 --set train.log_every=50 (repeatable)."),
 ) -> None:
     with user_errors():
-        _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides)
+        _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides, overwrite)
 
 
-def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides):
+def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides, overwrite=False):
     import dataclasses
 
     from ..checkpoint import DISTILL_STATE_FILE, load_model, stored_distill_settings
     from ..config_files import apply_overrides
     from ..data import load_data
     from ..distilling import distill
-    from ..rundir import claim_on_main
+    from ..rundir import claim_on_main, holds_distillation, remove_distillation
     from ..runtime import end_processes, find_checkpoint, make_accelerator
     from .ui import LoopProgress, console, escape
 
     run_dir = find_checkpoint(ckpt)
+    if resume and overwrite:
+        exit_with("--resume continues a distillation and --overwrite replaces it: give one of them")
+    if not resume and not overwrite and holds_distillation(run_dir):
+        exit_with(f"{run_dir} already holds a student: continue its distillation with --resume, replace it with "
+                  "--overwrite, or distil a copy of the run")
     model, cfg, _, step = load_model(run_dir)
     cli = {"data.source": data, "distill.steps": steps, "distill.batch_size": batch_size, "distill.lr": lr,
            "train.mixed_precision": mixed_precision}
@@ -68,6 +76,9 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
     acc = make_accelerator(cfg.train.mixed_precision)
     main = acc.is_main_process
     run_dir, _lock = claim_on_main(acc, run_dir, resume=True)  # writes the student into the run: one writer at a time
+    if overwrite and main:
+        remove_distillation(run_dir)
+    acc.wait_for_everyone()
     if main:
         console.print(f"distilling the AF of {escape(str(run_dir))} (step {step}) for {cfg.distill.steps} steps")
     try:

@@ -155,9 +155,13 @@ def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     return cfg, names, payload
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names
+
+
 def _check_header(module: torch.nn.Module, path: Path) -> dict[str, str]:
-    """Compare the tensor names and shapes in a safetensors header with ``module`` (which may live on the meta
-    device, so nothing is allocated for a config that does not fit); returns the file's metadata."""
+    """Compare the tensor names, shapes and (floating-point) dtypes in a safetensors header with ``module`` (which
+    may live on the meta device, so nothing is allocated for a config that does not fit); returns the file's
+    metadata."""
     from safetensors import SafetensorError, safe_open
 
     if not path.exists():
@@ -166,8 +170,14 @@ def _check_header(module: torch.nn.Module, path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
             shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+            dtypes = {key: fh.get_slice(key).get_dtype() for key in fh.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable weights ({err})") from None
+    # farmer writes float32 (and reads bf16/fp16 exports); integers would load silently as rounded weights
+    cast = sorted(key for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
+    if cast:
+        raise CheckpointError(f"{path}: {cast[0]} is stored as {dtypes[cast[0]]} ({len(cast)} such tensors), not a "
+                              "floating-point type: these are not weights farmer wrote; use the run's own file")
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     wrong = sorted(set(expected) ^ set(shapes)) or [k for k in expected if expected[k] != shapes[k]]
     if wrong:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import folder_index
 from .config import DataConfig
@@ -128,6 +128,20 @@ def open_source(cfg: DataConfig) -> Source:
                     "with one sub-folder per class, or a saved Hugging Face dataset")
 
 
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer grey image scaled to 8 bits (PIL's own conversion clips every value above 255);
+    other modes as they are. 16-bit files keep their high byte; 32-bit ones ("I") are read as 16-bit data when any
+    value exceeds 255."""
+    if not img.mode.startswith("I"):
+        return img
+    arr = np.asarray(img).astype(np.int64)
+    if img.mode.startswith("I;16"):
+        arr = arr >> 8
+    elif arr.size and arr.max() > 255:
+        arr = arr >> 8
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))  # a 2-D uint8 array is mode "L"
+
+
 def to_uint8(item, channels: int, size: int) -> torch.Tensor:
     """PIL image / path / uint8 (C,H,W) tensor -> uint8 (channels, size, size): convert, resize, centre-crop."""
     if isinstance(item, torch.Tensor) and item.shape[-1] == size and item.shape[-2] == size and item.shape[0] == channels:
@@ -136,7 +150,7 @@ def to_uint8(item, channels: int, size: int) -> torch.Tensor:
         item = Image.fromarray(item.squeeze(0).numpy() if item.shape[0] == 1 else item.permute(1, 2, 0).numpy())
     elif not isinstance(item, Image.Image):
         item = Image.open(item)
-    img = item.convert("L" if channels == 1 else "RGB")
+    img = _eight_bit(ImageOps.exif_transpose(item)).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     scale = size / min(w, h)
     if scale != 1:
@@ -238,7 +252,8 @@ def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor
     try:
         with Image.open(p) as img:
             img.load()
-            return to_uint8(img, channels, size), img.size
+            upright = ImageOps.exif_transpose(img)  # the size as the image is shown
+            return to_uint8(upright, channels, size), upright.size
     except IMAGE_ERRORS as err:
         raise DataError(f"{p}: not a readable image ({err})") from None
 

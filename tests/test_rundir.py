@@ -12,7 +12,7 @@ import pytest
 from farmer_cli.checkpoint import CheckpointError
 from farmer_cli.rundir import claim
 
-from test_cli import farmer
+from test_cli import farmer, tiny_run  # noqa: F401  (session fixture)
 
 
 def _farmer_run(run: Path) -> Path:
@@ -65,3 +65,19 @@ def test_a_lock_that_is_a_link_directory_or_fifo_is_refused(tmp_path: Path):
         with pytest.raises(CheckpointError, match=r"\.lock: .*remove it"):
             claim(run, resume=True)
     assert victim.read_text() == "keep me"
+
+
+def test_weights_cast_to_integers_are_refused(tiny_run: Path, tmp_path: Path):  # noqa: F811
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from farmer_cli.checkpoint import load_model
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".lock", "checkpoints"))
+    weights = load_file(run / "model.safetensors")
+    save_file({k: v.to(torch.int8) for k, v in weights.items()}, run / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"stored as I8 .*not a floating-point type"):
+        load_model(run)

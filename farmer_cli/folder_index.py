@@ -2,9 +2,11 @@
 
 Walking 1.28M files takes minutes on network storage, and every process of a multi-GPU job would do it. The index
 (class names, relative paths, labels) is written as JSON under ``<cache>/farmer/folder-index/``, keyed by the
-folder's absolute path and the modification times of its class folders (adding or removing a file changes its
-folder's time, so the index is rebuilt). In a multi-process job, the first process of each machine
-(``LOCAL_RANK`` 0) builds it and the others wait for it.
+folder's absolute path and the modification times of its class folders; it also records the modification time of
+every sub-folder below them and is used only while all of those are unchanged (adding or removing a file changes
+its own folder's time, however deep; checking costs one stat per folder, not a walk). An index that is not what
+farmer writes (unreadable, wrong types, paths outside the folder) is ignored and rebuilt. In a multi-process job,
+the first process of each machine (``LOCAL_RANK`` 0) builds it and the others wait for it.
 """
 
 from __future__ import annotations
@@ -33,26 +35,58 @@ def _key(root: Path, classes: list[str]) -> str:
 
 
 def _walk(root: Path, classes: list[str]) -> dict:
-    paths, labels = [], []
+    paths, labels, folders = [], [], {}
     for k, name in enumerate(classes):
-        files = sorted(f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        paths += [str(f.relative_to(root)) for f in files]
-        labels += [k] * len(files)
-    return {"root": str(root.resolve()), "classes": classes, "paths": paths, "labels": labels}
+        found = []
+        for here, _, files in os.walk(root / name):  # symlinked folders are not entered
+            folders[os.path.relpath(here, root)] = Path(here).stat().st_mtime_ns
+            found += [os.path.join(here, f) for f in files
+                      if Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(here, f))]
+        paths += sorted((os.path.relpath(f, root) for f in found), key=lambda p: Path(p).parts)
+        labels += [k] * len(found)
+    return {"root": str(root.resolve()), "classes": classes, "paths": paths, "labels": labels, "folders": folders}
+
+
+def _current(index, root: Path, classes: list[str]) -> bool:
+    """Whether a cached index is farmer's and still describes ``root``: the right shape and types, every path
+    inside the folder, and every folder it saw unchanged."""
+    if not (isinstance(index, dict) and index.get("root") == str(root.resolve()) and index.get("classes") == classes
+            and isinstance(index.get("paths"), list) and isinstance(index.get("labels"), list)
+            and isinstance(index.get("folders"), dict) and len(index["paths"]) == len(index["labels"])):
+        return False
+    if not all(isinstance(p, str) and not os.path.isabs(p) and ".." not in Path(p).parts for p in index["paths"]):
+        return False
+    if not all(isinstance(y, int) and 0 <= y < len(classes) for y in index["labels"]):
+        return False
+    try:
+        return all(isinstance(t, int) and ".." not in Path(f).parts and (root / f).stat().st_mtime_ns == t
+                   for f, t in index["folders"].items())
+    except OSError:
+        return False
+
+
+def _read(path: Path, root: Path, classes: list[str]) -> dict | None:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return index if _current(index, root, classes) else None
 
 
 def folder_index(root: Path) -> dict:
     """-> {"classes", "paths" (relative to root), "labels"} for ``root``, from the cache where it is current."""
     classes = class_folders(root)
     path = cache_dir() / f"{_key(root, classes)}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    cached = _read(path, root, classes)
+    if cached is not None:
+        return cached
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         deadline = time.time() + WAIT_SECONDS
-        while not path.exists() and time.time() < deadline:
+        while cached is None and time.time() < deadline:
             time.sleep(1.0)
-        if path.exists():
-            return json.loads(path.read_text())
+            cached = _read(path, root, classes)
+        if cached is not None:
+            return cached
     index = _walk(root, classes)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

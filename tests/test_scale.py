@@ -151,6 +151,20 @@ def test_image_folder_index_is_built_once_and_rebuilt_when_a_folder_changes(tmp_
     os.utime(root / "b", ns=(time.time_ns(), time.time_ns() + 10**9))  # coarse file-system clocks
     grown = load_data(DataConfig(source=str(root), test_fraction=0.34), 1, 8)
     assert len(walks) == 1 and len(grown.train) + len(grown.test) == 7
+    # images added in a sub-folder of a class (its class folder's time does not change) are seen too
+    (root / "a" / "sub").mkdir()
+    os.utime(root / "a", ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    load_data(DataConfig(source=str(root), test_fraction=0.34), 1, 8)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(root / "a" / "sub" / "deep.png")
+    os.utime(root / "a" / "sub", ns=(time.time_ns(), time.time_ns() + 3 * 10**9))
+    deeper = load_data(DataConfig(source=str(root), test_fraction=0.34), 1, 8)
+    assert len(walks) == 3 and len(deeper.train) + len(deeper.test) == 8
+    # a cached index that is not farmer's (a path outside the folder) is ignored and rebuilt
+    cached = max((tmp_path / "cache" / "farmer" / "folder-index").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    index = json.loads(cached.read_text())
+    cached.write_text(json.dumps(index | {"paths": ["/etc/passwd"] + index["paths"][1:]}))
+    rebuilt = load_data(DataConfig(source=str(root), test_fraction=0.34), 1, 8)
+    assert len(walks) == 4 and all("passwd" not in str(p) for p in rebuilt.train.source.paths)
 
 
 def test_report_to_tensorboard_writes_event_files(tmp_path: Path):

@@ -18,6 +18,7 @@ skipped so the trainer can print a total. Nothing is ever downloaded.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from . import folder_index
 from .config import DataConfig
 from .folder_index import IMAGE_SUFFIXES
-from .sources import BUILTIN_SOURCES, DataError, FileSource, Source, builtin_source
+from .sources import BUILTIN_SOURCES, DataError, FileSource, Source, builtin_source, digest
 
 log = logging.getLogger("farmer")
 
@@ -102,6 +103,12 @@ class HFSource(Source):
         feature = ds.features.get(label_col) if label_col else None
         self.lookup = None if feature is None or hasattr(feature, "names") else {n: i for i, n in enumerate(class_names)}
 
+    def fingerprint(self, indices: list[int]) -> str:
+        """The dataset's files (names, sizes, modification times) and the indices."""
+        files = [f["filename"] for f in getattr(self.ds, "cache_files", [])]
+        stamps = [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+        return digest([self.name, len(self.ds), stamps, list(indices)])
+
     def get(self, i: int):
         row = self.ds[i]
         if not self.label_col:
@@ -173,6 +180,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def fingerprint(self) -> str:
+        """A digest of these examples' content (:meth:`Source.fingerprint`), for caches computed from them."""
+        return self.source.fingerprint(self.indices)
 
     def __getitem__(self, k: int):
         item, label = self.source.get(self.indices[k])

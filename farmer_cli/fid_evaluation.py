@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +39,16 @@ def stream_features(net, dataset: ImageDataset, batch: int, limit: int = 0, resi
 def reference_stats(net, weights_sha: str, dataset: ImageDataset, key: dict, batch: int, limit: int,
                     resize: str = "antialias"):
     """Inception features and (mean, cov) of real images, cached under the user's cache dir, keyed by the data
-    source, split, resolution, channels, resize rule, image count and weights. Images are streamed: features are
-    computed batch by batch and no more than one batch of images is held."""
+    source, split, resolution, channels, resize rule, image count, weights and the images' content
+    (``key["content"]``: their files' resolved paths, sizes and times, or their bytes). Images are streamed:
+    features are computed batch by batch and no more than one batch of images is held."""
     key = {**key, "weights_sha256": weights_sha, "limit": limit}
     if resize != "antialias":  # the default rule keeps the key (and the caches) of earlier releases
         key["resize"] = RESIZE_RULES[resize]
     path = _cache_path(key, "", ".npz")
-    if path.exists():
-        data = np.load(path)
-        return torch.from_numpy(data["features"]), data["mu"], data["cov"], True
+    cached = _read_cached_stats(path)
+    if cached is not None:
+        return (*cached, True)
     feats = stream_features(net, dataset, batch, limit, resize)
     mu, cov = feature_stats(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +56,20 @@ def reference_stats(net, weights_sha: str, dataset: ImageDataset, key: dict, bat
     np.savez(tmp, features=feats.numpy(), mu=mu, cov=cov, key=json.dumps(key))
     tmp.replace(path)
     return feats, mu, cov, False
+
+
+def _read_cached_stats(path: Path):
+    """(features, mu, cov) from a cache file written by :func:`reference_stats`, or None when it is missing or not
+    such a file (then it is computed again and rewritten)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feats, mu, cov = data["features"], data["mu"], data["cov"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    F = feats.shape[-1] if feats.ndim == 2 else -1
+    if feats.dtype.kind != "f" or mu.shape != (F,) or cov.shape != (F, F):
+        return None
+    return torch.from_numpy(feats), mu, cov
 
 
 def ref_file_features(net, stats: dict, weights_sha: str, batch: int, resize: str = "antialias"):
@@ -100,7 +116,7 @@ def fid_metrics(cfg: Config, metrics: list[str], split: str, reference: ImageDat
         on_stage(f"Inception features of the {split} split")
         key = {"source": cfg.data.source, "split": split, "resolution": cfg.model.image_size,
                "channels": cfg.model.channels, "split_seed": cfg.data.split_seed,
-               "test_fraction": cfg.data.test_fraction}
+               "test_fraction": cfg.data.test_fraction, "content": reference.fingerprint()}
         real, mu_r, cov_r, cached = reference_stats(net, protocol["weights_sha256"], reference, key, batch, 0, resize)
         described = {"kind": "data", "source": cfg.data.source, "split": split, "n": len(real), "cached": cached}
         n_real_stats = len(real)

@@ -8,7 +8,10 @@ ship with farmer's dependencies or a Debian package (``mnist5k``, ``digits``, ``
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,12 @@ class Source:
     def get(self, i: int):
         raise NotImplementedError
 
+    def fingerprint(self, indices: list[int]) -> str:
+        """A digest of what examples ``indices`` hold, for caches of what was computed from them (reference
+        statistics): it changes when their content changes. Here only the name, size and indices; every source
+        farmer opens says more (its bytes, files or dataset files)."""
+        return digest([self.name, self.length, list(indices)])
+
 
 class TensorSource(Source):
     """Images already decoded: uint8 (N, C, H, W) and labels (N,)."""
@@ -44,6 +53,12 @@ class TensorSource(Source):
     def get(self, i: int):
         return self.images[i], int(self.labels[i])
 
+    def fingerprint(self, indices: list[int]) -> str:
+        """The selected images' bytes and labels."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        pixels = _bytesdigest(self.images[index].contiguous().numpy().tobytes())
+        return digest([self.name, pixels, np.asarray(self.labels)[index.numpy()].tolist()])
+
 
 class FileSource(Source):
     """Image files with class indices (an ImageNet-style folder)."""
@@ -54,6 +69,23 @@ class FileSource(Source):
 
     def get(self, i: int):
         return self.paths[i], self.labels[i]
+
+    def fingerprint(self, indices: list[int]) -> str:
+        """The selected files' resolved paths, sizes and modification times, and their labels."""
+        stamps = []
+        for i in indices:
+            st = os.stat(self.paths[i])
+            stamps.append([str(Path(self.paths[i]).resolve()), st.st_size, st.st_mtime_ns, int(self.labels[i])])
+        return digest(stamps)
+
+
+def _bytesdigest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest(value) -> str:
+    """A short hex digest of a JSON-able value."""
+    return _bytesdigest(json.dumps(value).encode())[:24]
 
 
 def _package_file(package: str, relative: str) -> Path:

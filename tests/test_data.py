@@ -31,3 +31,46 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     shown = np.asarray(Image.open(tmp_path / "o.png").transpose(Image.Transpose.ROTATE_270))
     assert shown.shape[:2] == (8, 4) and shown[0, 0, 0] == 255  # white ends up on top
     assert u[0, 0, :].float().mean() > 200 and u[0, -1, :].float().mean() < 50  # top white, bottom black
+
+
+def _folder(root: Path, shade: int) -> Path:
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), shade + 10 * i, dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_reference_caches_are_keyed_by_the_images_not_the_source_name(tmp_path: Path, monkeypatch):
+    """The FID reference statistics are cached under the split's content: two folders both passed as --data data
+    (from different directories) differ, and so does a folder whose image changed."""
+    import os
+
+    from farmer_cli.config import DataConfig
+    from farmer_cli.data import load_data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    prints = {}
+    for where, shade in (("x", 0), ("y", 100)):
+        _folder(tmp_path / where / "data", shade)
+        monkeypatch.chdir(tmp_path / where)
+        prints[where] = load_data(DataConfig(source="data", test_fraction=0.34), 1, 8).test.fingerprint()
+    assert prints["x"] != prints["y"]
+    again = load_data(DataConfig(source="data", test_fraction=0.34), 1, 8).test
+    assert again.fingerprint() == prints["y"]
+    changed = again.source.paths[again.indices[0]]
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(changed)
+    os.utime(changed, ns=(0, 10**9))
+    assert load_data(DataConfig(source="data", test_fraction=0.34), 1, 8).test.fingerprint() != prints["y"]
+
+
+def test_a_corrupt_reference_cache_is_recomputed(tmp_path: Path):
+    from farmer_cli.fid_evaluation import _read_cached_stats
+
+    bad = tmp_path / "stats.npz"
+    bad.write_bytes(b"PK\x03\x04 not a zip")
+    assert _read_cached_stats(bad) is None
+    np.savez(tmp_path / "wrong.npz", features=np.zeros((3, 4)), mu=np.zeros(5), cov=np.zeros((4, 4)))
+    assert _read_cached_stats(tmp_path / "wrong.npz") is None
+    np.savez(tmp_path / "good.npz", features=np.zeros((3, 4)), mu=np.zeros(4), cov=np.eye(4))
+    assert _read_cached_stats(tmp_path / "good.npz") is not None

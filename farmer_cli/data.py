@@ -210,6 +210,14 @@ class DataBundle:
     test: ImageDataset
     class_names: list[str]
 
+    def layout(self) -> dict:
+        """What a resumed run must find again: the example counts and a digest of the classes, the examples
+        (files or labels, :meth:`Source.layout`) and which of them the split put in train and test. Another count
+        would change the epoch schedule; other files or another split would mix test images into training."""
+        source = self.train.source
+        return {"train": len(self.train), "test": len(self.test),
+                "digest": digest([self.class_names, source.layout(), self.train.indices, self.test.indices])}
+
 
 class Unlabelled(Source):
     """A source with its labels dropped: one class, "all" (unconditional models, ``data.use_labels = false``)."""
@@ -220,6 +228,12 @@ class Unlabelled(Source):
 
     def get(self, i: int):
         return self.source.get(i)[0], 0
+
+    def layout(self) -> str:
+        return self.source.layout()
+
+    def fingerprint(self, indices: list[int]) -> str:
+        return self.source.fingerprint(indices)
 
 
 def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:

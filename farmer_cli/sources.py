@@ -34,6 +34,11 @@ class Source:
     def get(self, i: int):
         raise NotImplementedError
 
+    def layout(self) -> str:
+        """A digest of which examples the source holds, in order (not their pixels): here its size; file and
+        tensor sources say more."""
+        return digest([self.length])
+
     def fingerprint(self, indices: list[int]) -> str:
         """A digest of what examples ``indices`` hold, for caches of what was computed from them (reference
         statistics): it changes when their content changes. Here only the name, size and indices; every source
@@ -53,6 +58,10 @@ class TensorSource(Source):
     def get(self, i: int):
         return self.images[i], int(self.labels[i])
 
+    def layout(self) -> str:
+        """The number of images and their labels."""
+        return digest([self.length, np.asarray(self.labels).tolist()])
+
     def fingerprint(self, indices: list[int]) -> str:
         """The selected images' bytes and labels."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
@@ -69,6 +78,10 @@ class FileSource(Source):
 
     def get(self, i: int):
         return self.paths[i], self.labels[i]
+
+    def layout(self) -> str:
+        """The files (paths) and their labels, in order."""
+        return digest([[str(p) for p in self.paths], list(self.labels)])
 
     def fingerprint(self, indices: list[int]) -> str:
         """The selected files' resolved paths, sizes and modification times, and their labels."""

@@ -98,6 +98,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     ``engine.TrainingDiverged`` on a non-finite loss."""
     tc, device, main = cfg.train, accelerator.device, accelerator.is_main_process
     total = total_steps(cfg, len(data.train), accelerator.num_processes)
+    layout = data.layout()  # in config.json: a resume checks it finds the same data (commands/train.py)
     global_batch = tc.global_batch(accelerator.num_processes)
     torch.manual_seed(tc.seed)
     model = Farmer(cfg.model)
@@ -112,7 +113,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
 
     def on_save(step: int, states: dict) -> None:
         save_weights(run_dir / MODEL_FILE, states["ema"], step)
-        save_config(run_dir, cfg, data.class_names, {"step": step, "global_batch": global_batch})
+        save_config(run_dir, cfg, data.class_names, {"step": step, "global_batch": global_batch, "data": layout})
 
     def after_step(step: int) -> None:
         ema.update(step, tc.ema_decay)
@@ -134,7 +135,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
         accelerator.init_trackers("tensorboard", config=flat)
     if main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run_dir, cfg, data.class_names, {"step": 0, "global_batch": global_batch})
+        save_config(run_dir, cfg, data.class_names, {"step": 0, "global_batch": global_batch, "data": layout})
     bpd_before = test_bpd(raw, cfg, data) if not resume else math.nan  # every rank: sharded models need all
     loader = make_loader(data.train, tc.batch_size, accelerator.num_processes, accelerator.process_index,
                          tc.seed, start * tc.grad_accum_steps, cfg.data.num_workers, pin_memory=device.type == "cuda")

@@ -74,3 +74,17 @@ def test_a_corrupt_reference_cache_is_recomputed(tmp_path: Path):
     assert _read_cached_stats(tmp_path / "wrong.npz") is None
     np.savez(tmp_path / "good.npz", features=np.zeros((3, 4)), mu=np.zeros(4), cov=np.eye(4))
     assert _read_cached_stats(tmp_path / "good.npz") is not None
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path: Path):
+    from test_cli import farmer
+
+    root = _folder(tmp_path / "data", 0)
+    run = tmp_path / "run"
+    farmer("train", "--preset", "tiny", "--data", str(root), "--steps", "4", "--stop-after", "2", "--out", str(run))
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(root / "b" / "new.png")
+    proc = farmer("train", "--out", str(run), "--resume", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "the data of" in proc.stderr and "changed since the run started" in proc.stderr
+    (root / "b" / "new.png").unlink()
+    farmer("train", "--out", str(run), "--resume")  # the same data again: it continues

@@ -95,13 +95,13 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
         exit_with("--resume continues a run and --overwrite replaces it: give one of them")
     if resume:
         out = find_checkpoint(out, TRAIN_STATE_FILE)
-        stored, _, _ = load_config(out)
+        stored, _, payload = load_config(out)
         if preset is not None and preset != stored.preset:
             exit_with(f"--resume continues {out}, trained with preset '{stored.preset}', not '{preset}'; "
                       "start a new run (another --out) for a different preset")
         cfg = copy.deepcopy(stored)
     else:
-        cfg = load_preset(preset or "quickstart")
+        cfg, payload = load_preset(preset or "quickstart"), {}
     cli = {"data.source": data, "train.steps": steps, "train.epochs": 0 if steps is not None else epochs,
            "train.batch_size": batch_size, "train.grad_accum_steps": grad_accum, "train.lr": lr,
            "train.mixed_precision": mixed_precision,
@@ -114,6 +114,13 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
                       "Start a new run (another --out) to change them")
         check_model_file(cfg, out)
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
+    if resume and isinstance(payload.get("data"), dict) and payload["data"] != bundle.layout():
+        was, now = payload["data"], bundle.layout()
+        exit_with(f"--resume: the data of {out} changed since the run started ({was.get('train')} train / "
+                  f"{was.get('test')} test images then, {now['train']} / {now['test']} now"
+                  + (", or other files or split" if (was.get("train"), was.get("test")) == (now["train"], now["test"])
+                     else "") + "): resuming would change the schedule and mix test images into training; "
+                  "restore the data or start a new run")
     if cfg.model.num_classes != len(bundle.class_names):
         if resume:
             exit_with(f"the data has {len(bundle.class_names)} classes but the checkpoint was trained with "

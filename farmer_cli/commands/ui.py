@@ -77,7 +77,8 @@ class LoopProgress:
         return self
 
     def __exit__(self, kind, err, tb) -> None:
-        from ..engine import Stopped, TrainingDiverged
+        from ..divergence import TrainingDiverged
+        from ..engine import Stopped
 
         self.bar.__exit__(kind, err, tb)
         if isinstance(err, TrainingDiverged):

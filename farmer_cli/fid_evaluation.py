@@ -101,6 +101,9 @@ def fid_metrics(cfg: Config, metrics: list[str], split: str, reference: ImageDat
         differs = [f"{what} {recorded.get(key)!r} there, {protocol[key]!r} here" for key, what in
                    (("resize_name", "resize"), ("weights_sha256", "Inception weights sha256"))
                    if recorded and recorded.get(key) != protocol[key]]
+        if not recorded and protocol["resize_name"] != "tf-legacy":
+            differs.append(f"ADM's reference batches were resized by the TF graph (tf-legacy), "
+                           f"{protocol['resize_name']!r} here")
         if differs:
             described["warning"] = "the file was made with another protocol (" + "; ".join(differs) + \
                                    "): these figures are not comparable"

@@ -110,3 +110,12 @@ def save_ref_stats(path: Path, features: torch.Tensor, protocol: dict, mu=None, 
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, mu=mu, sigma=sigma, act=features.float().numpy(), protocol=np.array(json.dumps(protocol)))
     tmp.replace(path)
+
+
+def reference_resize(stats: dict) -> str:
+    """The resize rule a loaded reference file was made with: the one it records (files farmer wrote), else
+    ``tf-legacy`` (ADM's reference batches record none; they were made inside the TF Inception graph)."""
+    from .inception import RESIZE_RULES
+
+    recorded = (stats.get("protocol") or {}).get("resize_name")
+    return recorded if recorded in RESIZE_RULES else "tf-legacy"

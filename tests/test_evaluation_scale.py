@@ -239,6 +239,9 @@ def test_ref_stats_round_trip_gives_the_same_fid(tmp_path: Path):
     np.savez(tmp_path / "adm.npz", mu=mu_r, sigma=cov_r)
     adm = load_ref_stats(tmp_path / "adm.npz")
     assert adm["act"] is None and adm["protocol"] is None
+    from farmer_cli.ref_stats import reference_resize
+
+    assert reference_resize(adm) == "tf-legacy" and reference_resize(loaded) == "antialias"
 
 
 @pytest.mark.parametrize("compressed", [False, True])
@@ -312,6 +315,19 @@ def test_bad_ref_stats_is_one_line_exit_2(make, extra, message, tiny_run: Path,
                "--ref-stats", path, *args, cache=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_adm_reference_files_default_to_their_resize(tiny_run: Path, fake_weights, tmp_path: Path):  # noqa: F811
+    """ADM's reference batches record no protocol and were resized by the TF graph: FID against one uses tf-legacy
+    unless told otherwise, and then says the figures are not comparable."""
+    ref = tmp_path / "adm.npz"
+    np.savez(ref, mu=np.zeros(48), sigma=np.eye(48))
+    common = ["evaluate", "--ckpt", tiny_run, "--metrics", "fid", "-n", "8", "-b", "8", "--json", "--trust-weights",
+              "--fid-weights", fake_weights["plain"], "--ref-stats", ref]
+    auto = json.loads(cli(*common, cache=tmp_path).stdout)["protocol"]
+    assert auto["resize_name"] == "tf-legacy" and "warning" not in auto["reference"]
+    mixed = json.loads(cli(*common, "--resize", "antialias", cache=tmp_path).stdout)["protocol"]
+    assert mixed["resize_name"] == "antialias" and "tf-legacy" in mixed["reference"]["warning"]
 
 
 # ----- several processes -----

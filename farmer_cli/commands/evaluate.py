@@ -28,7 +28,7 @@ Examples:
   farmer evaluate --metrics bpd,classify --json
   farmer evaluate --n-samples 1000 --cfg 2 --fid-weights ~/weights/default_1.pt
   farmer evaluate --metrics fid,pr --save-ref-stats ref-test.npz
-  farmer evaluate --metrics fid,pr -n 50000 --resize tf-legacy --ref-stats VIRTUAL_imagenet256_labeled.npz
+  farmer evaluate --metrics fid,pr -n 50000 --ref-stats VIRTUAL_imagenet256_labeled.npz   # resize: tf-legacy, as ADM
   accelerate launch --num_processes 8 -m farmer_cli evaluate -n 50000 --metrics fid --ref-stats ref.npz
 """
 
@@ -66,9 +66,10 @@ def run(
                                        "(e.g. VIRTUAL_imagenet256_labeled.npz; download it beforehand)."),
     save_ref_stats: Optional[Path] = Option(None, "--save-ref-stats", help="Also write the --split images' "
                                             "statistics (mu, sigma, act) to this .npz, in the --ref-stats format."),
-    resize: str = Option("antialias", "--resize", help="Resize to 299x299 before Inception: antialias (torch "
-                         "bilinear, antialiased) or tf-legacy (as the TF Inception graph behind ADM's reference "
-                         "batches; use it with their --ref-stats)."),
+    resize: Optional[str] = Option(None, "--resize", help="Resize to 299x299 before Inception: antialias (torch "
+                                   "bilinear, antialiased) or tf-legacy (as the TF Inception graph behind ADM's "
+                                   "reference batches). Default: the rule the --ref-stats file was made with "
+                                   "(tf-legacy for ADM's files, which record none), else antialias."),
     student: bool = Option(False, "--student", help="Decode samples with the distilled student."),
     batch_size: int = Option(100, "--batch-size", "-b", help="Batch size for sampling, Inception and scoring."),
     bpd_draws: int = Option(1, "--bpd-draws", help="Dequantisation draws per test image for bpd."),
@@ -94,11 +95,11 @@ def _free_name(run_dir: Path, stem: str) -> Path:
     return path
 
 
-def _check_stats_options(ref_stats, save_ref_stats, resize: str, chosen: list[str]) -> None:
+def _check_stats_options(ref_stats, save_ref_stats, resize: str | None, chosen: list[str]) -> None:
     from ..inception import RESIZE_RULES
     from . import check_output_dir
 
-    if resize not in RESIZE_RULES:
+    if resize is not None and resize not in RESIZE_RULES:
         exit_with(f"--resize must be one of {', '.join(RESIZE_RULES)}, not '{resize}'")
     if ref_stats is not None and save_ref_stats is not None:
         exit_with("give --ref-stats (read the reference statistics) or --save-ref-stats (write them), not both")
@@ -116,14 +117,14 @@ def _check_stats_options(ref_stats, save_ref_stats, resize: str, chosen: list[st
 
 def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws, limit,
               max_classes, seed, sampling_overrides, as_json, device, ref_stats=None, save_ref_stats=None,
-              resize="antialias", trust_weights=False):
+              resize=None, trust_weights=False):
     from ..checkpoint import atomic_write, load_model, load_student
     from ..config_files import apply_overrides
     from ..data import load_data
     from ..evaluation import METRICS, evaluate
     from ..generation import my_chunks
     from ..inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
-    from ..ref_stats import StatsError, load_ref_stats
+    from ..ref_stats import StatsError, load_ref_stats, reference_resize
     from ..runtime import end_processes, find_checkpoint, make_accelerator
     from .ui import console, escape, progress, stdout
 
@@ -153,6 +154,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
             stats = load_ref_stats(ref_stats)
         except StatsError as err:
             exit_with(str(err))
+        resize = resize or reference_resize(stats)
         if stats["act"] is None and stats["images"] is None and "pr" in chosen:
             why = "has neither 'act' (reference features) nor 'arr_0' (reference images)"
             if metrics:  # asked for explicitly: fail before any work
@@ -173,6 +175,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
         student_flow = load_student(run_dir, model) if student else None
 
+        resize = resize or "antialias"  # no reference file: the default rule
         inception = None
         if "fid" in chosen or "pr" in chosen:
             try:

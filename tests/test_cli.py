@@ -207,8 +207,9 @@ def test_sample_writes_grid_and_files(tiny_run: Path, tmp_path: Path):
 
 
 def test_sample_with_a_class_given_twice_writes_every_image(tiny_run: Path, tmp_path: Path):
-    farmer("sample", "--ckpt", str(tiny_run), "--class", "3", "--class", "3", "--n", "2", "--out",
-           str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "each"))
+    proc = farmer("sample", "--ckpt", str(tiny_run), "--class", "3", "--class", "3", "--n", "2", "--cfg", "2",
+                  "--out", str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "each"))
+    assert "effective sample size" in proc.stderr and "in the redundant pool" in proc.stderr  # guided: reported
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [f"3-3_{i:04d}.png" for i in range(4)]
 
 

@@ -94,6 +94,19 @@ def test_resampler_is_uniform_when_ratios_vanish():
     assert stats.chisquare(counts.numpy()).pvalue > 1e-3
 
 
+def test_effective_sample_size_of_the_resampling_weights():
+    """(sum w)² / sum w²: all 10 candidates when the weights are uniform (g_c == g_u), and fewer when the guided
+    weights favour some; one value per mixture, left on the device."""
+    torch.manual_seed(3)
+    g_c, g_u = random_gmm(4, 3, 2, 2), random_gmm(4, 3, 2, 2)
+    s = SamplingConfig(cfg=3.0, cond_candidates=5, uncond_candidates=5)
+    uniform, guided = [], []
+    draw_resampled(g_c, g_c, 1, 5, 5, s, torch.Generator().manual_seed(1), uniform)
+    draw_resampled(g_c, g_u, 1, 5, 5, s, torch.Generator().manual_seed(1), guided)
+    assert uniform[0].shape == (4,) and torch.allclose(uniform[0], torch.full((4,), 10.0, dtype=torch.float64))
+    assert ((guided[0] >= 1) & (guided[0] < 10)).all()
+
+
 def test_resampler_weights_follow_algorithm_1():
     """Exact categorical: with narrow proposals (T_sigma small) the origin of each candidate is its sign
     (conditional components sit at +0.2/+0.5, unconditional at -0.2/-0.5). Then P(candidate) must be

@@ -15,7 +15,8 @@ FID at small N is biased upwards: compare figures only at equal N and reference 
 Comparing with a paper: --ref-stats FILE.npz reads precomputed reference statistics in the format of ADM's
 reference batches (e.g. VIRTUAL_imagenet256_labeled.npz, downloaded beforehand): mu and sigma for fid; for pr the
 reference features act or, as ADM ships them, the reference images arr_0 (their features are computed here,
-streamed, and cached). --resize tf-legacy resizes as the TF Inception graph behind those files did.
+streamed, and cached). With such a file --resize defaults to tf-legacy, as the TF Inception graph behind ADM's
+files resized (a file farmer wrote records its own rule).
 --save-ref-stats FILE.npz writes the --split images' mu, sigma and act in that format.
 
 Several processes share the sampling: `accelerate launch -m farmer_cli evaluate ...` gives each process every

@@ -164,7 +164,8 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
             return
         images = torch.cat(images) if world == 1 else _read_pngs(out_dir, y_all, n, class_names)
         save_png(grid(*class_blocks(images, n), scale=scale or max(1, 64 // cfg.model.image_size)), out)
-        how = f"cfg {s.cfg} ({s.guidance})" if s.cfg > 0 else f"unguided (T={s.temperature}, S={s.var_scale})"
+        how = (f"cfg {s.cfg} ({s.guidance}{_effective_sample_sizes(stats, s, model.prior.N)})" if s.cfg > 0
+               else f"unguided (T={s.temperature}, S={s.var_scale})")
         sigma = model.denoise_sigma(s)
         how += f", denoised (sigma {sigma:g})" if sigma > 0 else ""
         console.print(f"{len(images)} samples of {len(labels)} class(es) from step {step} of {escape(str(run_dir))}, "
@@ -220,6 +221,24 @@ def _read_pngs(out_dir: Path, labels, n: int, class_names: list[str]):
 def _safe(class_names: list[str], label: int) -> str:
     name = class_names[label] if label < len(class_names) else str(label)
     return f"{label}-" + "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
+
+
+def _effective_sample_sizes(stats: dict, s, tokens: int) -> str:
+    """Resampling guidance's effective sample sizes, (sum w)² / sum w², averaged over tokens and images: of the
+    s_c + s_u candidates per informative token, and of the redundant step's pool, with how many of its ``tokens``
+    draws (with replacement) would repeat from that many equally likely candidates."""
+    import torch
+
+    parts = []
+    if stats.get("ess_informative"):
+        ess = float(torch.cat(stats["ess_informative"]).mean())
+        parts.append(f"effective sample size {ess:.1f} of {s.cond_candidates + s.uncond_candidates} per token")
+    if stats.get("ess_redundant"):
+        ess = float(torch.cat(stats["ess_redundant"]).mean())
+        repeats = tokens - ess * (1 - (1 - 1 / ess) ** tokens)
+        parts.append(f"{ess:.0f} of {2 * (s.redundant_pool or 2 * tokens)} in the redundant pool, ~{repeats:.0f} of "
+                     f"its {tokens} draws repeats")
+    return "".join(f"; {part}" for part in parts)
 
 
 def _decoder_text(student_flow, s, stats: dict) -> str:

@@ -209,12 +209,14 @@ class Farmer(nn.Module):
     @torch.no_grad()
     def sample_informative(self, y: torch.Tensor, s: SamplingConfig, rng: RandomSource = None,
                            use_cache: bool = True, on_token: Callable[[int], None] | None = None,
-                           runner: StepRunner | None = None) -> InformativeSample:
+                           runner: StepRunner | None = None, stats: dict | None = None) -> InformativeSample:
         """Classes y (B,) -> the informative tokens, drawn one by one, and the shared redundant mixture(s). With
         the KV cache each step feeds one token (:meth:`ARPrior.token_step`, run by ``runner``: eager by
         default); without, each recomputes the prefix. With guidance (s.cfg > 0) the conditional and null-class
-        passes run as one batch of 2B. ``rng``: a generator on the model's device, per-image streams, or None."""
+        passes run as one batch of 2B. ``rng``: a generator on the model's device, per-image streams, or None.
+        ``stats["ess_informative"]`` collects the resampling weights' effective sample size per token, (B,) each."""
         prior, B, device = self.prior, y.shape[0], y.device
+        ess = None if stats is None else stats.setdefault("ess_informative", [])
         rng = as_randomness(rng, device)
         runner = runner or StepRunner()
         guided = s.cfg > 0
@@ -228,7 +230,7 @@ class Farmer(nn.Module):
         with decoding_attention(device):
             hidden = prior.prefill(labels, cache) if use_cache else prior.next_hidden(labels, z_info[:, :0])
             for i in range(prior.N):
-                token = draw_tokens(prior.info_head(hidden), 1, 0, s, rng)  # (B, 1, d_I)
+                token = draw_tokens(prior.info_head(hidden), 1, 0, s, rng, ess)  # (B, 1, d_I)
                 z_info[:, i : i + 1] = torch.cat([token, token]) if guided else token
                 if i == prior.N - 1 and prior.red_head is None:
                     pass  # nothing reads the hidden state after the last token
@@ -248,14 +250,16 @@ class Farmer(nn.Module):
     @torch.no_grad()
     def sample_tokens(self, y: torch.Tensor, s: SamplingConfig, rng: RandomSource = None,
                       use_cache: bool = True, on_token: Callable[[int], None] | None = None,
-                      runner: StepRunner | None = None) -> torch.Tensor:
+                      runner: StepRunner | None = None, stats: dict | None = None) -> torch.Tensor:
         """Classes y (B,) -> AR tokens (B, n, D_ar): informative tokens one by one, then all N redundant vectors
-        from the one shared mixture (through the resampling pool when guided)."""
+        from the one shared mixture (through the resampling pool when guided; ``stats["ess_redundant"]`` collects
+        the pool weights' effective sample size)."""
         rng = as_randomness(rng, y.device)
-        z_info, red, red_null = self.sample_informative(y, s, rng, use_cache, on_token, runner)
+        z_info, red, red_null = self.sample_informative(y, s, rng, use_cache, on_token, runner, stats)
         if red is None:
             return z_info
-        z_red = draw(red, red_null, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, rng)
+        ess = None if stats is None else stats.setdefault("ess_redundant", [])
+        z_red = draw(red, red_null, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, rng, ess)
         return torch.cat([z_info, z_red], dim=-1)
 
     def denoise_sigma(self, s: SamplingConfig) -> float:
@@ -299,7 +303,7 @@ class Farmer(nn.Module):
         Both decoding loops run their steps as ``s.decode_steps`` says (:mod:`~farmer_cli.model.steps`)."""
         y = y.to(self.device)
         runner = StepRunner(s.decode_steps, self.device)
-        tokens = self.sample_tokens(y, s, rng, use_cache, on_token, runner)
+        tokens = self.sample_tokens(y, s, rng, use_cache, on_token, runner, stats)
         x = self.decode(tokens, y, use_cache, student, on_block, s, stats, runner)
         del runner  # its KV caches and graphs are not needed for denoising
         return quantize(self.denoise(x, y, self.denoise_sigma(s), denoise_batch, denoise_checkpoint))

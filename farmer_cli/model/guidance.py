@@ -29,8 +29,10 @@ def draw_unguided(g: GMM, draws: int, s: SamplingConfig, rng: RandomSource) -> t
 
 
 def draw_resampled(g_c: GMM, g_u: GMM, draws: int, n_cond: int, n_uncond: int, s: SamplingConfig,
-                   rng: RandomSource) -> torch.Tensor:
-    """Algorithm 1: conditional/unconditional mixtures (B,) -> (B, draws, D)."""
+                   rng: RandomSource, ess: list | None = None) -> torch.Tensor:
+    """Algorithm 1: conditional/unconditional mixtures (B,) -> (B, draws, D). ``ess``: where to append the
+    effective sample size of the resampling weights, (sum w)² / sum w² per mixture, as a (B,) tensor (left on the
+    device: read once when the caller reports it)."""
     w, rng = s.cfg, as_randomness(rng, g_c.logits.device)
     cand = torch.cat([
         g_c.tempered(s.t_pi, s.t_sigma).sample(n_cond, rng),
@@ -40,7 +42,10 @@ def draw_resampled(g_c: GMM, g_u: GMM, draws: int, n_cond: int, n_uncond: int, s
                  - g_u.tempered(s.t_pi_eval, s.t_sigma_eval).log_prob(cand))  # (B, S)
     factor = torch.cat([log_ratio.new_full((n_cond,), w), log_ratio.new_full((n_uncond,), w + 1.0)])
     log_w = log_ratio * factor * s.t_resample
-    idx = categorical(rng, torch.softmax(log_w, dim=-1), draws)
+    weights = torch.softmax(log_w, dim=-1)
+    if ess is not None:
+        ess.append(1.0 / weights.double().pow(2).sum(-1))  # the weights sum to 1
+    idx = categorical(rng, weights, draws)
     return cand.gather(1, idx[..., None].expand(-1, -1, cand.shape[-1]))
 
 
@@ -60,22 +65,24 @@ def draw_simple(g_c: GMM, g_u: GMM, draws: int, s: SamplingConfig, rng: RandomSo
 
 
 def draw(g_c: GMM, g_u: GMM | None, draws: int, pool: int, s: SamplingConfig,
-         rng: RandomSource) -> torch.Tensor:
+         rng: RandomSource, ess: list | None = None) -> torch.Tensor:
     """Draw from conditional mixtures g_c (B,), guided by the unconditional ones g_u (B,) when s.cfg > 0.
 
-    pool: candidates per proposal for resampling (0: s_c and s_u). Returns (B, draws, D)."""
+    pool: candidates per proposal for resampling (0: s_c and s_u). Returns (B, draws, D). ``ess``: see
+    :func:`draw_resampled` (resampling guidance only)."""
     if s.cfg <= 0 or g_u is None:
         return draw_unguided(g_c, draws, s, rng)
     if s.guidance == "simple":
         return draw_simple(g_c, g_u, draws, s, rng)
     n_c, n_u = (s.cond_candidates, s.uncond_candidates) if pool == 0 else (pool, pool)
-    return draw_resampled(g_c, g_u, draws, n_c, n_u, s, rng)
+    return draw_resampled(g_c, g_u, draws, n_c, n_u, s, rng, ess)
 
 
-def draw_tokens(g: GMM, draws: int, pool: int, s: SamplingConfig, rng: RandomSource) -> torch.Tensor:
+def draw_tokens(g: GMM, draws: int, pool: int, s: SamplingConfig, rng: RandomSource,
+                ess: list | None = None) -> torch.Tensor:
     """:func:`draw` for mixtures predicted for one batch that is [conditional; unconditional] when s.cfg > 0
     (leading dim 2B; B unguided). Returns (B, draws, D)."""
     if s.cfg <= 0:
         return draw_unguided(g, draws, s, rng)
     B = g.logits.shape[0] // 2
-    return draw(g.index(slice(0, B)), g.index(slice(B, 2 * B)), draws, pool, s, rng)
+    return draw(g.index(slice(0, B)), g.index(slice(B, 2 * B)), draws, pool, s, rng, ess)

@@ -9,6 +9,7 @@ never truncated.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -41,9 +42,22 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 (and some writers recreate the file): usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if _failed_write(err):
+            why = err.strerror if isinstance(err, OSError) and err.strerror else "a short write"
+            raise CheckpointError(f"{path}: could not be written ({why}); the file that was there is kept: free "
+                                  "some disk space (or raise the file-size limit) and run the command again "
+                                  "(training and distillation: with --resume)") from None
         raise
+
+
+def _failed_write(err: BaseException) -> bool:
+    """A full disk, a file-size limit or a read-only file system while writing; torch.save's zip writer reports
+    a short write as a RuntimeError ("unexpected pos", "file write failed")."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO)
+    return isinstance(err, RuntimeError) and any(k in str(err) for k in ("unexpected pos", "file write failed"))
 
 
 def save_config(run_dir: Path, cfg: Config, class_names: list[str], extra: dict[str, Any] | None = None) -> None:

@@ -81,3 +81,28 @@ def test_weights_cast_to_integers_are_refused(tiny_run: Path, tmp_path: Path):  
     save_file({k: v.to(torch.int8) for k, v in weights.items()}, run / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"stored as I8 .*not a floating-point type"):
         load_model(run)
+
+
+def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_last_checkpoint(tmp_path: Path):
+    """A file-size limit (as a full disk) while writing the training state: exit 2, one line naming the file, and
+    the previous checkpoint still loads."""
+    import resource
+    import subprocess
+    import sys
+
+    import torch
+
+    from test_cli import ENV
+
+    run = tmp_path / "run"
+    farmer("train", "--preset", "tiny", "--steps", "4", "--stop-after", "2", "--out", str(run))
+    before = torch.load(run / "training_state.pt", weights_only=True)["step"]
+    limit = (run / "config.json").stat().st_size + 20_000  # room for small files, not for the training state
+    proc = subprocess.run([sys.executable, "-m", "farmer_cli", "train", "--out", str(run), "--resume"],
+                          capture_output=True, text=True, env=ENV, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "training_state.pt: could not be written" in last and "--resume" in last
+    assert before == 2 and torch.load(run / "training_state.pt", weights_only=True)["step"] == 2
+    assert not list(run.glob(".*.tmp"))

@@ -71,7 +71,8 @@ def ops_per_step(model, s, device) -> dict:
     block, prior, runner = model.flow.blocks[0], model.prior, StepRunner()
     N, B = model.cfg.tokens, 2
     z = torch.randn(B, N, model.cfg.token_dim, device=device)
-    x, offsets = z.clone(), block._offsets(0, N, None).expand(B, -1, -1).contiguous()
+    classes = torch.zeros(B, dtype=torch.long, device=device) if block.class_emb is not None else None
+    x, offsets = z.clone(), block._offsets(0, N, classes).expand(B, -1, -1).contiguous()
     cache = block.stack.new_cache(B, N, device)
     runner.attend(cache, 1)
     with Count():

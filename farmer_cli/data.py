@@ -135,6 +135,9 @@ def open_source(cfg: DataConfig) -> Source:
                     "with one sub-folder per class, or a saved Hugging Face dataset")
 
 
+MAX_RESIZED = 64  # an image is resized whole only while that makes at most 64 x size² pixels
+
+
 def _eight_bit(img: Image.Image) -> Image.Image:
     """A 16- or 32-bit integer grey image scaled to 8 bits (PIL's own conversion clips every value above 255);
     other modes as they are. 16-bit files keep their high byte; 32-bit ones ("I") are read as 16-bit data when any
@@ -160,6 +163,10 @@ def to_uint8(item, channels: int, size: int) -> torch.Tensor:
     img = _eight_bit(ImageOps.exif_transpose(item)).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     scale = size / min(w, h)
+    if (w * scale) * (h * scale) > MAX_RESIZED * size * size:  # a sliver (1 x 60,000,000): crop to its centre first
+        side = min(w, h)
+        img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        w, h = img.size
     if scale != 1:
         img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
     w, h = img.size

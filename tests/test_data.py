@@ -88,3 +88,13 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path: Path):
     assert "the data of" in proc.stderr and "changed since the run started" in proc.stderr
     (root / "b" / "new.png").unlink()
     farmer("train", "--out", str(run), "--resume")  # the same data again: it continues
+
+
+def test_a_sliver_image_is_cropped_before_it_is_resized(tmp_path: Path):
+    """A 1 x 200,000 PNG (a few hundred bytes) would resize to 8 x 1,600,000 before the centre crop: it is cropped
+    to its centre first, so memory stays at the image's own size."""
+    line = np.zeros((1, 200_000), np.uint8)
+    line[0, 99_990:100_010] = 255  # the centre
+    Image.fromarray(line).save(tmp_path / "sliver.png")
+    u, size = load_image(tmp_path / "sliver.png", 1, 8)
+    assert size == (200_000, 1) and u.shape == (1, 8, 8) and u.max() > 0

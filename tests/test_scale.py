@@ -98,6 +98,12 @@ def test_partial_checkpointing_plan_and_the_least_that_fits():
     assert plan.least_checkpointing(full - 1, 16, 2) is None
 
 
+def test_dry_run_refuses_a_gpu_memory_that_is_not_a_real_size():
+    for value in ("inf", "nan", "0"):
+        proc = farmer("train", "--preset", "tiny", "--dry-run", "--gpu-memory", value, check=False)
+        assert proc.returncode == 2 and "--gpu-memory must be a number of GiB" in proc.stderr, proc.stderr
+
+
 def test_plan_activations_grow_with_depth():
     shallow, deep = (make_plan(apply_overrides(load_preset("tiny"), [f"model.af_blocks={n}"])) for n in (1, 3))
     assert deep.activation_bytes_per_image > shallow.activation_bytes_per_image

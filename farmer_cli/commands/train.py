@@ -183,8 +183,8 @@ def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overr
 
     if plan_device not in ("gpu", "cpu"):
         exit_with("--plan-device must be gpu or cpu")
-    if not gpu_memory > 0 or gpus < 1:
-        exit_with("--gpu-memory must be > 0 and --gpus at least 1")
+    if not 0 < gpu_memory < 1e6 or gpus < 1:  # not NaN, not inf: GiB of one real GPU
+        exit_with("--gpu-memory must be a number of GiB between 0 and 1,000,000 and --gpus at least 1")
     cfg = load_config(find_checkpoint(out, None))[0] if resume else load_preset(preset or "quickstart")
     cli = {"train.batch_size": batch_size, "train.grad_accum_steps": grad_accum, "train.mixed_precision": mixed_precision}
     apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides))

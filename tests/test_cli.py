@@ -206,6 +206,13 @@ def test_sample_writes_grid_and_files(tiny_run: Path, tmp_path: Path):
         assert im.size == (8, 8)
 
 
+def test_an_output_format_pil_cannot_write_is_refused_before_work(tiny_run: Path, tmp_path: Path):
+    proc = farmer("sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "x.psd"), check=False)
+    assert proc.returncode == 2 and "PSD images can be read but not written" in proc.stderr, proc.stderr
+    assert "sample" not in proc.stderr.split("error:")[0]  # no progress bar: nothing was sampled
+    assert not (tmp_path / "x.psd").exists()
+
+
 def test_sample_with_a_class_given_twice_writes_every_image(tiny_run: Path, tmp_path: Path):
     proc = farmer("sample", "--ckpt", str(tiny_run), "--class", "3", "--class", "3", "--n", "2", "--cfg", "2",
                   "--out", str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "each"))

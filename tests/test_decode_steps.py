@@ -14,6 +14,7 @@ from farmer_cli.model.randomness import ImageStreams
 from farmer_cli.model.steps import StepRunner, resolve_mode
 
 from conftest import SyncCounter, _randomise_out_proj, _tiny_cfg
+from test_cli import farmer, tiny_run  # noqa: F401  (session fixture)
 
 GUIDED = SamplingConfig(cfg=2.0, redundant_pool=8)
 
@@ -113,3 +114,11 @@ def test_mode_resolution():
         resolve_mode("cuda-graphs", "cpu")
     with pytest.raises(ValueError, match="must be one of"):
         resolve_mode("fast", "cpu")
+
+
+
+def test_cuda_graphs_asked_for_on_a_cpu_is_one_line_exit_2(tiny_run, tmp_path):  # noqa: F811
+    proc = farmer("sample", "--ckpt", str(tiny_run), "--decode-steps", "cuda-graphs", "--out", str(tmp_path / "s.png"),
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "need a CUDA device" in proc.stderr.strip().splitlines()[-1]

@@ -76,8 +76,11 @@ def check_output_image(path, option: str = "--out") -> None:
 
     from PIL import Image
 
-    if path.suffix.lower() not in Image.registered_extensions():
+    kind = Image.registered_extensions().get(path.suffix.lower())
+    if kind is None:
         exit_with(f"{option} {path}: give a file name with an image extension, e.g. {path.with_suffix('.png')}")
+    if kind not in Image.SAVE:  # PIL reads it but cannot write it (.psd): say so now, not after the work
+        exit_with(f"{option} {path}: {kind} images can be read but not written; use e.g. {path.with_suffix('.png')}")
     if path.is_dir():
         exit_with(f"{option} {path} is a directory; give a file name such as {path / 'figure.png'}")
     check_output_dir(path.parent, option)

@@ -144,7 +144,8 @@ def child(args) -> dict:
         _, denoise_s = _timed(lambda: model.denoise(x, y, model.denoise_sigma(s), *denoise), device)
     N, blocks = model.cfg.tokens, model.cfg.af_blocks
     rounds = [r for call in stats.get("jacobi_rounds", []) for r in call]
-    row = {"row": args.child, "decoder": decoder, "af_blocks": blocks, "af_tokens": N, "steps": StepRunner(steps, device).mode, "images": args.n,
+    row = {"row": args.child, "decoder": decoder, "af_blocks": blocks, "af_tokens": N,
+           "steps": StepRunner(steps, device).mode, "images": args.n,
            "cold_s": cold, "warm_s": warm, "build_s": build, "peak_GiB": peak,
            "ar_ms_per_token": 1e3 * ar_s / model.prior.N, "af_s": af_s,
            "af_ms_per_step": 1e3 * af_s / (blocks * (N - 1)) if decoder == "sequential" else None,
@@ -184,7 +185,8 @@ def main() -> None:
             continue
         rows.append(json.loads(found[0]))
         r = rows[-1]
-        print(f"{name:<19} cold {r['cold_s']:7.1f} s  warm {r['warm_s']:7.1f} s  AR {r['ar_ms_per_token']:6.2f} ms/token"
+        print(f"{name:<19} cold {r['cold_s']:7.1f} s  warm {r['warm_s']:7.1f} s  "
+              f"AR {r['ar_ms_per_token']:6.2f} ms/token"
               f"  AF {r['af_s']:6.2f} s" + (f" ({r['af_ms_per_step']:.3f} ms/step)" if r["af_ms_per_step"] else "")
               + (f" ({r['jacobi_ms_per_round']:.1f} ms/round)" if r["jacobi_ms_per_round"] else "")
               + f"  denoise {r['denoise_s']:5.2f} s ({r['denoise_images_per_pass']}/pass"

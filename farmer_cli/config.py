@@ -231,7 +231,7 @@ class SamplingConfig:
     decoder: Decoder = "sequential"  # AF inverse: token by token (KV cache) or parallel Jacobi iteration (exact)
     jacobi_tol: float = 1e-5  # Jacobi: stop when no value moves by more than this
     jacobi_max_iter: int = 0  # Jacobi: at most this many rounds per block (0: tokens - 1, where it is exact)
-    decode_steps: DecodeSteps = "auto"  # how sequential decoding steps run (model/steps.py): auto = CUDA graphs on a GPU
+    decode_steps: DecodeSteps = "auto"  # how decoding steps run (model/steps.py); auto: CUDA graphs on a GPU
 
     def validate(self) -> None:
         _at_least(self, "sampling", 0, "cfg", "var_scale", "redundant_pool", "jacobi_tol", "jacobi_max_iter")

@@ -17,6 +17,7 @@ skipped so the trainer can print a total. Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -105,8 +106,10 @@ class HFSource(Source):
 
     def fingerprint(self, indices: list[int]) -> str:
         """The dataset's files (names, sizes, modification times) and the indices."""
-        files = [f["filename"] for f in getattr(self.ds, "cache_files", [])]
-        stamps = [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+        stamps = []
+        for entry in getattr(self.ds, "cache_files", []):
+            st = os.stat(entry["filename"])
+            stamps.append([str(Path(entry["filename"]).resolve()), st.st_size, st.st_mtime_ns])
         return digest([self.name, len(self.ds), stamps, list(indices)])
 
     def get(self, i: int):
@@ -145,9 +148,7 @@ def _eight_bit(img: Image.Image) -> Image.Image:
     if not img.mode.startswith("I"):
         return img
     arr = np.asarray(img).astype(np.int64)
-    if img.mode.startswith("I;16"):
-        arr = arr >> 8
-    elif arr.size and arr.max() > 255:
+    if img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
         arr = arr >> 8
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))  # a 2-D uint8 array is mode "L"
 
@@ -217,10 +218,12 @@ class DataBundle:
     test: ImageDataset
     class_names: list[str]
 
+    @functools.cached_property
     def layout(self) -> dict:
-        """What a resumed run must find again: the example counts and a digest of the classes, the examples
-        (files or labels, :meth:`Source.layout`) and which of them the split put in train and test. Another count
-        would change the epoch schedule; other files or another split would mix test images into training."""
+        """What a resumed run must find again (computed once per bundle): the example counts and a digest of the
+        classes, the examples (files or labels, :meth:`Source.layout`) and which of them the split put in train and
+        test. Another count would change the epoch schedule; other files or another split would mix test images
+        into training."""
         source = self.train.source
         return {"train": len(self.train), "test": len(self.test),
                 "digest": digest([self.class_names, source.layout(), self.train.indices, self.test.indices])}

@@ -98,7 +98,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     ``engine.TrainingDiverged`` on a non-finite loss."""
     tc, device, main = cfg.train, accelerator.device, accelerator.is_main_process
     total = total_steps(cfg, len(data.train), accelerator.num_processes)
-    layout = data.layout()  # in config.json: a resume checks it finds the same data (commands/train.py)
+    layout = data.layout  # in config.json: a resume checks it finds the same data (commands/train.py)
     global_batch = tc.global_batch(accelerator.num_processes)
     torch.manual_seed(tc.seed)
     model = Farmer(cfg.model)

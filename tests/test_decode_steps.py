@@ -78,7 +78,8 @@ def test_one_af_step_is_a_fixed_number_of_operators(model):
     block, (B, N, d) = model.flow.blocks[0], (4, model.cfg.tokens, model.cfg.token_dim)
     runner = StepRunner()
     z = torch.randn(B, N, d)
-    x, offsets, cache = z.clone(), block._offsets(0, N, torch.arange(B)).expand(B, -1, -1), block.stack.new_cache(B, N, "cpu")
+    x, cache = z.clone(), block.stack.new_cache(B, N, "cpu")
+    offsets = block._offsets(0, N, torch.arange(B)).expand(B, -1, -1)
     counts = []
     for i in range(1, N):
         runner.attend(cache, i)

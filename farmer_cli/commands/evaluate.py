@@ -155,7 +155,6 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
             stats = load_ref_stats(ref_stats)
         except StatsError as err:
             exit_with(str(err))
-        resize = resize or reference_resize(stats)
         if stats["act"] is None and stats["images"] is None and "pr" in chosen:
             why = "has neither 'act' (reference features) nor 'arr_0' (reference images)"
             if metrics:  # asked for explicitly: fail before any work
@@ -166,6 +165,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     run_dir = find_checkpoint(ckpt)
     if not os.access(run_dir, os.W_OK):
         exit_with(f"{run_dir} is not writable: evaluate writes eval-<step>.json there; copy the run or fix permissions")
+    resize = resize or (reference_resize(stats) if stats is not None else "antialias")  # the file's own rule
     acc = make_accelerator("no", cpu=device == "cpu")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     try:
@@ -176,7 +176,6 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
         student_flow = load_student(run_dir, model) if student else None
 
-        resize = resize or "antialias"  # no reference file: the default rule
         inception = None
         if "fid" in chosen or "pr" in chosen:
             try:

@@ -60,11 +60,12 @@ def run(
                                     "jacobi (all tokens in parallel, iterated to the same exact inverse; "
                                     "--set sampling.jacobi_tol / jacobi_max_iter) or student. Default: the "
                                     "checkpoint's sampling.decoder (sequential)."),
-    decode_steps: Optional[DecodeSteps] = Option(None, "--decode-steps", help="How the token-by-token decoding steps run: auto (CUDA graphs on a "
-                                         "GPU, eager elsewhere), eager, compile (torch.compile: ~10-30 s to compile, "
-                                         "pays off for many batches on a CPU) or cuda-graphs. Default: the "
-                                         "checkpoint's sampling.decode_steps (auto). Same images in every mode "
-                                         "up to float rounding."),
+    decode_steps: Optional[DecodeSteps] = Option(None, "--decode-steps", help="How the token-by-token decoding "
+                                                 "steps run: auto (CUDA graphs on a GPU, eager elsewhere), eager, "
+                                                 "compile (torch.compile: ~10-30 s to compile, pays off for many "
+                                                 "batches on a CPU) or cuda-graphs. Default: the checkpoint's "
+                                                 "sampling.decode_steps (auto). Same images in every mode up to "
+                                                 "float rounding."),
     device: str = Option("auto", "--device", help=DEVICE_HELP + " Under accelerate launch each process uses its "
                          "own device."),
     precision: str = Option("auto", "--precision", help="auto (bf16 on a CUDA GPU that supports it, else fp32), "
@@ -146,6 +147,7 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
         precision = resolve_inference_precision(precision, device)
         steps_per_chunk = model.prior.N + (0 if student_flow is not None else cfg.model.af_blocks)
         images, stats = [], {}
+        names = _png_names(y_all.tolist(), n, class_names)
         t0 = time.time()
         with progress(disable=not main) as bar:
             task = bar.add_task("sample", total=len(my_chunks(len(y_all), batch_size, rank, world)) * steps_per_chunk)
@@ -155,14 +157,14 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
                                                        denoise_batch=denoise_batch, stats=stats, on_token=advance,
                                                        on_block=advance):
                 if out_dir is not None:
-                    _write_pngs(out_dir, chunk, chunk_images, y_all, n, class_names)
+                    _write_pngs(out_dir, chunk, chunk_images, names)
                 if world == 1:
                     images.append(chunk_images)
         state.wait_for_everyone()
         seconds = time.time() - t0
         if not main:
             return
-        images = torch.cat(images) if world == 1 else _read_pngs(out_dir, y_all, n, class_names)
+        images = torch.cat(images) if world == 1 else _read_pngs(out_dir, names)
         save_png(grid(*class_blocks(images, n), scale=scale or max(1, 64 // cfg.model.image_size)), out)
         how = (f"cfg {s.cfg} ({s.guidance}{_effective_sample_sizes(stats, s, model.prior.N)})" if s.cfg > 0
                else f"unguided (T={s.temperature}, S={s.var_scale})")
@@ -190,30 +192,34 @@ def _labels(classes: list[str], num_classes: int, class_names: list[str], seed: 
             else resolve_class(c, class_names, num_classes) for c in classes]
 
 
-def _png_name(index: int, labels, n: int, class_names: list[str]) -> str:
-    """File of image ``index`` (global, class-major, n per row): <class>-<name>_<index within its class>.png,
-    counting on across rows of the same class (a class given twice writes _0000.. then _000n..), so no two images
-    share a name."""
-    row, label = index // n, int(labels[index])
-    earlier = sum(int(labels[r * n]) == label for r in range(row))  # rows of this class before this one
-    return f"{_safe(class_names, label)}_{earlier * n + index % n:04d}.png"
+def _png_names(labels, n: int, class_names: list[str]) -> list[str]:
+    """The file of every image of the call (global index, class-major, n per row): <class>-<name>_<index within
+    its class>.png, counting on across rows of the same class (a class given twice writes _0000.. then _000n..),
+    so no two images share a name."""
+    names, rows_seen = [], {}
+    for row in range(0, len(labels), n):
+        label = int(labels[row])
+        earlier = rows_seen.get(label, 0)  # rows of this class before this one
+        rows_seen[label] = earlier + 1
+        names += [f"{_safe(class_names, label)}_{earlier * n + i:04d}.png" for i in range(min(n, len(labels) - row))]
+    return names
 
 
-def _write_pngs(out_dir: Path, chunk: range, images, labels, n: int, class_names: list[str]) -> None:
+def _write_pngs(out_dir: Path, chunk: range, images, names: list[str]) -> None:
     from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, img in zip(chunk, images):
-        Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).save(out_dir / _png_name(i, labels, n, class_names))
+        Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).save(out_dir / names[i])
 
 
-def _read_pngs(out_dir: Path, labels, n: int, class_names: list[str]):
+def _read_pngs(out_dir: Path, names: list[str]):
     """Every image of this call back from ``out_dir`` (written by all processes), in index order: (N, C, H, W)."""
     import numpy as np
     import torch
     from PIL import Image
 
-    arrays = [np.asarray(Image.open(out_dir / _png_name(i, labels, n, class_names))) for i in range(len(labels))]
+    arrays = [np.asarray(Image.open(out_dir / name)) for name in names]
     images = torch.from_numpy(np.stack(arrays))
     return images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
 
@@ -237,7 +243,7 @@ def _effective_sample_sizes(stats: dict, s, tokens: int) -> str:
         ess = float(torch.cat(stats["ess_redundant"]).mean())
         repeats = tokens - ess * (1 - (1 - 1 / ess) ** tokens)
         parts.append(f"{ess:.0f} of {2 * (s.redundant_pool or 2 * tokens)} in the redundant pool, ~{repeats:.0f} of "
-                     f"its {tokens} draws repeats")
+                     f"its {tokens} draws are repeats")
     return "".join(f"; {part}" for part in parts)
 
 

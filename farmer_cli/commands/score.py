@@ -132,7 +132,6 @@ def _rounded(value, digits: int):
     return round(value, digits) if math.isfinite(value) else None
 
 
-
 def _heatmap_paths(files: list, heatmap: Path) -> list[Path]:
     """One heatmap per image, no two the same: ``heatmap`` itself for one image, else ``<heatmap stem>_<image
     stem>.png``, with the image's folders (below the folders all images share) where stems repeat

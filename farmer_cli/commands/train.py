@@ -114,8 +114,8 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
                       "Start a new run (another --out) to change them")
         check_model_file(cfg, out)
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
-    if resume and isinstance(payload.get("data"), dict) and payload["data"] != bundle.layout():
-        was, now = payload["data"], bundle.layout()
+    was, now = payload.get("data"), bundle.layout
+    if resume and isinstance(was, dict) and was != now:
         exit_with(f"--resume: the data of {out} changed since the run started ({was.get('train')} train / "
                   f"{was.get('test')} test images then, {now['train']} / {now['test']} now"
                   + (", or other files or split" if (was.get("train"), was.get("test")) == (now["train"], now["test"])
@@ -183,7 +183,7 @@ def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overr
 
     if plan_device not in ("gpu", "cpu"):
         exit_with("--plan-device must be gpu or cpu")
-    if not 0 < gpu_memory < 1e6 or gpus < 1:  # not NaN, not inf: GiB of one real GPU
+    if not 0 < gpu_memory < 1e6 or gpus < 1:  # not NaN, not inf
         exit_with("--gpu-memory must be a number of GiB between 0 and 1,000,000 and --gpus at least 1")
     cfg = load_config(find_checkpoint(out, None))[0] if resume else load_preset(preset or "quickstart")
     cli = {"train.batch_size": batch_size, "train.grad_accum_steps": grad_accum, "train.mixed_precision": mixed_precision}

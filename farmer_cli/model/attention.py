@@ -6,9 +6,9 @@ Attention is causal (token i attends to tokens <= i) unless ``causal=False`` (th
 For sequential decoding a :class:`KVCache` stores every layer's keys and values: feeding the next ``t`` tokens
 costs O(t · prefix) instead of recomputing attention over the whole prefix, with the same shapes at every step.
 
-For training (and denoising), activation checkpointing (``checkpoint=True``) keeps only each layer's input and recomputes the
-layer's activations in the backward pass: activation memory drops from O(layers · activations per layer) to
-O(layers · B·T·W + activations of one layer) at the cost of one more forward pass per step.
+For training (and denoising), activation checkpointing (``checkpoint=True``) keeps only each layer's input and
+recomputes the layer's activations in the backward pass: activation memory drops from O(layers · activations per
+layer) to O(layers · B·T·W + activations of one layer) at the cost of one more forward pass per step.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ class KVCache:
     Attention reads the first ``span`` positions of the buffers under a mask (key j is visible to new token r iff
     j <= position + r). The decoder sets ``span`` (:meth:`~.steps.StepRunner.attend`): the exact filled length when
     running eagerly (then one new token needs no mask), a bucket of it for CUDA graphs (one graph per bucket),
-    ``capacity`` for a compiled step. Buffers may be reused by several
-    decoders of the same shape (the AF blocks): :meth:`restart` rewinds the position; stale entries beyond it are
-    finite and masked.
+    ``capacity`` for a compiled step. Buffers may be reused by several decoders of the same shape (the AF
+    blocks): :meth:`restart` rewinds the position; stale entries beyond it are finite and masked.
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, capacity: int, head_dim: int,

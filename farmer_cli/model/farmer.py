@@ -224,7 +224,8 @@ class Farmer(nn.Module):
         z_info = torch.zeros(labels.shape[0], prior.N, prior.d_I, device=device)  # both halves hold the tokens
         capacity = prior.M + prior.N
         if use_cache:
-            cache = runner.buffers(("ar cache", labels.shape[0], device), lambda: prior.stack.new_cache(labels.shape[0], capacity, device))
+            cache = runner.buffers(("ar cache", labels.shape[0], device),
+                                   lambda: prior.stack.new_cache(labels.shape[0], capacity, device))
             cache.restart()
             runner.attend(cache, prior.M)
         with decoding_attention(device):
@@ -232,13 +233,12 @@ class Farmer(nn.Module):
             for i in range(prior.N):
                 token = draw_tokens(prior.info_head(hidden), 1, 0, s, rng, ess)  # (B, 1, d_I)
                 z_info[:, i : i + 1] = torch.cat([token, token]) if guided else token
-                if i == prior.N - 1 and prior.red_head is None:
-                    pass  # nothing reads the hidden state after the last token
-                elif use_cache:
-                    span = runner.attend(cache, prior.M + i + 1)
-                    hidden = runner.run(("ar", span), ARPrior.token_step, prior, z_info, cache)
-                else:
-                    hidden = prior.next_hidden(labels, z_info[:, : i + 1])
+                if i < prior.N - 1 or prior.red_head is not None:  # after the last token: the redundant mixture
+                    if use_cache:
+                        span = runner.attend(cache, prior.M + i + 1)
+                        hidden = runner.run(("ar", span), ARPrior.token_step, prior, z_info, cache)
+                    else:
+                        hidden = prior.next_hidden(labels, z_info[:, : i + 1])
                 if on_token is not None:
                     on_token(i)
             red = None if prior.red_head is None else prior.red_head(hidden)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from common import report
 from farmer_cli.checkpoint import load_model
-from farmer_cli.config_files import apply_overrides, load_preset
-from farmer_cli.data import load_data
-from farmer_cli.evaluation import reference_classifier_accuracy
-from farmer_cli.generation import generate
-from farmer_cli.scoring import bits_per_dim
-from farmer_cli.runtime import make_accelerator
-from farmer_cli.training import train
+from farmer_cli.config.files import apply_overrides, load_preset
+from farmer_cli.data.dataset import load_data
+from farmer_cli.eval.protocol import reference_classifier_accuracy
+from farmer_cli.sample.generate import generate
+from farmer_cli.eval.bits import bits_per_dim
+from farmer_cli.device import make_accelerator
+from farmer_cli.train.trainer import train
 
 VARIANTS = {
     "(a) AF + Gaussian base (K=1, no split)": ["model.channel_split=false", "model.informative_components=1"],

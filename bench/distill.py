@@ -15,8 +15,8 @@ import torch
 from common import interleaved, report
 from farmer_cli.checkpoint import load_model, load_student
 from farmer_cli.model import quantize
-from farmer_cli.runtime import find_checkpoint
-from farmer_cli.scoring import score_batch
+from farmer_cli.rundir import find_checkpoint
+from farmer_cli.eval.bits import score_batch
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from farmer_cli.plan import gpu_tflops
+from farmer_cli.memory_plan import gpu_tflops
 
 
 def main() -> None:

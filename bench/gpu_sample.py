@@ -91,8 +91,8 @@ def ops_per_step(model, s, device) -> dict:
 
 def child(args) -> dict:
     """One row in this (fresh) process."""
-    from farmer_cli.config_files import apply_overrides, load_preset
-    from farmer_cli.generation import generate_chunks, inference_autocast, plan_denoise
+    from farmer_cli.config.files import apply_overrides, load_preset
+    from farmer_cli.sample.generate import generate_chunks, inference_autocast, plan_denoise
     from farmer_cli.model import Farmer
     from farmer_cli.model.distill import make_student
     from farmer_cli.model.randomness import ImageStreams

@@ -20,14 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
 
-from farmer_cli import ood  # noqa: E402
-from farmer_cli.batching import iterate_batches  # noqa: E402
+from farmer_cli.eval import ood  # noqa: E402
+from farmer_cli.data.batching import iterate_batches  # noqa: E402
 from farmer_cli.checkpoint import load_model  # noqa: E402
-from farmer_cli.config import DataConfig  # noqa: E402
-from farmer_cli.config_files import apply_overrides, load_preset  # noqa: E402
-from farmer_cli.data import load_data  # noqa: E402
-from farmer_cli.runtime import make_accelerator  # noqa: E402
-from farmer_cli.training import train  # noqa: E402
+from farmer_cli.config.schema import DataConfig  # noqa: E402
+from farmer_cli.config.files import apply_overrides, load_preset  # noqa: E402
+from farmer_cli.data.dataset import load_data  # noqa: E402
+from farmer_cli.device import make_accelerator  # noqa: E402
+from farmer_cli.train.trainer import train  # noqa: E402
 
 
 def ensure_run(path: Path | None, source: str) -> Path:

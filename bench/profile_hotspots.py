@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from common import interleaved, report
-from farmer_cli.config_files import load_preset
+from farmer_cli.config.files import load_preset
 from farmer_cli.model import Farmer
 
 

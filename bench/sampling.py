@@ -11,8 +11,8 @@ import argparse
 import torch
 
 from common import interleaved, report
-from farmer_cli.config import SamplingConfig
-from farmer_cli.config_files import apply_overrides, load_preset
+from farmer_cli.config.schema import SamplingConfig
+from farmer_cli.config.files import apply_overrides, load_preset
 from farmer_cli.model import Farmer
 
 MID = ["model.af_blocks=8", "model.af_layers=2", "model.af_width=256", "model.ar_layers=6", "model.ar_width=256"]

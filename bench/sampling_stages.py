@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from common import report
-from farmer_cli.config import SamplingConfig
+from farmer_cli.config.schema import SamplingConfig
 from farmer_cli.checkpoint import load_model
-from farmer_cli.config_files import apply_overrides, load_preset
-from farmer_cli.generation import inference_autocast, plan_denoise, resolve_inference_precision
+from farmer_cli.config.files import apply_overrides, load_preset
+from farmer_cli.sample.generate import inference_autocast, plan_denoise, resolve_inference_precision
 from farmer_cli.model import Farmer
 from farmer_cli.model.distill import make_student
 from farmer_cli.model.guidance import draw

@@ -15,9 +15,9 @@ import time
 import torch
 
 from common import report
-from farmer_cli.config_files import load_preset
+from farmer_cli.config.files import load_preset
 from farmer_cli.model import Farmer
-from farmer_cli.runtime import attention_backend
+from farmer_cli.device import attention_backend
 
 
 def make_step(compiled: bool, bf16: bool, batch: int = 64):

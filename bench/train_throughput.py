@@ -15,9 +15,9 @@ import resource
 import torch
 
 from common import interleaved, report
-from farmer_cli.config_files import apply_overrides, load_preset
+from farmer_cli.config.files import apply_overrides, load_preset
 from farmer_cli.model import Farmer
-from farmer_cli.runtime import attention_backend
+from farmer_cli.device import attention_backend
 
 MID = ["model.af_blocks=8", "model.af_layers=2", "model.af_width=512", "model.af_heads=8",
        "model.ar_layers=8", "model.ar_width=512", "model.ar_heads=8"]

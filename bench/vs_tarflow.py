@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from common import interleaved, report
-from farmer_cli.config_files import load_preset
+from farmer_cli.config.files import load_preset
 from farmer_cli.model import Farmer
 from farmer_cli.model.flow import AutoregressiveFlow
 from farmer_cli.model.patchify import patchify
 from farmer_cli.model.steps import StepRunner
-from farmer_cli.runtime import attention_backend
+from farmer_cli.device import attention_backend
 
 IMAGE, PATCH, WIDTH, BLOCKS, LAYERS, BATCH, CLASSES, SIGMA = 28, 4, 128, 4, 4, 64, 10, 0.05
 TOKENS, DIM = (IMAGE // PATCH) ** 2, PATCH * PATCH

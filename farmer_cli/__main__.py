@@ -1,5 +1,5 @@
 """``python -m farmer_cli`` (also what ``accelerate launch -m farmer_cli`` runs)."""
 
-from .app import main
+from farmer_cli.app import main
 
 main()

@@ -3,9 +3,12 @@ so ``farmer --help`` is instant."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
-from .commands import distill, evaluate, inspect_channels, ood, sample, score, train
+from farmer_cli.commands import distill, evaluate, inspect_channels, ood, sample, score, train
 
 app = typer.Typer(
     name="farmer",
@@ -19,19 +22,25 @@ for module in (train, score, sample, distill, inspect_channels, evaluate, ood):
     app.command(name=module.NAME, help=module.__doc__)(module.run)
 
 
+# click's UsageError (unknown option, bad value, missing argument), reached through typer's public BadParameter:
+# typer may run on its own copy of click, so ``click.UsageError`` is not always the class raised.
+USAGE_ERROR = typer.BadParameter.__base__
+
+
 def main() -> None:
     """Run the app. A usage error that typer/click catch (an unknown option, a value of the wrong type, a missing
     argument) is one red line on stderr naming the option and the command's --help, exit status 2; bare ``farmer``
-    still shows the help."""
+    still shows the help. Hugging Face libraries run offline unless the environment says otherwise: nothing is
+    downloaded at run time."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         code = app(standalone_mode=False)
-    except Exception as err:  # click's errors, matched by their interface (typer may ship its own copy of click)
-        if not (hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int)):
-            raise
-        if type(err).__name__ == "NoArgsIsHelpError":
+    except USAGE_ERROR as err:
+        if not sys.argv[1:]:
             err.show()
         else:
-            from .commands.ui import console, escape
+            from farmer_cli.commands.ui import console, escape
 
             ctx = getattr(err, "ctx", None)
             where = f" (see {ctx.command_path} --help)" if ctx is not None else ""

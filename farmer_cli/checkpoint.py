@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
-from .config_files import from_dict
+from farmer_cli.config.schema import Config, ConfigError
+from farmer_cli.config.files import from_dict
 
 FORMAT_VERSION = 1
 CONFIG_FILE, MODEL_FILE, STUDENT_FILE = "config.json", "model.safetensors", "student.safetensors"
@@ -111,36 +111,6 @@ def load_training_state(run_dir: Path, name: str, modules: list[str]) -> dict[st
     return state
 
 
-HISTORY_DIR = "checkpoints"
-
-
-def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep: int) -> None:
-    """Keep ``names`` (already written) of step ``step`` in ``checkpoints/<prefix>-<step>/`` as hard links (no copy;
-    a plain copy where the file system has none), and delete all but the ``keep`` newest such directories."""
-    import shutil
-
-    target = run_dir / HISTORY_DIR / f"{prefix}-{step:08d}"
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for name in names:
-        if (run_dir / name).exists():
-            try:
-                os.link(run_dir / name, partial / name)
-            except OSError:
-                shutil.copy2(run_dir / name, partial / name)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # a directory without ".partial" is complete
-    for old in history(run_dir, prefix)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def history(run_dir: Path, prefix: str) -> list[Path]:
-    """Complete step checkpoints ``checkpoints/<prefix>-<step>/``, newest first."""
-    found = (run_dir / HISTORY_DIR).glob(f"{prefix}-*")
-    return sorted((p for p in found if p.is_dir() and p.name[len(prefix) + 1:].isdigit()), reverse=True)
-
-
 def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     """-> (config, class names, the whole JSON payload); CheckpointError for anything malformed."""
     run_dir = Path(run_dir)
@@ -214,7 +184,7 @@ def load_weights(module: torch.nn.Module, path: Path) -> int:
 def check_model_file(cfg: Config, run_dir: Path) -> None:
     """Check ``model.safetensors`` against ``cfg`` on the meta device: nothing is allocated for a config that does
     not fit its weights (or asks for an absurd size)."""
-    from .model import Farmer
+    from farmer_cli.model import Farmer
 
     with torch.device("meta"):
         _check_header(Farmer(cfg.model), run_dir / MODEL_FILE)
@@ -224,7 +194,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     """-> (Farmer in eval mode with the EMA weights on ``device``, config, class names, step).
 
     The weights file is checked against the config before any memory is allocated."""
-    from .model import Farmer
+    from farmer_cli.model import Farmer
 
     run_dir = Path(run_dir)
     cfg, class_names, _ = load_config(run_dir)
@@ -252,7 +222,7 @@ def stored_distill_settings(run_dir: Path) -> dict | None:
 def load_student(run_dir: Path, model):
     """The distilled student AF of ``model`` from ``student.safetensors`` (clear error when there is none, or when
     it was distilled from other teacher weights than the run's ``model.safetensors``)."""
-    from .model.distill import make_student
+    from farmer_cli.model.distill import make_student
 
     run_dir = Path(run_dir)
     path = run_dir / STUDENT_FILE

@@ -1,4 +1,6 @@
-"""Owning a run directory: one writer at a time, no silent overwrite, no silent change of settings on resume.
+"""Run directories: where a run goes, how it is found, who may write it, what it keeps.
+
+One writer at a time, no silent overwrite, no silent change of settings on resume:
 
 * :func:`claim` makes sure ``--out`` can be written before any work starts, refuses to start a new run over an
   existing one unless asked to ``overwrite`` (then the old run's files are removed first, so nothing of it is
@@ -9,25 +11,32 @@
   process training or distilling into the same directory is refused with the holder's pid. The kernel releases
   the lock when its process ends, however it ends, so a lock is never stale.
 * :func:`resume_conflicts` lists the settings a resumed run may not change.
+* :func:`new_run_dir` names a new run (``runs/<preset>-<timestamp>``), :func:`find_checkpoint` finds one,
+  :func:`snapshot` / :func:`history` keep step checkpoints under ``checkpoints/``, :func:`free_result_path` names
+  an evaluation's ``eval-<step>.json`` without overwriting an earlier one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
 import stat
+import time
 from pathlib import Path
 
-from .checkpoint import (CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, HISTORY_DIR, METRICS_FILE,
-                         MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError)
-from .config import Config
+from farmer_cli.checkpoint import CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError
+from farmer_cli.config.schema import Config
+
+log = logging.getLogger("farmer")
 
 RUN_FILES = (CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, METRICS_FILE, STUDENT_FILE, DISTILL_STATE_FILE,
              DISTILL_METRICS_FILE)
 LOCK_FILE = ".lock"
+HISTORY_DIR = "checkpoints"  # checkpoints/<prefix>-<step>/: the kept step checkpoints (:func:`snapshot`)
 
 # What a resumed run may change: how it reports and loads, not what it trains.
 RESUMABLE = {"data.num_workers", "train.log_every", "train.ckpt_every", "train.eval_batches",
@@ -136,7 +145,7 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-        for folder in (HISTORY_DIR, SAMPLES_DIR):  # gone if it held only farmer's files
+        for folder in (SAMPLES_DIR):  # gone if it held only farmer's files
             try:
                 (run_dir / folder).rmdir()
             except OSError:
@@ -189,3 +198,71 @@ def claim_on_main(accelerator, run_dir: Path | None, *, resume: bool, overwrite:
     if outcome[1]:
         raise CheckpointError(outcome[1])
     return Path(outcome[0]), lock
+
+
+RUNS_DIR = Path("runs")  # where runs go without --out, and where --ckpt is looked for without one
+
+
+def new_run_dir(preset: str) -> Path:
+    """``runs/<preset>-<timestamp>``, with a numeric suffix where that name is already taken (two runs started in
+    the same second never share a directory). The name is created here, so a concurrent caller gets another."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{preset or 'run'}-{stamp}"
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    for k in range(1000):
+        candidate = RUNS_DIR / (base if k == 0 else f"{base}-{k}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not find a free run name under {RUNS_DIR}/ for {base}")
+
+
+def find_checkpoint(ckpt: Path | None, what: str | None = None) -> Path:
+    """``--ckpt DIR`` or, without it, the newest run under ./runs/ holding ``what`` (default: the model weights;
+    logs which it took)."""
+    what = what or MODEL_FILE
+    if ckpt is not None:
+        if not ckpt.is_dir():
+            raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+        return ckpt
+    candidates = sorted((p for p in RUNS_DIR.glob("*/") if (p / what).exists()), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise CheckpointError("no checkpoint given and none found under ./runs/: train one with `farmer train` "
+                              "or pass --ckpt DIR")
+    log.info("using the newest checkpoint: %s", candidates[-1])
+    return candidates[-1]
+
+
+def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep: int) -> None:
+    """Keep ``names`` (already written) of step ``step`` in ``checkpoints/<prefix>-<step>/`` as hard links (no copy;
+    a plain copy where the file system has none), and delete all but the ``keep`` newest such directories."""
+    target = run_dir / HISTORY_DIR / f"{prefix}-{step:08d}"
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in names:
+        if (run_dir / name).exists():
+            try:
+                os.link(run_dir / name, partial / name)
+            except OSError:
+                shutil.copy2(run_dir / name, partial / name)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)  # a directory without ".partial" is complete
+    for old in history(run_dir, prefix)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def history(run_dir: Path, prefix: str) -> list[Path]:
+    """Complete step checkpoints ``checkpoints/<prefix>-<step>/``, newest first."""
+    found = (run_dir / HISTORY_DIR).glob(f"{prefix}-*")
+    return sorted((p for p in found if p.is_dir() and p.name[len(prefix) + 1:].isdigit()), reverse=True)
+
+
+def free_result_path(run_dir: Path, stem: str) -> Path:
+    """``<stem>.json``, or ``<stem>-2.json``, ``-3`` ... where it exists: an earlier evaluation is never overwritten."""
+    path, k = run_dir / f"{stem}.json", 2
+    while path.exists():
+        path, k = run_dir / f"{stem}-{k}.json", k + 1
+    return path

@@ -1,11 +1,16 @@
-"""Shared tiny configurations and helpers for the model tests (CPU, a few seconds per file)."""
+"""Shared fixtures: tiny configurations for the model tests, and the tiny run every CLI test reads (trained once per
+test session, here, so every module shares it)."""
+
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from farmer_cli.config import ModelConfig
+from cli_helpers import farmer
+from farmer_cli.config.schema import ModelConfig
 
 
 def _tiny_cfg(**overrides) -> ModelConfig:
@@ -63,3 +68,21 @@ class SyncCounter(TorchDispatchMode):
         if func.overloadpacket.__name__ in self.SYNCS:
             self.syncs.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    farmer("train", "--preset", "tiny", "--out", str(run), "--steps", "30")
+    return run
+
+
+@pytest.fixture(scope="session")
+def digit_png(tmp_path_factory) -> Path:
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
+
+    u, _ = load_data(DataConfig(source="digits"), 1, 8).test[0]
+    path = tmp_path_factory.mktemp("img") / "digit.png"
+    Image.fromarray(u[0].numpy()).save(path)
+    return path

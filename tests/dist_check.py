@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from farmer_cli.checkpoint import load_model
-from farmer_cli.config_files import load_preset
-from farmer_cli.data import load_data
-from farmer_cli.distilling import distill
-from farmer_cli.runtime import end_processes, make_accelerator
-from farmer_cli.training import train
+from farmer_cli.config.files import load_preset
+from farmer_cli.data.dataset import load_data
+from farmer_cli.train.distill import distill
+from farmer_cli.device import end_processes, make_accelerator
+from farmer_cli.train.trainer import train
 
 out = Path(sys.argv[1])
 cfg = load_preset("tiny")

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from farmer_cli import training
-from farmer_cli.config_files import load_preset
-from farmer_cli.data import load_data
-from farmer_cli.distributed import gather_model
+from farmer_cli.train import trainer as training
+from farmer_cli.config.files import load_preset
+from farmer_cli.data.dataset import load_data
+from farmer_cli.train.distributed import gather_model
 from farmer_cli.model.attention import TransformerLayer
-from farmer_cli.runtime import end_processes, make_accelerator
+from farmer_cli.device import end_processes, make_accelerator
 
 out = Path(sys.argv[1])
 cfg = load_preset("tiny")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from farmer_cli.config_files import apply_overrides, load_preset
+from farmer_cli.config.files import apply_overrides, load_preset
 from farmer_cli.model import Farmer
 from farmer_cli.model.patchify import dct_basis
 

@@ -6,7 +6,6 @@ Commands run in subprocesses: Accelerate's state is a per-process singleton, and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,45 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "FARMER_NO_PROGRESS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def farmer(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "farmer_cli", *args], capture_output=True, text=True, env=ENV,
-                          cwd=cwd, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"farmer {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def sigterm_once_logged(proc: subprocess.Popen, metrics: Path, lines: int, timeout: float = 180) -> str:
-    """Send SIGTERM to a training process once ``metrics`` holds ``lines`` records; returns its stderr."""
-    import signal
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    return proc.communicate(timeout=timeout)[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    farmer("train", "--preset", "tiny", "--out", str(run), "--steps", "30")
-    return run
-
-
-@pytest.fixture(scope="session")
-def digit_png(tmp_path_factory) -> Path:
-    from farmer_cli.config import DataConfig
-    from farmer_cli.data import load_data
-
-    u, _ = load_data(DataConfig(source="digits"), 1, 8).test[0]
-    path = tmp_path_factory.mktemp("img") / "digit.png"
-    Image.fromarray(u[0].numpy()).save(path)
-    return path
+from cli_helpers import ENV, farmer, sigterm_once_logged
 
 
 def test_train_writes_a_complete_run(tiny_run: Path):
@@ -87,8 +48,8 @@ def test_resume_equals_uninterrupted(tmp_path: Path):
 
 
 def test_train_on_image_folder_skips_corrupt_files(tmp_path: Path):
-    from farmer_cli.config import DataConfig
-    from farmer_cli.data import load_data
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
 
     data = load_data(DataConfig(source="digits"), 1, 8).train
     root = tmp_path / "folder"
@@ -108,8 +69,8 @@ def test_train_on_image_folder_skips_corrupt_files(tmp_path: Path):
 def test_train_on_saved_hf_dataset(tmp_path: Path):
     import datasets
 
-    from farmer_cli.config import DataConfig
-    from farmer_cli.data import load_data
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
 
     data = load_data(DataConfig(source="digits"), 1, 8).train
     images = [Image.fromarray(data[i][0][0].numpy()) for i in range(40)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from farmer_cli.data import load_image
+from farmer_cli.data.images import load_image
 
 
 def test_16_bit_grey_is_scaled_not_clipped(tmp_path: Path):
@@ -46,8 +46,8 @@ def test_reference_caches_are_keyed_by_the_images_not_the_source_name(tmp_path: 
     (from different directories) differ, and so does a folder whose image changed."""
     import os
 
-    from farmer_cli.config import DataConfig
-    from farmer_cli.data import load_data
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     prints = {}
@@ -65,7 +65,7 @@ def test_reference_caches_are_keyed_by_the_images_not_the_source_name(tmp_path: 
 
 
 def test_a_corrupt_reference_cache_is_recomputed(tmp_path: Path):
-    from farmer_cli.fid_evaluation import _read_cached_stats
+    from farmer_cli.eval.fid import _read_cached_stats
 
     bad = tmp_path / "stats.npz"
     bad.write_bytes(b"PK\x03\x04 not a zip")
@@ -77,7 +77,7 @@ def test_a_corrupt_reference_cache_is_recomputed(tmp_path: Path):
 
 
 def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path: Path):
-    from test_cli import farmer
+    from cli_helpers import farmer
 
     root = _folder(tmp_path / "data", 0)
     run = tmp_path / "run"

@@ -8,13 +8,13 @@ import torch
 import torch._dynamo
 
 import farmer_cli.model.steps as steps
-from farmer_cli.config import SamplingConfig
+from farmer_cli.config.schema import SamplingConfig
 from farmer_cli.model import Farmer
 from farmer_cli.model.randomness import ImageStreams
 from farmer_cli.model.steps import StepRunner, resolve_mode
 
 from conftest import SyncCounter, _randomise_out_proj, _tiny_cfg
-from test_cli import farmer, tiny_run  # noqa: F401  (session fixture)
+from cli_helpers import farmer
 
 GUIDED = SamplingConfig(cfg=2.0, redundant_pool=8)
 
@@ -115,7 +115,6 @@ def test_mode_resolution():
         resolve_mode("cuda-graphs", "cpu")
     with pytest.raises(ValueError, match="must be one of"):
         resolve_mode("fast", "cpu")
-
 
 
 def test_cuda_graphs_asked_for_on_a_cpu_is_one_line_exit_2(tiny_run, tmp_path):  # noqa: F811

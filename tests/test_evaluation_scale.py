@@ -20,14 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from farmer_cli.inception import inception_features, logits_layer, resize_299
-from farmer_cli.metrics import feature_stats, frechet_distance, inception_score, pr_chunk, precision_recall
-from farmer_cli.ref_stats import load_ref_stats, save_ref_stats
+from farmer_cli.eval.inception import inception_features, logits_layer, resize_299
+from farmer_cli.eval.feature_metrics import feature_stats, frechet_distance, inception_score, pr_chunk, precision_recall
+from farmer_cli.eval.ref_stats import load_ref_stats, save_ref_stats
 
-import test_cli
-from test_cli import ENV
-
-tiny_run = test_cli.tiny_run  # the session fixture shared with the CLI tests
+from cli_helpers import ENV
 
 
 class PooledPixels(torch.nn.Module):
@@ -116,7 +113,7 @@ def test_precision_recall_toy_clouds_unchanged(single_thread):
 
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys, torch
-    from farmer_cli.metrics import precision_recall
+    from farmer_cli.eval.feature_metrics import precision_recall
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -218,9 +215,9 @@ def test_inception_score_needs_logits_and_says_why_not():
 
 # ----- reference statistics files -----
 def test_ref_stats_round_trip_gives_the_same_fid(tmp_path: Path):
-    from farmer_cli.config import DataConfig
-    from farmer_cli.data import load_data
-    from farmer_cli.fid_evaluation import stream_features
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.eval.fid import stream_features
 
     data = load_data(DataConfig(source="digits"), 1, 8)
     net = PooledPixels()
@@ -239,7 +236,7 @@ def test_ref_stats_round_trip_gives_the_same_fid(tmp_path: Path):
     np.savez(tmp_path / "adm.npz", mu=mu_r, sigma=cov_r)
     adm = load_ref_stats(tmp_path / "adm.npz")
     assert adm["act"] is None and adm["protocol"] is None
-    from farmer_cli.ref_stats import reference_resize
+    from farmer_cli.eval.ref_stats import reference_resize
 
     assert reference_resize(adm) == "tf-legacy" and reference_resize(loaded) == "antialias"
 
@@ -248,10 +245,10 @@ def test_ref_stats_round_trip_gives_the_same_fid(tmp_path: Path):
 def test_adm_layout_reference_images_are_streamed_for_pr(compressed: bool, tmp_path: Path, monkeypatch):
     """ADM's reference batches ship the reference images (arr_0, uint8 NHWC) instead of features: pr computes their
     features here, batch by batch from the archive, the same as from the data set."""
-    from farmer_cli.config import DataConfig
-    from farmer_cli.data import load_data
-    from farmer_cli.fid_evaluation import ref_file_features, stream_features
-    from farmer_cli.ref_stats import iter_npz_images
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.eval.fid import ref_file_features, stream_features
+    from farmer_cli.eval.ref_stats import iter_npz_images
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     test = load_data(DataConfig(source="digits"), 1, 8).test

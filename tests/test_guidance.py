@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from farmer_cli.config import SamplingConfig
+from farmer_cli.config.schema import SamplingConfig
 from farmer_cli.model import GMM
 from farmer_cli.model.guidance import draw_resampled, draw_simple, draw_tokens, draw_unguided
 

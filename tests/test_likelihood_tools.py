@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from farmer_cli import ood
-from farmer_cli.config import DataConfig
-from farmer_cli.config_files import apply_overrides, load_preset
-from farmer_cli.data import DataError, load_data
+from farmer_cli.eval import ood
+from farmer_cli.config.schema import DataConfig
+from farmer_cli.config.files import apply_overrides, load_preset
+from farmer_cli.data.dataset import load_data
+from farmer_cli.data.sources import DataError
 from farmer_cli.model import Farmer, dequantize
-from test_cli import digit_png, farmer, tiny_run  # noqa: F401  (shared session fixtures)
+from cli_helpers import farmer
 
 
 def _model(overrides: list[str]) -> Farmer:
@@ -162,7 +163,7 @@ def test_combined_score_is_the_larger_two_sided_z_score():
 
 
 def test_fashion_mnist_source(monkeypatch, tmp_path: Path):
-    from farmer_cli import sources as data
+    from farmer_cli.data import sources as data
 
     if all((data.FASHION_MNIST_DIR / f).exists() for f in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
         bundle = load_data(DataConfig(source="fashion-mnist"), 1, 28)

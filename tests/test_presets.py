@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from farmer_cli.config import ConfigError
-from farmer_cli.config_files import apply_overrides, load_preset, preset_names
+from farmer_cli.config.schema import ConfigError
+from farmer_cli.config.files import apply_overrides, load_preset, preset_names
 from farmer_cli.model import Farmer
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from farmer_cli.config import SamplingConfig
+from farmer_cli.config.schema import SamplingConfig
 from farmer_cli.model import ARPrior, Farmer
 from farmer_cli.model.patchify import merge_tokens, patchify, split_tokens, unpatchify
 

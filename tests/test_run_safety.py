@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_cli import ENV, farmer, tiny_run  # noqa: F401
+from cli_helpers import ENV
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_STEPS = 30  # tiny_run trains 30 steps
@@ -41,6 +41,8 @@ FAST_S = 30.0  # "fails fast": refused before any real work
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
+
+HANG_LIMIT = 900  # seconds: only a command that hangs reaches it, however loaded the machine (no test times work)
 
 
 @dataclass
@@ -61,7 +63,7 @@ def _text(data) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def cli(*args, cwd: Path | None = None, timeout: float = 180, env: dict | None = None,
+def cli(*args, cwd: Path | None = None, timeout: float = HANG_LIMIT, env: dict | None = None,
         memory_kb: int | None = None) -> Result:
     """``python -m farmer_cli ARGS`` in a subprocess; never raises on failure or timeout."""
     args = tuple(str(a) for a in args)
@@ -81,7 +83,7 @@ def popen(*args, cwd: Path | None = None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=JOB_ENV, cwd=cwd)
 
 
-def finish(proc: subprocess.Popen, args: tuple, t0: float, timeout: float = 120) -> Result:
+def finish(proc: subprocess.Popen, args: tuple, t0: float, timeout: float = HANG_LIMIT) -> Result:
     try:
         out, err = proc.communicate(timeout=timeout)
         rc = proc.returncode
@@ -147,7 +149,7 @@ def n_lines(path: Path) -> int:
         return 0
 
 
-def wait_for(condition, proc: subprocess.Popen | None = None, timeout: float = 180, what: str = "") -> None:
+def wait_for(condition, proc: subprocess.Popen | None = None, timeout: float = HANG_LIMIT, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -205,7 +207,7 @@ def make_bomb(path: Path) -> Path:
 @dataclass
 class Job:
     args: list
-    timeout: float = 180
+    timeout: float = HANG_LIMIT
     memory_kb: int | None = None
     cwd: Path | None = None
     protect: Path | None = None  # a run that must come out byte-identical
@@ -291,7 +293,7 @@ def jobs(tiny_run: Path, tmp_path_factory, request):  # noqa: F811
     a_file = out / "existing-file"
     a_file.write_text("keep me")
     j["sample-out-dir-is-file"] = Job(["sample", "--ckpt", base, "--n", "200", "--out", out / "grid.png",
-                                       "--out-dir", a_file], timeout=60, markers=[out / "grid.png"])
+                                       "--out-dir", a_file], markers=[out / "grid.png"])
     j["sample-out-dir-is-file"].extra["file"] = a_file
 
     # low cases
@@ -300,14 +302,14 @@ def jobs(tiny_run: Path, tmp_path_factory, request):  # noqa: F811
                        "sample-var-scale-nan": ["--var-scale", "nan"],
                        "sample-class-superscript": ["--class", "\u00b2"]}.items():
         j[name] = Job(["sample", "--ckpt", base, "--n", "1", "--out", out / f"{name}.png", *opts])
-    j["sample-n-huge"] = Job(["sample", "--ckpt", base, "--n", "1000000000", "--out", out / "huge.png"], timeout=60)
+    j["sample-n-huge"] = Job(["sample", "--ckpt", base, "--n", "1000000000", "--out", out / "huge.png"])
     for name, opts in {"train-lr-0": ["--lr", "0"], "train-log-every-0": ["--set", "train.log_every=0"],
                        "train-test-fraction-1": ["--set", "data.test_fraction=1"],
                        "train-noise-foo": ["--set", "train.noise=foo"]}.items():
         j[name] = Job(["train", "--preset", "tiny", "--out", t / f"new-{name}", "--steps", "1", *opts])
     c = run_copy("evaluate-huge")
     j["evaluate-n-samples-huge"] = Job(["evaluate", "--ckpt", c, "--metrics", "sample-acc", "--n-samples",
-                                        "1000000000000"], timeout=60, memory_kb=8_000_000, protect=c)
+                                        "1000000000000"], memory_kb=8_000_000, protect=c)
     for name, text in {"config-null": "null", "config-list": json.dumps([cfg]),
                        "config-class-names-null": json.dumps({**cfg, "class_names": None})}.items():
         c = run_copy(name)
@@ -321,7 +323,7 @@ def jobs(tiny_run: Path, tmp_path_factory, request):  # noqa: F811
     wide = json.loads(json.dumps(cfg))
     wide["config"]["model"]["af_width"] = 16384
     (c / "config.json").write_text(json.dumps(wide))
-    j["config-af-width-huge"] = Job(["sample", "--ckpt", c, "--n", "1", "--out", out / "wide.png"], timeout=60,
+    j["config-af-width-huge"] = Job(["sample", "--ckpt", c, "--n", "1", "--out", out / "wide.png"],
                                     memory_kb=8_000_000, protect=c)
     a_file2 = out / "somefile"
     a_file2.write_text("not a directory")
@@ -329,7 +331,7 @@ def jobs(tiny_run: Path, tmp_path_factory, request):  # noqa: F811
     j["inspect-factors-nan"] = Job(["inspect-channels", "--ckpt", base, "--mode", "variance", "--factors", "nan",
                                     "--out", out / "inspect.png"])
     bomb = make_bomb(t / "bomb.png")
-    j["score-bomb"] = Job(["score", bomb, "--ckpt", base], timeout=60, memory_kb=8_000_000)
+    j["score-bomb"] = Job(["score", bomb, "--ckpt", base], memory_kb=8_000_000)
 
     # user text is not rich markup
     for name in MARKUP_NAMES:  # the second is the file "bold].png" in a folder "x["
@@ -410,6 +412,8 @@ def interrupted(tmp_path_factory) -> dict:
         p1.send_signal(signal.SIGTERM)
         rec["first"] = finish(p1, args1, t0)
         rec["lines_after_first"] = n_lines(metrics)
+        rec["steps_after_first"] = metric_steps(metrics)
+        rec["config_step_after_first"] = json.loads((run / "config.json").read_text()).get("step")
         try:
             rec["first_step"] = state_step(state)
         except Exception as err:  # noqa: BLE001 - recorded, asserted by the tests
@@ -455,6 +459,10 @@ def test_sigterm_saves_a_checkpoint(command: str, fixture: str, state: str, requ
     assert "Traceback" not in first.stderr, str(first)
     assert "first_step" in record, f"no loadable {state} after SIGTERM: {record.get('first_step_error')}\n{first}"
     assert record["first_step"] >= 3, record["first_step"]
+    if command == "train":  # the scheduler's signal: exit status 128 + 15, the step saved is the step logged last
+        assert first.returncode == 143 and "stopped by SIGTERM" in first.stderr, str(first)
+        assert record["config_step_after_first"] == record["first_step"]
+        assert record["steps_after_first"] == list(range(1, record["first_step"] + 1))
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from farmer_cli.checkpoint import CheckpointError
 from farmer_cli.rundir import claim
 
-from test_cli import farmer, tiny_run  # noqa: F401  (session fixture)
+from cli_helpers import farmer
 
 
 def _farmer_run(run: Path) -> Path:
@@ -92,7 +92,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_last_checkpoin
 
     import torch
 
-    from test_cli import ENV
+    from cli_helpers import ENV
 
     run = tmp_path / "run"
     farmer("train", "--preset", "tiny", "--steps", "4", "--stop-after", "2", "--out", str(run))

@@ -13,13 +13,13 @@ import pytest
 import scipy.stats
 import torch
 
-from farmer_cli.config import SamplingConfig
-from farmer_cli.config_files import load_preset
-from farmer_cli.generation import denoise_bytes_per_image, generate_chunks, my_chunks, plan_denoise
+from farmer_cli.config.schema import SamplingConfig
+from farmer_cli.config.files import load_preset
+from farmer_cli.sample.generate import denoise_bytes_per_image, generate_chunks, my_chunks, plan_denoise
 from farmer_cli.model import Farmer
 from farmer_cli.model.randomness import ImageStreams, SharedGenerator, categorical, image_seed, normal
 
-from test_cli import ENV, farmer, tiny_run  # noqa: F401  (session fixture)
+from cli_helpers import ENV, farmer
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,8 @@ def test_checkpointed_denoising_equals_the_plain_pass(model: Farmer):
 
 
 def test_depth_extrapolated_saved_bytes_equal_the_full_probe(tiny_cfg, monkeypatch):
-    import farmer_cli.plan as plan
-    from farmer_cli.plan import probe_backward, saved_bytes_by_depth
+    import farmer_cli.memory_plan as plan
+    from farmer_cli.memory_plan import probe_backward, saved_bytes_by_depth
 
     monkeypatch.setattr(plan, "DIRECT_PROBE_LAYERS", 0)  # extrapolate even this small model
     plan._saved_bytes.cache_clear()

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from farmer_cli.config import DataConfig
-from farmer_cli.config_files import apply_overrides, load_preset
-from farmer_cli.batching import make_loader
-from farmer_cli.data import load_data
+from farmer_cli.config.schema import DataConfig
+from farmer_cli.config.files import apply_overrides, load_preset
+from farmer_cli.data.batching import make_loader
+from farmer_cli.data.dataset import load_data
 from farmer_cli.model import Farmer
 from farmer_cli.model.patchify import dct_basis, merge_tokens, split_tokens
-from farmer_cli.plan import make_plan
-from test_cli import farmer
+from farmer_cli.memory_plan import make_plan
+from cli_helpers import farmer
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -136,7 +136,7 @@ def test_image_folder_index_is_built_once_and_rebuilt_when_a_folder_changes(tmp_
     import numpy as np
     from PIL import Image
 
-    from farmer_cli import folder_index
+    from farmer_cli.data import folder_index
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = tmp_path / "images"
@@ -197,7 +197,7 @@ def test_sharded_fsdp2_training_saves_and_resumes_like_one_run(tmp_path: Path):
 
     from safetensors.torch import load_file
 
-    from test_cli import ENV
+    from cli_helpers import ENV
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

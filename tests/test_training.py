@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from farmer_cli.config_files import load_preset
-from farmer_cli.batching import batch_indices
-from farmer_cli.data import load_data
+from farmer_cli.config.files import load_preset
+from farmer_cli.data.batching import batch_indices
+from farmer_cli.data.dataset import load_data
 from farmer_cli.model import Farmer
-from farmer_cli.engine import TrainingDiverged, lr_factor
-from farmer_cli.training import noise_sigma, train
+from farmer_cli.train.divergence import TrainingDiverged
+from farmer_cli.train.engine import lr_factor
+from farmer_cli.train.trainer import noise_sigma, train
 
 
 def test_lr_warmup_then_cosine():
@@ -56,8 +57,8 @@ class _Exploding(Farmer):
 
 
 def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch):
-    from farmer_cli import training
-    from farmer_cli.runtime import make_accelerator
+    from farmer_cli.train import trainer as training
+    from farmer_cli.device import make_accelerator
 
     cfg = load_preset("tiny")
     cfg.train.steps, cfg.train.ckpt_every = 10, 2
@@ -88,8 +89,8 @@ class _ExplodingLate(_Exploding):
 def test_non_finite_loss_at_a_quiet_step_is_caught_at_the_next_log(tmp_path: Path, monkeypatch):
     """The finiteness check stays on the device until a logging or checkpoint step: a blow-up at step 5 (log every
     4, checkpoint every 4) is reported at step 8 naming step 5 and its term, and the step-4 checkpoint is kept."""
-    from farmer_cli import training
-    from farmer_cli.runtime import make_accelerator
+    from farmer_cli.train import trainer as training
+    from farmer_cli.device import make_accelerator
 
     cfg = load_preset("tiny")
     cfg.train.steps, cfg.train.ckpt_every, cfg.train.log_every = 20, 4, 4
@@ -118,8 +119,8 @@ def _syncs_per_quiet_step(run) -> list[int]:
 
 def test_training_and_distillation_steps_that_do_not_log_make_no_host_sync(tmp_path: Path):
     from farmer_cli.checkpoint import load_model
-    from farmer_cli.distilling import distill
-    from farmer_cli.runtime import make_accelerator
+    from farmer_cli.train.distill import distill
+    from farmer_cli.device import make_accelerator
 
     cfg = load_preset("tiny")
     cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = 7, 3, 100
@@ -135,7 +136,7 @@ def test_training_and_distillation_steps_that_do_not_log_make_no_host_sync(tmp_p
 
 
 def test_foreach_ema_equals_the_per_tensor_update():
-    from farmer_cli.distributed import EMA
+    from farmer_cli.train.distributed import EMA
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
@@ -156,8 +157,8 @@ def test_foreach_ema_equals_the_per_tensor_update():
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path):
     """Micro-batch 16 x 2 accumulation takes the same optimiser steps as batch 32 (no noise, no label dropout, so
     the only difference is how the batch is split)."""
-    from farmer_cli.config_files import apply_overrides
-    from farmer_cli.runtime import make_accelerator
+    from farmer_cli.config.files import apply_overrides
+    from farmer_cli.device import make_accelerator
 
     acc = make_accelerator("no")
     weights = []

@@ -20,12 +20,12 @@ class UsageError(ValueError):
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Show the library's messages; turn any user-facing error into one line on stderr and exit status 2."""
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..sources import DataError
-    from ..metrics import WeightsError
-    from ..runtime import DeviceError
-    from .ui import console, escape, show_library_messages
+    from farmer_cli.checkpoint import CheckpointError
+    from farmer_cli.config.schema import ConfigError
+    from farmer_cli.data.sources import DataError
+    from farmer_cli.eval.feature_metrics import WeightsError
+    from farmer_cli.device import DeviceError
+    from farmer_cli.commands.ui import console, escape, show_library_messages
 
     show_library_messages()
     try:
@@ -114,7 +114,7 @@ def _can_create_in(directory) -> bool:
 def process_device(device: str, state):
     """The device this process runs on: ``--device`` on one process; under accelerate launch (``state``: the
     Accelerator or PartialState) the one Accelerate gives it, and any other explicit ``--device`` is refused."""
-    from ..runtime import resolve_device
+    from farmer_cli.device import resolve_device
 
     if state.num_processes == 1:
         return resolve_device(device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from . import CKPT_HELP, Option, exit_with, user_errors
+from farmer_cli.commands import CKPT_HELP, Option, exit_with, user_errors
 
 NAME = "distill"
 
@@ -41,13 +41,13 @@ def run(
 def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides, overwrite=False):
     import dataclasses
 
-    from ..checkpoint import DISTILL_STATE_FILE, load_model, stored_distill_settings
-    from ..config_files import apply_overrides
-    from ..data import load_data
-    from ..distilling import distill
-    from ..rundir import claim_on_main, holds_distillation, remove_distillation
-    from ..runtime import end_processes, find_checkpoint, make_accelerator
-    from .ui import LoopProgress, console, escape
+    from farmer_cli.checkpoint import DISTILL_STATE_FILE, load_model, stored_distill_settings
+    from farmer_cli.config.files import apply_overrides
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.train.distill import distill
+    from farmer_cli.rundir import claim_on_main, find_checkpoint, holds_distillation, remove_distillation
+    from farmer_cli.device import end_processes, make_accelerator
+    from farmer_cli.commands.ui import LoopProgress, console, escape
 
     run_dir = find_checkpoint(ckpt)
     if resume and overwrite:

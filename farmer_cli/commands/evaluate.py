@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import CKPT_HELP, DEVICE_HELP, Option, check_seed, exit_with, process_device, user_errors
+from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_seed, exit_with, process_device, user_errors
 
 NAME = "evaluate"
 MAX_SAMPLES = 200_000  # the samples' Inception features (16 KB each) are kept for fid and pr
@@ -88,17 +88,9 @@ def run(
                   trust_weights=trust_weights)
 
 
-def _free_name(run_dir: Path, stem: str) -> Path:
-    """``<stem>.json``, or ``<stem>-2.json``, ``-3`` ... where it exists: an earlier evaluation is never overwritten."""
-    path, k = run_dir / f"{stem}.json", 2
-    while path.exists():
-        path, k = run_dir / f"{stem}-{k}.json", k + 1
-    return path
-
-
 def _check_stats_options(ref_stats, save_ref_stats, resize: str | None, chosen: list[str]) -> None:
-    from ..inception import RESIZE_RULES
-    from . import check_output_dir
+    from farmer_cli.eval.inception import RESIZE_RULES
+    from farmer_cli.commands import check_output_dir
 
     if resize is not None and resize not in RESIZE_RULES:
         exit_with(f"--resize must be one of {', '.join(RESIZE_RULES)}, not '{resize}'")
@@ -119,15 +111,16 @@ def _check_stats_options(ref_stats, save_ref_stats, resize: str | None, chosen: 
 def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws, limit,
               max_classes, seed, sampling_overrides, as_json, device, ref_stats=None, save_ref_stats=None,
               resize=None, trust_weights=False):
-    from ..checkpoint import atomic_write, load_model, load_student
-    from ..config_files import apply_overrides
-    from ..data import load_data
-    from ..evaluation import METRICS, evaluate
-    from ..generation import my_chunks
-    from ..inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
-    from ..ref_stats import StatsError, load_ref_stats, reference_resize
-    from ..runtime import end_processes, find_checkpoint, make_accelerator
-    from .ui import console, escape, progress, stdout
+    from farmer_cli.checkpoint import atomic_write, load_model, load_student
+    from farmer_cli.config.files import apply_overrides
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.eval.protocol import METRICS, evaluate
+    from farmer_cli.sample.generate import my_chunks
+    from farmer_cli.eval.inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
+    from farmer_cli.eval.ref_stats import StatsError, load_ref_stats, reference_resize
+    from farmer_cli.device import end_processes, make_accelerator
+    from farmer_cli.rundir import find_checkpoint, free_result_path
+    from farmer_cli.commands.ui import console, escape, progress, stdout
 
     check_seed(seed)
     if n_samples < 1:
@@ -208,7 +201,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     if not main:
         return
     result = {"checkpoint": str(run_dir), "step": step, **result, "seconds": round(time.time() - t0, 1)}
-    path = _free_name(run_dir, f"eval-{step}")
+    path = free_result_path(run_dir, f"eval-{step}")
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, allow_nan=False)))
     if as_json:
         print(json.dumps(result, allow_nan=False))
@@ -244,7 +237,7 @@ def protocol_lines(result: dict) -> list[str]:
 
 
 def _reference(described: dict) -> str:
-    from ..fid_evaluation import reference_label
+    from farmer_cli.eval.fid import reference_label
 
     if described["kind"] == "file":
         return reference_label(described)
@@ -256,7 +249,7 @@ def _reference(described: dict) -> str:
 def _print_table(result: dict, out) -> None:
     from rich.table import Table
 
-    from .ui import escape, figure
+    from farmer_cli.commands.ui import escape, figure
 
     m = result["metrics"]
     table = Table(title=escape(f"{result['checkpoint']} (step {result['step']}), {result['data']} {result['split']} "

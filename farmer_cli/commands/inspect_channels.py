@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from . import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
+from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
 
 NAME = "inspect-channels"
 DEFAULT_FACTORS = "0,0.2,0.4,0.8,1.0,1.2,1.5,2.0,4.0"
@@ -81,12 +81,14 @@ def parse_blocks(text: str, n: int) -> list[int]:
 def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, student, out, device):
     import torch
 
-    from ..checkpoint import load_model, load_student
-    from ..data import load_data, load_image
-    from ..inspection import noise_interpolation, variance_sweep
-    from ..runtime import find_checkpoint, resolve_device
-    from ..viz import grid, labelled_figure, save_png
-    from .ui import console, escape, stdout
+    from farmer_cli.checkpoint import load_model, load_student
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.data.images import load_image
+    from farmer_cli.sample.channels import noise_interpolation, variance_sweep
+    from farmer_cli.device import resolve_device
+    from farmer_cli.rundir import find_checkpoint
+    from farmer_cli.viz import grid, labelled_figure, save_png
+    from farmer_cli.commands.ui import console, escape, stdout
 
     if mode not in ("interpolate", "variance"):
         exit_with("--mode must be 'interpolate' or 'variance'")

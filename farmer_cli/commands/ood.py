@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from . import CKPT_HELP, DEVICE_HELP, Option, check_output_image, exit_with, user_errors
+from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_output_image, exit_with, user_errors
 
 NAME = "ood"
 
@@ -51,12 +51,14 @@ def run(
 def _ood(inside, outside, ckpt, score, background, figure, samples, batch_size, limit, as_json, device):
     import torch
 
-    from .. import ood
-    from ..checkpoint import load_model
-    from ..data import image_files, load_data, load_image
-    from ..runtime import find_checkpoint, resolve_device
-    from ..viz import histogram_figure, save_png
-    from .ui import console, escape, stdout
+    from farmer_cli.eval import ood
+    from farmer_cli.checkpoint import load_model
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.data.images import image_files, load_image
+    from farmer_cli.device import resolve_device
+    from farmer_cli.rundir import find_checkpoint
+    from farmer_cli.viz import histogram_figure, save_png
+    from farmer_cli.commands.ui import console, escape, stdout
 
     names = list(ood.SCORES) if score == "all" else [score]
     if any(n not in ood.SCORES for n in names):

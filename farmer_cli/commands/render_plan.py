@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .ui import escape, stdout
+from farmer_cli.commands.ui import escape, stdout
 
 GiB = 1024**3
 

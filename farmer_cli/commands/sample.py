@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from ..config import DecodeSteps
-from . import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, exit_with,
+from farmer_cli.config.schema import DecodeSteps
+from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, exit_with,
                process_device, resolve_class, user_errors)
 
 NAME = "sample"
@@ -86,7 +86,7 @@ def run(
 def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides):
     """The checkpoint's sampling settings with a named preset, then explicit flags, then --set applied (each
     through the config gate)."""
-    from ..config_files import apply_overrides, apply_sampling_preset
+    from farmer_cli.config.files import apply_overrides, apply_sampling_preset
 
     if preset_sampling is not None:
         apply_sampling_preset(cfg, preset_sampling)
@@ -102,12 +102,13 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
             decode_steps):
     import torch
 
-    from ..checkpoint import load_model, load_student
-    from ..generation import generate_chunks, my_chunks, resolve_inference_precision
-    from ..model.steps import resolve_mode
-    from ..runtime import end_processes, find_checkpoint, process_state
-    from ..viz import class_blocks, grid, save_png
-    from .ui import console, escape, progress
+    from farmer_cli.checkpoint import load_model, load_student
+    from farmer_cli.sample.generate import generate_chunks, my_chunks, resolve_inference_precision
+    from farmer_cli.model.steps import resolve_mode
+    from farmer_cli.device import end_processes, process_state
+    from farmer_cli.rundir import find_checkpoint
+    from farmer_cli.viz import class_blocks, grid, save_png
+    from farmer_cli.commands.ui import console, escape, progress
 
     if decoder not in (None, "sequential", "jacobi"):
         exit_with(f"--decoder must be sequential, jacobi or student, not '{decoder}'")

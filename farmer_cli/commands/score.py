@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import typer
 
-from . import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
+from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
 
 NAME = "score"
 
@@ -48,12 +48,13 @@ def _score(images, ckpt, class_, samples, batch_size, as_json, device, heatmap):
 
     import torch
 
-    from ..checkpoint import load_model
-    from ..data import image_files, load_image
-    from ..runtime import find_checkpoint, resolve_device
-    from ..scoring import model_bytes, patch_bits, png_bytes, score_batch
-    from ..viz import bits_figure, save_png
-    from .ui import console, escape, figure, progress, stdout
+    from farmer_cli.checkpoint import load_model
+    from farmer_cli.data.images import image_files, load_image
+    from farmer_cli.device import resolve_device
+    from farmer_cli.rundir import find_checkpoint
+    from farmer_cli.eval.bits import model_bytes, patch_bits, png_bytes, score_batch
+    from farmer_cli.viz import bits_figure, save_png
+    from farmer_cli.commands.ui import console, escape, figure, progress, stdout
 
     if samples < 1 or batch_size < 1:
         exit_with("--samples and --batch-size must be at least 1")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from . import SET_HELP, Option, exit_with, user_errors
+from farmer_cli.commands import SET_HELP, Option, exit_with, user_errors
 
 NAME = "train"
 
@@ -78,13 +78,14 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
            stop_after, workers, overrides, report_to):
     import copy
 
-    from ..checkpoint import TRAIN_STATE_FILE, check_model_file, load_config
-    from ..config_files import apply_overrides, load_preset
-    from ..data import load_data
-    from ..rundir import claim_on_main, resume_conflicts
-    from ..runtime import end_processes, find_checkpoint, make_accelerator, new_run_dir, tracker_options
-    from ..training import total_steps, train
-    from .ui import LoopProgress, console, escape
+    from farmer_cli.checkpoint import TRAIN_STATE_FILE, check_model_file, load_config
+    from farmer_cli.config.files import apply_overrides, load_preset
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.rundir import claim_on_main, resume_conflicts
+    from farmer_cli.device import end_processes, make_accelerator, tracker_options
+    from farmer_cli.rundir import find_checkpoint, new_run_dir
+    from farmer_cli.train.trainer import total_steps, train
+    from farmer_cli.commands.ui import LoopProgress, console, escape
 
     tracker_options(report_to)  # an unknown or uninstalled tracker fails before any work
     if stop_after < 0:
@@ -165,7 +166,7 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
 def _count_params(cfg) -> int:
     import torch
 
-    from ..model import Farmer
+    from farmer_cli.model import Farmer
 
     with torch.device("meta"):
         return sum(p.numel() for p in Farmer(cfg.model).parameters())
@@ -175,11 +176,11 @@ def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overr
              as_json):
     import json
 
-    from ..checkpoint import load_config
-    from ..config_files import apply_overrides, load_preset
-    from ..plan import CPU_RUNTIME_BYTES, GiB, gpu_tflops, make_plan
-    from ..runtime import find_checkpoint
-    from .render_plan import print_plan
+    from farmer_cli.checkpoint import load_config
+    from farmer_cli.config.files import apply_overrides, load_preset
+    from farmer_cli.memory_plan import CPU_RUNTIME_BYTES, GiB, gpu_tflops, make_plan
+    from farmer_cli.rundir import find_checkpoint
+    from farmer_cli.commands.render_plan import print_plan
 
     if plan_device not in ("gpu", "cpu"):
         exit_with("--plan-device must be gpu or cpu")

@@ -77,8 +77,8 @@ class LoopProgress:
         return self
 
     def __exit__(self, kind, err, tb) -> None:
-        from ..divergence import TrainingDiverged
-        from ..engine import Stopped
+        from farmer_cli.train.divergence import TrainingDiverged
+        from farmer_cli.train.engine import Stopped
 
         self.bar.__exit__(kind, err, tb)
         if isinstance(err, TrainingDiverged):

@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from .flow import AutoregressiveFlow
+from farmer_cli.model.flow import AutoregressiveFlow
 
 
 def make_student(teacher: AutoregressiveFlow) -> AutoregressiveFlow:

@@ -18,15 +18,15 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..config import ModelConfig, SamplingConfig
-from .attention import checkpointing, decoding_attention
-from .flow import AutoregressiveFlow
-from .gmm import GMM
-from .guidance import draw, draw_tokens
-from .patchify import dct_basis, merge_tokens, patchify, split_tokens, unpatchify
-from .prior import ARPrior
-from .steps import StepRunner
-from .randomness import RandomSource, as_randomness
+from farmer_cli.config.schema import ModelConfig, SamplingConfig
+from farmer_cli.model.attention import checkpointing, decoding_attention
+from farmer_cli.model.flow import AutoregressiveFlow
+from farmer_cli.model.gmm import GMM
+from farmer_cli.model.guidance import draw, draw_tokens
+from farmer_cli.model.patchify import dct_basis, merge_tokens, patchify, split_tokens, unpatchify
+from farmer_cli.model.prior import ARPrior
+from farmer_cli.model.steps import StepRunner
+from farmer_cli.model.randomness import RandomSource, as_randomness
 
 
 def dequantize(u: torch.Tensor, noise: str = "uniform", sigma: float = 0.0,

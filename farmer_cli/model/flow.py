@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache, TransformerStack, decoding_attention
-from .steps import StepRunner
+from farmer_cli.model.attention import KVCache, TransformerStack, decoding_attention
+from farmer_cli.model.steps import StepRunner
 
 
 class AFBlock(nn.Module):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .randomness import RandomSource, as_randomness, categorical, normal
+from farmer_cli.model.randomness import RandomSource, as_randomness, categorical, normal
 
 LOG_2PI = math.log(2 * math.pi)
 EXPANSION_BYTES = 64 << 20  # largest float64 copy of z that :meth:`GMM.log_prob` makes at once

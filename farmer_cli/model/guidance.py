@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SamplingConfig
-from .gmm import GMM
-from .randomness import RandomSource, as_randomness, categorical, normal
+from farmer_cli.config.schema import SamplingConfig
+from farmer_cli.model.gmm import GMM
+from farmer_cli.model.randomness import RandomSource, as_randomness, categorical, normal
 
 
 def draw_unguided(g: GMM, draws: int, s: SamplingConfig, rng: RandomSource) -> torch.Tensor:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from .attention import KVCache, TransformerStack
-from .gmm import GMMHead
+from farmer_cli.config.schema import ModelConfig
+from farmer_cli.model.attention import KVCache, TransformerStack
+from farmer_cli.model.gmm import GMMHead
 
 
 class ARPrior(nn.Module):

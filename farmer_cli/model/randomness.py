@@ -8,7 +8,7 @@ give those uniforms:
   get when they pass a generator.
 * :class:`ImageStreams` — one generator per image, seeded from (seed, image index), read through a per-image
   buffer. Image i's draws then depend only on (seed, i), not on the batch it shares or on the process that
-  generates it (see :mod:`farmer_cli.generation`).
+  generates it (see :mod:`farmer_cli.sample.generate`).
 """
 
 from __future__ import annotations

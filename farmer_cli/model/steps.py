@@ -28,8 +28,8 @@ from typing import Callable, Hashable, get_args
 
 import torch
 
-from ..config import DecodeSteps
-from .attention import KVCache
+from farmer_cli.config.schema import DecodeSteps
+from farmer_cli.model.attention import KVCache
 
 MODES = get_args(DecodeSteps)
 SPAN_BUCKET = 128  # positions: a CUDA-graph step attends over the filled cache rounded up to a multiple of this

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .inception import sha256
-from .metrics import feature_stats
+from farmer_cli.eval.inception import sha256
+from farmer_cli.eval.feature_metrics import feature_stats
 
 IMAGES_KEY = "arr_0"  # ADM's reference batches: the reference images, uint8 (n, H, W, 3)
 
@@ -115,7 +115,7 @@ def save_ref_stats(path: Path, features: torch.Tensor, protocol: dict, mu=None, 
 def reference_resize(stats: dict) -> str:
     """The resize rule a loaded reference file was made with: the one it records (files farmer wrote), else
     ``tf-legacy`` (ADM's reference batches record none; they were made inside the TF Inception graph)."""
-    from .inception import RESIZE_RULES
+    from farmer_cli.eval.inception import RESIZE_RULES
 
     recorded = (stats.get("protocol") or {}).get("resize_name")
     return recorded if recorded in RESIZE_RULES else "tf-legacy"

@@ -8,13 +8,13 @@ import math
 import numpy as np
 import torch
 
-from .config import Config
-from .batching import iterate_batches
-from .data import DataBundle, ImageDataset
-from .fid_evaluation import fid_metrics
-from .inception import inception_features
-from .model import Farmer, dequantize
-from .scoring import bits_per_dim
+from farmer_cli.config.schema import Config
+from farmer_cli.data.batching import iterate_batches
+from farmer_cli.data.dataset import DataBundle, ImageDataset
+from farmer_cli.eval.fid import fid_metrics
+from farmer_cli.eval.inception import inception_features
+from farmer_cli.model import Farmer, dequantize
+from farmer_cli.eval.bits import bits_per_dim
 
 METRICS = ("fid", "pr", "bpd", "classify", "sample-acc")
 
@@ -103,13 +103,13 @@ def sample_features(model: Farmer, cfg: Config, n: int, seed: int, batch: int, *
                     resize: str = "antialias", clf=None, rank: int = 0, world: int = 1,
                     on_samples=lambda k: None) -> dict | None:
     """Generate n class-balanced samples (this process's share of micro-batches, see
-    :mod:`farmer_cli.generation`) and keep only what the metrics need: Inception features (``net``) and the
+    :mod:`farmer_cli.sample.generate`) and keep only what the metrics need: Inception features (``net``) and the
     reference classifier's predictions (``clf``). Images are dropped batch by batch.
 
     Returns on process 0 {"labels", "features" (n, F) float64 or None, "predictions" (n,) or None}, in global image
     order; None on the other processes. Features are computed per micro-batch, so 1 and N processes give the same
     numbers."""
-    from .generation import balanced_labels, generate_chunks
+    from farmer_cli.sample.generate import balanced_labels, generate_chunks
 
     labels = balanced_labels(n, model.cfg.num_classes)
     part = []
@@ -139,8 +139,8 @@ def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *
     """The evaluation protocol: every requested metric of ``METRICS`` as one JSON-ready dict (on process 0; None on
     the others).
 
-    ``inception``: (network, protocol dict) from :mod:`farmer_cli.inception`, needed for fid and pr;
-    ``ref_stats``: a reference loaded by :func:`farmer_cli.ref_stats.load_ref_stats` (``mu``, ``sigma``, maybe
+    ``inception``: (network, protocol dict) from :mod:`farmer_cli.eval.inception`, needed for fid and pr;
+    ``ref_stats``: a reference loaded by :func:`farmer_cli.eval.ref_stats.load_ref_stats` (``mu``, ``sigma``, maybe
     ``act``) instead of the ``split`` images; ``save_ref_stats``: a path to write the split's statistics to.
     ``rank`` / ``world``: this process under ``accelerate launch``; samples and their features are shared out
     and gathered on process 0, which alone runs bpd, classify and the reference statistics.

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .config import Config, ModelConfig
-from .model import Farmer
+from farmer_cli.config.schema import Config, ModelConfig
+from farmer_cli.model import Farmer
 
 GiB = 1024**3
 WORKSPACE_FACTOR = 3.0

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from .data import ImageDataset, collate
+from farmer_cli.data.dataset import ImageDataset, collate
 
 
 def iterate_batches(dataset: ImageDataset, batch: int, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

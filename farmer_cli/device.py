@@ -1,4 +1,4 @@
-"""Run-time plumbing: devices, Accelerator and precision, attention backend, run directories, checkpoint discovery.
+"""Devices: Accelerator and processes, device choice, precision, attention backend.
 
 Reports through the ``farmer`` logger (the commands render it); imports no UI.
 """
@@ -7,13 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from pathlib import Path
 
 log = logging.getLogger("farmer")
-
-RUNS_DIR = Path("runs")
-
 
 class DeviceError(ValueError):
     """The requested device, accelerator or tracker is not available on this machine."""
@@ -120,37 +115,4 @@ def attention_backend(device, precision: str):
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 
-
-def new_run_dir(preset: str) -> Path:
-    """``runs/<preset>-<timestamp>``, with a numeric suffix where that name is already taken (two runs started in
-    the same second never share a directory). The name is created here, so a concurrent caller gets another."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = f"{preset or 'run'}-{stamp}"
-    RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    for k in range(1000):
-        candidate = RUNS_DIR / (base if k == 0 else f"{base}-{k}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not find a free run name under {RUNS_DIR}/ for {base}")
-
-
-def find_checkpoint(ckpt: Path | None, what: str | None = None) -> Path:
-    """``--ckpt DIR`` or, without it, the newest run under ./runs/ holding ``what`` (default: the model weights;
-    logs which it took)."""
-    from .checkpoint import MODEL_FILE, CheckpointError
-
-    what = what or MODEL_FILE
-    if ckpt is not None:
-        if not ckpt.is_dir():
-            raise CheckpointError(f"{ckpt}: no such checkpoint directory")
-        return ckpt
-    candidates = sorted((p for p in RUNS_DIR.glob("*/") if (p / what).exists()), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise CheckpointError("no checkpoint given and none found under ./runs/: train one with `farmer train` "
-                              "or pass --ckpt DIR")
-    log.info("using the newest checkpoint: %s", candidates[-1])
-    return candidates[-1]
 

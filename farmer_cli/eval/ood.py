@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .batching import iterate_batches
-from .data import ImageDataset
-from .scoring import png_bytes, score_batch
+from farmer_cli.data.batching import iterate_batches
+from farmer_cli.data.dataset import ImageDataset
+from farmer_cli.eval.bits import png_bytes, score_batch
 
 SCORES = ("combined", "complexity", "bpd", "typicality", "ratio")
 DEFAULT_SCORE = "combined"  # measured: bench/ood.py (README, Benchmarks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .inception import WeightsError
+from farmer_cli.eval.inception import WeightsError
 
 __all__ = ["PR_BLOCK_BYTES", "WeightsError", "feature_stats", "frechet_distance", "inception_score", "pr_chunk",
            "precision_recall"]  # WeightsError: re-exported for farmer_cli.commands, which imports it from here
@@ -85,7 +85,7 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: 
 # ----- Inception Score -----
 def inception_score(features: torch.Tensor, weight: torch.Tensor, split_size: int = 5000) -> dict:
     """Inception Score from pool features (N, F) and the classifier weight (classes, F) of
-    :func:`farmer_cli.inception.logits_layer`: p(y|x) = softmax(f W^T)
+    :func:`farmer_cli.eval.inception.logits_layer`: p(y|x) = softmax(f W^T)
     without the bias (as the TF implementation, ADM's evaluator and StyleGAN's metrics do), exp(E KL(p(y|x) ||
     p(y))) per split of ``split_size`` images, averaged over splits (ADM's evaluator: 5000)."""
     scores = []

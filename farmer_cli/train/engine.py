@@ -25,9 +25,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import CheckpointError, history, load_training_state, save_training_state, snapshot
-from .distributed import as_float, full_tensor, gather_optimizer, load_optimizer, no_grad_sync
-from .divergence import FiniteWatch, TrainingDiverged  # noqa: F401  (TrainingDiverged: part of the loop's API)
+from farmer_cli.checkpoint import CheckpointError, load_training_state, save_training_state
+
+from farmer_cli.rundir import history, snapshot
+from farmer_cli.train.distributed import as_float, full_tensor, gather_optimizer, load_optimizer, no_grad_sync
+from farmer_cli.train.divergence import FiniteWatch
 
 log = logging.getLogger("farmer")
 
@@ -192,7 +194,7 @@ class Loop:
                         kept.append(line)
                 except (json.JSONDecodeError, AttributeError):
                     continue  # a line cut by a crash
-            from .checkpoint import atomic_write
+            from farmer_cli.checkpoint import atomic_write
 
             atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
         return self.metrics_path.open("a")

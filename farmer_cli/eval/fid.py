@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import iterate_batches
-from .config import Config
-from .data import ImageDataset
-from .inception import RESIZE_RULES, cache_dir, inception_features, logits_layer
-from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
-from .ref_stats import iter_npz_images, save_ref_stats as write_ref_stats
+from farmer_cli.data.batching import iterate_batches
+from farmer_cli.config.schema import Config
+from farmer_cli.data.dataset import ImageDataset
+from farmer_cli.eval.inception import RESIZE_RULES, cache_dir, inception_features, logits_layer
+from farmer_cli.eval.feature_metrics import feature_stats, frechet_distance, inception_score, precision_recall
+from farmer_cli.eval.ref_stats import iter_npz_images, save_ref_stats as write_ref_stats
 
 
 def _features(net, image_batches, batch: int, resize: str) -> torch.Tensor:

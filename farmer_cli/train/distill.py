@@ -1,5 +1,5 @@
 """Distilling the AF inverse into a one-step student (paper §3.5, supplement Algorithm 2; loss in
-farmer_cli/model/distill.py): a step function on the shared :class:`~farmer_cli.engine.Loop`.
+farmer_cli/model/distill.py): a step function on the shared :class:`~farmer_cli.train.engine.Loop`.
 
 The teacher (the checkpoint's EMA AF) is frozen; only the student trains, with AdamW, warm-up + cosine, gradient
 clipping, the same deterministic batch order as training, and ``student.safetensors`` + ``distill_state.pt``
@@ -17,16 +17,15 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import (DISTILL_METRICS_FILE, DISTILL_STATE_FILE, MODEL_FILE, STUDENT_FILE, save_weights,
-                         weights_fingerprint)
-from .config import Config
-from .batching import make_loader
-from .data import DataBundle
-from .distributed import ModuleState
-from .engine import Loop, LoopEvent, StepOutput, adamw
-from .model import Farmer, dequantize
-from .model.distill import OnePassInverse, distill_loss, make_student
-from .runtime import attention_backend
+from farmer_cli.checkpoint import DISTILL_METRICS_FILE, DISTILL_STATE_FILE, MODEL_FILE, STUDENT_FILE, save_weights, weights_fingerprint
+from farmer_cli.config.schema import Config
+from farmer_cli.data.batching import make_loader
+from farmer_cli.data.dataset import DataBundle
+from farmer_cli.train.distributed import ModuleState
+from farmer_cli.train.engine import Loop, LoopEvent, StepOutput, adamw
+from farmer_cli.model import Farmer, dequantize
+from farmer_cli.model.distill import OnePassInverse, distill_loss, make_student
+from farmer_cli.device import attention_backend
 
 STUDENT_LR_FLOOR = 0.01  # the student's cosine schedule ends at 1% of its peak learning rate
 

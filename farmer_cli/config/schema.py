@@ -3,7 +3,7 @@
 Enumerated settings are ``Literal`` types and every section has a ``validate()`` that checks ranges, so a bad
 value from a preset, a ``--set`` override, a command-line flag or a stored ``config.json`` raises one
 :class:`ConfigError` naming the key and what would be valid. Loading and overriding live in
-:mod:`farmer_cli.config_files`; both paths end in :meth:`Config.validate`.
+:mod:`farmer_cli.config.files`; both paths end in :meth:`Config.validate`.
 """
 
 from __future__ import annotations

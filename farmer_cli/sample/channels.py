@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SamplingConfig
-from .model import Farmer, dequantize, quantize
+from farmer_cli.config.schema import SamplingConfig
+from farmer_cli.model import Farmer, dequantize, quantize
 
 
 @dataclass

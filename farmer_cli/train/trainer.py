@@ -1,4 +1,4 @@
-"""Training a Farmer model: the step function and run bookkeeping on the shared :class:`~farmer_cli.engine.Loop`.
+"""Training a Farmer model: the step function and run bookkeeping on the shared :class:`~farmer_cli.train.engine.Loop`.
 
 * Loss: mean bits/dim of the exact NLL (paper Eq. 14) with Gaussian dequantisation noise whose sigma follows a
   cosine from ``noise_start`` to ``noise_end`` (paper §3.2; or uniform noise), label dropout to the null class for
@@ -19,16 +19,15 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, TRAIN_STATE_FILE, save_config,
-                         save_weights)
-from .config import Config
-from .batching import make_loader
-from .data import DataBundle
-from .distributed import EMA, ModuleState, expose_methods
-from .engine import Loop, LoopEvent, StepOutput, adamw
-from .model import Farmer
-from .runtime import attention_backend
-from .scoring import bits_per_dim
+from farmer_cli.checkpoint import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, TRAIN_STATE_FILE, save_config, save_weights
+from farmer_cli.config.schema import Config
+from farmer_cli.data.batching import make_loader
+from farmer_cli.data.dataset import DataBundle
+from farmer_cli.train.distributed import EMA, ModuleState, expose_methods
+from farmer_cli.train.engine import Loop, LoopEvent, StepOutput, adamw
+from farmer_cli.model import Farmer
+from farmer_cli.device import attention_backend
+from farmer_cli.eval.bits import bits_per_dim
 
 BPD_EVAL_SEED = 1234  # the noise seed of the bits/dim printed at the start and end of training
 
@@ -72,7 +71,7 @@ def save_sample_grid(model: Farmer, cfg: Config, path: Path, write: bool = True,
                      classes: int = 8) -> None:
     """Samples of the first ``classes`` classes, one row each, with a fixed seed (so grids from different steps
     show the same draws) and the run's sampling settings, to ``path`` (where ``write``)."""
-    from .viz import grid, save_png
+    from farmer_cli.viz import grid, save_png
 
     was_training = model.training
     model.eval()
@@ -95,7 +94,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
 
     ``stop_after`` > 0 ends this invocation after that many steps (checkpoint saved; the schedules still span the
     full run), for time-limited jobs. Raises ``engine.Stopped`` after saving when a stop signal arrives and
-    ``engine.TrainingDiverged`` on a non-finite loss."""
+    ``TrainingDiverged`` (:mod:`farmer_cli.train.divergence`) on a non-finite loss."""
     tc, device, main = cfg.train, accelerator.device, accelerator.is_main_process
     total = total_steps(cfg, len(data.train), accelerator.num_processes)
     layout = data.layout  # in config.json: a resume checks it finds the same data (commands/train.py)

@@ -9,9 +9,9 @@ import math
 import torch
 from PIL import Image
 
-from .batching import iterate_batches
-from .data import ImageDataset
-from .model import dequantize
+from farmer_cli.data.batching import iterate_batches
+from farmer_cli.data.dataset import ImageDataset
+from farmer_cli.model import dequantize
 
 
 @torch.no_grad()

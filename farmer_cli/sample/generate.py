@@ -14,10 +14,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import SamplingConfig
-from .model import Farmer
-from .model.randomness import ImageStreams
-from .plan import WORKSPACE_FACTOR, saved_bytes_by_depth
+from farmer_cli.config.schema import SamplingConfig
+from farmer_cli.model import Farmer
+from farmer_cli.model.randomness import ImageStreams
+from farmer_cli.memory_plan import WORKSPACE_FACTOR, saved_bytes_by_depth
 
 CPU_DENOISE_BUDGET = 2 << 30  # bytes of denoising activations per micro-batch on a CPU; a GPU gets 1/4 of its memory
 
@@ -25,7 +25,7 @@ CPU_DENOISE_BUDGET = 2 << 30  # bytes of denoising activations per micro-batch o
 def denoise_bytes_per_image(model: Farmer, checkpoint: bool) -> int:
     """Memory of one image's denoising pass (bytes): what autograd keeps for the score's backward pass (with
     ``checkpoint``, one input per transformer layer) plus the backward workspace, counted on the meta device
-    (:func:`~farmer_cli.plan.saved_bytes_by_depth`, the count ``farmer train --dry-run`` makes). Counted in
+    (:func:`~farmer_cli.memory_plan.saved_bytes_by_depth`, the count ``farmer train --dry-run`` makes). Counted in
     float32: an upper bound under bf16 autocast."""
     saved, largest = saved_bytes_by_depth(model.cfg, checkpoint)
     return int(saved + WORKSPACE_FACTOR * largest)

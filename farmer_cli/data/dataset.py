@@ -1,0 +1,87 @@
+"""Data sets: a source's examples as (uint8 (C, S, S) tensor, class index), with a fixed held-out test split.
+
+Every image is decoded by :mod:`farmer_cli.data.images`. A file that cannot be decoded is skipped with one warning
+line; batches report how many were skipped so the trainer can print a total.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from farmer_cli.config.schema import DataConfig
+from farmer_cli.data.images import IMAGE_ERRORS, to_uint8
+from farmer_cli.data.sources import Source, Unlabelled, digest, open_source
+
+log = logging.getLogger("farmer")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Examples ``indices`` of a source as (uint8 (C, S, S), label); None for an undecodable file (warned about
+    once per file and process)."""
+
+    def __init__(self, source: Source, indices: list[int], channels: int, size: int) -> None:
+        self.source, self.indices, self.channels, self.size = source, indices, channels, size
+        self.warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def fingerprint(self) -> str:
+        """A digest of these examples' content (:meth:`Source.fingerprint`), for caches computed from them."""
+        return self.source.fingerprint(self.indices)
+
+    def __getitem__(self, k: int):
+        item, label = self.source.get(self.indices[k])
+        try:
+            return to_uint8(item, self.channels, self.size), label
+        except IMAGE_ERRORS as err:
+            if k not in self.warned:
+                self.warned.add(k)
+                log.warning("skipping unreadable image %s: %s", item, err)
+            return None
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the good examples; also return how many were skipped."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), len(batch)
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(batch) - len(good)
+
+
+@dataclass
+class DataBundle:
+    train: ImageDataset
+    test: ImageDataset
+    class_names: list[str]
+
+    @functools.cached_property
+    def layout(self) -> dict:
+        """What a resumed run must find again (computed once per bundle): the example counts and a digest of the
+        classes, the examples (files or labels, :meth:`Source.layout`) and which of them the split put in train and
+        test. Another count would change the epoch schedule; other files or another split would mix test images
+        into training."""
+        source = self.train.source
+        return {"train": len(self.train), "test": len(self.test),
+                "digest": digest([self.class_names, source.layout(), self.train.indices, self.test.indices])}
+
+
+def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
+    """Open the source and split it: the source's own train/test splits when it has them, else a fixed seeded
+    hold-out of ``cfg.test_fraction`` (the same for every run with the same ``split_seed``)."""
+    source = open_source(cfg) if cfg.use_labels else Unlabelled(open_source(cfg))
+    if source.splits is not None:
+        train_idx, test_idx = source.splits
+    else:
+        order = torch.randperm(source.length, generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
+        n_test = max(1, int(round(source.length * cfg.test_fraction))) if source.length > 1 else 0
+        # the test split in shuffled order: its first images (the subset training reports on) mix all classes
+        test_idx, train_idx = order[:n_test], sorted(order[n_test:])
+    return DataBundle(ImageDataset(source, train_idx, channels, size), ImageDataset(source, test_idx, channels, size),
+                      source.class_names)
+
+

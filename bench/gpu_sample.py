@@ -92,7 +92,8 @@ def ops_per_step(model, s, device) -> dict:
 def child(args) -> dict:
     """One row in this (fresh) process."""
     from farmer_cli.config.files import apply_overrides, load_preset
-    from farmer_cli.sample.generate import generate_chunks, inference_autocast, plan_denoise
+    from farmer_cli.device import autocast
+    from farmer_cli.sample.generate import generate_chunks, plan_denoise
     from farmer_cli.model import Farmer
     from farmer_cli.model.distill import make_student
     from farmer_cli.model.randomness import ImageStreams
@@ -126,7 +127,7 @@ def child(args) -> dict:
     y = labels.to(device)
     from farmer_cli.model.steps import StepRunner
 
-    with inference_autocast(device, precision):
+    with autocast(device, precision):
         runner = StepRunner(steps, device)
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")

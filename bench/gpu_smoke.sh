@@ -27,7 +27,7 @@ echo "== sample --class 207 --n 64 --cfg 4.0"
 $PY "$(dirname "$0")/run_with_peak.py" sample --ckpt "$RUN" --class 207 --n 64 --cfg 4.0 --out "$WORK/class207.png"
 echo "== distil 20 steps, sample with the student"
 $PY -m farmer_cli distill --ckpt "$RUN" --steps 20 --batch-size 8
-$PY "$(dirname "$0")/run_with_peak.py" sample --ckpt "$RUN" --class 207 --n 64 --cfg 4.0 --student \
+$PY "$(dirname "$0")/run_with_peak.py" sample --ckpt "$RUN" --class 207 --n 64 --cfg 4.0 --decoder student \
     --out "$WORK/class207-student.png"
 echo "== report"
 $PY "$(dirname "$0")/gpu_report.py" "$WORK/plan.json" "$RUN/metrics.jsonl"

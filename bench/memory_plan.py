@@ -10,7 +10,7 @@ to AF 2 blocks x 1 layer and AR 1 layer (about 310M parameters), micro-batch 4, 
 ``git worktree`` of an older commit) for a before/after figure.
 
     python bench/memory_plan.py
-    python bench/memory_plan.py --checkpointing off on --precision no bf16 --baseline /tmp/farmer-old
+    python bench/memory_plan.py --checkpointing off on --precision fp32 bf16 --baseline /tmp/farmer-old
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--checkpointing", nargs="+", default=["off", "on"])
-    ap.add_argument("--precision", nargs="+", default=["no"])
+    ap.add_argument("--precision", nargs="+", default=["fp32"])
     ap.add_argument("--baseline", type=Path, help="source tree of another farmer version to rehearse too")
     args = ap.parse_args()
     env = {**os.environ, "FARMER_NO_PROGRESS": "1"}

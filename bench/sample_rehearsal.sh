@@ -15,7 +15,7 @@ RUN="$WORK/run"
 if [ ! -f "$RUN/model.safetensors" ]; then
   $PY -m farmer_cli train --preset imagenet256-patch8 --set model.af_blocks=2 --set model.af_layers=1 \
       --set model.ar_layers=1 --set train.epochs=0 --set train.eval_batches=1 --set data.num_workers=0 \
-      --data "$WORK/data" --steps 2 --batch-size 2 --grad-accum 1 --mixed-precision no --out "$RUN"
+      --data "$WORK/data" --steps 2 --batch-size 2 --grad-accum 1 --mixed-precision fp32 --out "$RUN"
 fi
 for n in 64 256; do
   /usr/bin/time -v $PY -m farmer_cli sample --ckpt "$RUN" --class 207 --n $n --cfg 4.0 --device cpu \

@@ -29,7 +29,8 @@ from common import report
 from farmer_cli.config.schema import SamplingConfig
 from farmer_cli.checkpoint import load_model
 from farmer_cli.config.files import apply_overrides, load_preset
-from farmer_cli.sample.generate import inference_autocast, plan_denoise, resolve_inference_precision
+from farmer_cli.device import autocast, resolve_precision
+from farmer_cli.sample.generate import plan_denoise
 from farmer_cli.model import Farmer
 from farmer_cli.model.distill import make_student
 from farmer_cli.model.guidance import draw
@@ -108,7 +109,7 @@ def main() -> None:
     ap.add_argument("--large-batches", default="", help="per-model large batch, e.g. patch8-cut=8")
     args = ap.parse_args()
     device = torch.device(args.device)
-    precision = resolve_inference_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device.type, training=False)[0]
     rows = []
     for name in args.models.split(","):
         preset, overrides = MODELS[name]
@@ -130,7 +131,7 @@ def main() -> None:
             peaks: dict[str, int] = {k: 0 for k in fns}
             for _ in range(args.repeats):
                 for stage, fn in fns.items():
-                    with inference_autocast(device, precision):
+                    with autocast(device, precision):
                         seconds, peak = measured(fn, device)
                     times[stage].append(seconds)
                     peaks[stage] = max(peaks[stage], peak)

@@ -9,16 +9,14 @@ never truncated.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from farmer_cli.config.schema import Config, ConfigError
+from farmer_cli.storage import atomic_write
 from farmer_cli.config.files import from_dict
 
 FORMAT_VERSION = 1
@@ -30,34 +28,6 @@ SAMPLES_DIR = "samples"  # train.sample_every > 0: a grid every that many steps,
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or from an incompatible version/config."""
-
-
-def atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 (and some writers recreate the file): usual permissions
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if _failed_write(err):
-            why = err.strerror if isinstance(err, OSError) and err.strerror else "a short write"
-            raise CheckpointError(f"{path}: could not be written ({why}); the file that was there is kept: free "
-                                  "some disk space (or raise the file-size limit) and run the command again "
-                                  "(training and distillation: with --resume)") from None
-        raise
-
-
-def _failed_write(err: BaseException) -> bool:
-    """A full disk, a file-size limit or a read-only file system while writing; torch.save's zip writer reports
-    a short write as a RuntimeError ("unexpected pos", "file write failed")."""
-    if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO)
-    return isinstance(err, RuntimeError) and any(k in str(err) for k in ("unexpected pos", "file write failed"))
 
 
 def save_config(run_dir: Path, cfg: Config, class_names: list[str], extra: dict[str, Any] | None = None) -> None:
@@ -228,7 +198,7 @@ def load_student(run_dir: Path, model):
     path = run_dir / STUDENT_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir} has no distilled student ({STUDENT_FILE}); run "
-                              f"`farmer distill --ckpt {run_dir}` first, or sample without --student")
+                              f"`farmer distill --ckpt {run_dir}` first, or choose another --decoder")
     student = make_student(model.flow)
     metadata = _check_header(student, path)
     if metadata.get("teacher") != weights_fingerprint(run_dir / MODEL_FILE):

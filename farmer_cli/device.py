@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 log = logging.getLogger("farmer")
 
@@ -14,24 +15,47 @@ class DeviceError(ValueError):
     """The requested device, accelerator or tracker is not available on this machine."""
 
 
-def resolve_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
-    """Map ``auto|no|bf16|fp16`` to what this machine should run; returns (precision, warning or None).
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (AVX512-BF16 or AMX): from the kernel's CPU flags on Linux,
+    else from torch's own probe where this torch has it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import torch
 
-    fp16 on a CPU is pathological (one 2048² matmul takes about a minute), so it becomes bf16 with a warning.
-    ``auto`` picks bf16 on GPUs that support it (else fp16) and on CPUs with AVX512-BF16/AMX (else fp32).
-    ``requested`` has passed the config gate (``train.mixed_precision`` is a Literal)."""
+        probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(probe() for probe in probes if probe is not None)
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device_type: str, training: bool = True) -> tuple[str, str | None]:
+    """``auto|fp32|bf16|fp16`` (``train.mixed_precision``, ``sample --precision``) -> what this machine runs:
+    (fp32, bf16 or fp16, a warning or None).
+
+    ``auto``: bf16 on GPUs that support it, else fp16 for training and fp32 for sampling; on a CPU, bf16 for
+    training where the CPU has AVX512-BF16/AMX, else fp32, and fp32 for sampling. fp16 on a CPU is pathological
+    (one 2048² matmul takes about a minute), so it becomes bf16 with a warning."""
     import torch
 
-    if cuda:
+    if device_type == "cuda":
         if requested == "auto":
-            return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
+            return ("bf16" if torch.cuda.is_bf16_supported() else "fp16" if training else "fp32"), None
         return requested, None
-    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     if requested == "auto":
-        return ("bf16" if fast_bf16 else "no"), None
+        return ("bf16" if training and cpu_has_fast_bf16() else "fp32"), None
     if requested == "fp16":
-        return "bf16", "fp16 on a CPU is extremely slow; using bf16 instead (pass --mixed-precision no for fp32)"
+        return "bf16", "fp16 on a CPU is extremely slow; using bf16 instead (pass fp32 for full precision)"
     return requested, None
+
+
+def autocast(device, precision: str):
+    """Autocast for inference: ``bf16`` / ``fp16`` run the transformers' matmuls in that type (mixture densities,
+    log-dets and the flow's affine updates stay float32); ``fp32`` changes nothing."""
+    import torch
+
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
 
 
 def make_accelerator(precision: str, cpu: bool = False, report_to: str = "none"):
@@ -43,8 +67,9 @@ def make_accelerator(precision: str, cpu: bool = False, report_to: str = "none")
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available() and not cpu
-    resolved, warning = resolve_precision(precision, cuda)
-    acc = Accelerator(mixed_precision=resolved, cpu=cpu or not cuda, **tracker_options(report_to))
+    resolved, warning = resolve_precision(precision, "cuda" if cuda else "cpu")
+    acc = Accelerator(mixed_precision="no" if resolved == "fp32" else resolved, cpu=cpu or not cuda,
+                      **tracker_options(report_to))
     if warning and acc.is_main_process:
         log.warning(warning)
     return acc

@@ -166,8 +166,8 @@ def _saved_bytes(fields: tuple, checkpoint: bool) -> tuple[int, int]:
     return saved, largest
 
 
-def make_plan(cfg: Config, processes: int = 1, precision: str = "no", fused_attention: bool = True) -> Plan:
-    """The plan for ``cfg`` trained by ``processes`` processes at ``precision`` ("no", "bf16", "fp16").
+def make_plan(cfg: Config, processes: int = 1, precision: str = "fp32", fused_attention: bool = True) -> Plan:
+    """The plan for ``cfg`` trained by ``processes`` processes at ``precision`` ("fp32", "bf16", "fp16").
 
     Activations are measured in float32, an upper bound under bf16/fp16 autocast (where matmul inputs are kept
     in 16 bits). ``fused_attention``: the attention kernel keeps no (T, T) matrices (GPUs; CPUs in float32 — farmer

@@ -19,7 +19,7 @@ out = Path(sys.argv[1])
 cfg = load_preset("tiny")
 cfg.train.steps = 6
 cfg.distill.steps = 4
-acc = make_accelerator("no")
+acc = make_accelerator("fp32")
 assert acc.num_processes == 2, acc.num_processes
 bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
 result = train(cfg, bundle, out / "run", acc)

@@ -127,7 +127,7 @@ def test_bare_farmer_still_shows_the_help():
     (["sample", "--class", "12"], "out of range"),
     (["sample", "--class", "seven"], "unknown class"),
     (["sample", "--n", "0"], "--n must be at least 1"),
-    (["sample", "--student"], "run `farmer distill"),
+    (["sample", "--decoder", "student"], "run `farmer distill"),
 ])
 def test_bad_input_gives_one_line_error_and_status_2(args, message, tiny_run: Path, digit_png: Path, tmp_path: Path):
     notimage = tmp_path / "notes.png"
@@ -194,7 +194,7 @@ def test_distill_then_sample_with_student(tmp_path: Path):
     assert (run / "student.safetensors").exists()
     before, after = (float(v) for v in proc.stderr.split("held-out images):")[1].split("\n")[0].split("->"))
     assert after < before
-    farmer("sample", "--ckpt", str(run), "--student", "--n", "2", "--out", str(tmp_path / "s.png"))
+    farmer("sample", "--ckpt", str(run), "--decoder", "student", "--n", "2", "--out", str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").exists()
 
 

@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from farmer_cli.config.files import apply_overrides, load_preset, preset_names
-except ModuleNotFoundError:  # the module's earlier name
-    from farmer_cli.config_files import apply_overrides, load_preset, preset_names
+from farmer_cli.config.files import apply_overrides, load_preset, preset_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "deviations.md"

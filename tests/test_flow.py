@@ -1,4 +1,4 @@
-"""Autoregressive flow (paper §3.2, Fig. 2): invertibility, exact log-determinant, causality, permutation
+"""Autoregressive flow (arXiv v2 §3.2, Fig. 2): invertibility, exact log-determinant, causality, permutation
 convention; and activation checkpointing of the transformer stacks.
 
 Expected values come from the math only: the inverse must undo the forward, the log-det must equal

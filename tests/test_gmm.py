@@ -1,4 +1,4 @@
-"""Diagonal Gaussian mixtures (paper §3.2; §3.4, Algorithm 1): density against scipy and against the broadcast
+"""Diagonal Gaussian mixtures (arXiv v2 §3.2; §3.4, Algorithm 1): density against scipy and against the broadcast
 form it replaced (values and gradients, and that no (..., S, K, D) tensor is built), sampling against the density,
 temperatures against their definition (logits x logit_scale, std x std_scale), and the GMM head's std floor."""
 

@@ -1,4 +1,4 @@
-"""Guidance (paper §3.4, Algorithm 1): drawing tokens from the prior's mixtures with and without CFG.
+"""Guidance (arXiv v2 §3.4, Algorithm 1): drawing tokens from the prior's mixtures with and without CFG.
 
 Target of guidance with weight w: p'(z) ∝ p_c(z)^(w+1) / p_u(z)^w. References are computed here from the
 formulas: numerical integration (scipy) for the guided moments, closed-form Gaussian products for the simple

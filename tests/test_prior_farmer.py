@@ -1,5 +1,5 @@
-"""AR prior with channel split (paper §3.2-3.3; Eqs. 6, 13, 14) and the whole FARMER model, plus the token
-reshapes (patchify: paper §3.2; token merge: not specified in the paper, see README, Choices the paper leaves open).
+"""AR prior with channel split (arXiv v2 §3.2-3.3; Eqs. 6, 13, 14) and the whole FARMER model, plus the token
+reshapes (patchify: arXiv v2 §3.2; token merge: not specified in the paper, see docs/design.md, Choices the paper leaves open).
 
 References are built independently: the prior's factorisation is re-assembled from next_hidden on prefixes and
 the GMM heads; the K=1 / no-split model is checked as one deeper affine flow whose Jacobian comes from autograd

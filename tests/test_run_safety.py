@@ -532,7 +532,7 @@ def test_overwrite_trains_fresh_run_and_old_student_is_not_used(distilled: dict,
     assert_ok(cli("train", "--preset", "tiny", "--out", run, "--overwrite", "--steps", "2"))
     assert state_step(run / "training_state.pt") == 2
     assert metric_steps(run / "metrics.jsonl")[-1] == 2
-    res = cli("sample", "--ckpt", run, "--student", "--n", "1", "--out", tmp_path / "s.png")
+    res = cli("sample", "--ckpt", run, "--decoder", "student", "--n", "1", "--out", tmp_path / "s.png")
     assert_refused(res)
     assert not (tmp_path / "s.png").exists()
 

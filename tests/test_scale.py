@@ -178,7 +178,7 @@ def test_report_to_tensorboard_writes_event_files(tmp_path: Path):
     farmer("train", "--preset", "tiny", "--steps", "4", "--out", str(tmp_path / "r"), "--report-to", "tensorboard")
     assert list((tmp_path / "r").rglob("events.out.tfevents.*"))
     proc = farmer("train", "--preset", "tiny", "--out", str(tmp_path / "s"), "--report-to", "wandb", check=False)
-    assert proc.returncode == 2 and "must be none or tensorboard" in proc.stderr
+    assert proc.returncode == 2 and "'wandb' is not one of 'none', 'tensorboard'" in proc.stderr
 
 
 def test_sample_grids_during_training(tmp_path: Path):
@@ -217,3 +217,34 @@ def test_sharded_fsdp2_training_saves_and_resumes_like_one_run(tmp_path: Path):
     state = torch.load(tmp_path / "split" / "training_state.pt", weights_only=True)
     assert state["step"] == 6 and set(state["model"]) == set(whole)
     assert set(state["optimizer"]["state"]) <= set(whole)  # optimiser state keyed by parameter names
+
+
+def test_other_ranks_do_not_stall_when_rank0_cannot_write_the_folder_index(tmp_path: Path, monkeypatch):
+    """A read-only cache: rank 0 writes neither the index nor its marker; rank 1 walks the folder itself after the
+    start grace instead of waiting an hour; a dead builder's marker ends the wait at once."""
+    import numpy as np
+    from PIL import Image
+
+    from farmer_cli.data import folder_index
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(root / "a" / "0.png")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(folder_index, "START_GRACE_SECONDS", 0.2)
+    waited = []
+    monkeypatch.setattr(folder_index.time, "sleep", lambda s: waited.append(s))
+    assert folder_index.folder_index(root)["paths"] == ["a/0.png"]
+    from farmer_cli.storage import cache_dir
+
+    index_dir = cache_dir("folder-index")
+    assert not index_dir.exists() or not list(index_dir.glob("*.json"))  # rank 1 never writes the index
+    # a marker left by a builder that died: no grace needed, the wait ends at the first look
+    index_dir.mkdir(parents=True, exist_ok=True)
+    key = folder_index._key(root, ["a"])
+    (index_dir / f"{key}.building").write_text("999999999")
+    monkeypatch.setattr(folder_index, "START_GRACE_SECONDS", 3600.0)
+    waited.clear()
+    assert folder_index.folder_index(root)["labels"] == [0] and waited == []

@@ -65,7 +65,7 @@ def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path:
     monkeypatch.setattr(training, "Farmer", _Exploding)
     data = load_data(cfg.data, 1, 8)
     with pytest.raises(TrainingDiverged, match=r"step 3: .*logdet"):
-        train(cfg, data, tmp_path / "run", make_accelerator("no"))
+        train(cfg, data, tmp_path / "run", make_accelerator("fp32"))
     weights = load_file(tmp_path / "run" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     state = torch.load(tmp_path / "run" / "training_state.pt", weights_only=False)
@@ -98,7 +98,7 @@ def test_non_finite_loss_at_a_quiet_step_is_caught_at_the_next_log(tmp_path: Pat
     monkeypatch.setattr(training, "Farmer", _ExplodingLate)
     events = []
     with pytest.raises(TrainingDiverged, match=r"step 5: .*logdet"):
-        train(cfg, load_data(cfg.data, 1, 8), tmp_path / "run", make_accelerator("no"),
+        train(cfg, load_data(cfg.data, 1, 8), tmp_path / "run", make_accelerator("fp32"),
               on_event=lambda e: events.append((e.kind, e.step)))
     assert ("step", 7) in events and ("step", 8) not in events and ("log", 8) not in events  # found at step 8
     assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=False)["step"] == 4
@@ -126,11 +126,11 @@ def test_training_and_distillation_steps_that_do_not_log_make_no_host_sync(tmp_p
     cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = 7, 3, 100
     cfg.distill.steps = 7
     data = load_data(cfg.data, 1, 8)
-    quiet = _syncs_per_quiet_step(lambda on_event: train(cfg, data, tmp_path / "run", make_accelerator("no"),
+    quiet = _syncs_per_quiet_step(lambda on_event: train(cfg, data, tmp_path / "run", make_accelerator("fp32"),
                                                          on_event=on_event))
     assert quiet == [0] * 4, quiet  # steps 1, 2, 4, 5 of 1..7 (3 and 6 log, 7 logs and saves)
     model, cfg, _, _ = load_model(tmp_path / "run")
-    quiet = _syncs_per_quiet_step(lambda on_event: distill(model, cfg, data, tmp_path / "run", make_accelerator("no"),
+    quiet = _syncs_per_quiet_step(lambda on_event: distill(model, cfg, data, tmp_path / "run", make_accelerator("fp32"),
                                                            on_event=on_event))
     assert quiet == [0] * 4, quiet
 
@@ -160,7 +160,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path):
     from farmer_cli.config.files import apply_overrides
     from farmer_cli.device import make_accelerator
 
-    acc = make_accelerator("no")
+    acc = make_accelerator("fp32")
     weights = []
     for batch, accum in ((32, 1), (16, 2)):
         cfg = apply_overrides(load_preset("tiny"), [f"train.batch_size={batch}", f"train.grad_accum_steps={accum}",

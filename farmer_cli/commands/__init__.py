@@ -25,12 +25,13 @@ def user_errors() -> Iterator[None]:
     from farmer_cli.data.sources import DataError
     from farmer_cli.eval.feature_metrics import WeightsError
     from farmer_cli.device import DeviceError
+    from farmer_cli.storage import WriteError
     from farmer_cli.commands.ui import console, escape, show_library_messages
 
     show_library_messages()
     try:
         yield
-    except (ConfigError, DataError, CheckpointError, DeviceError, WeightsError, UsageError) as err:
+    except (ConfigError, DataError, CheckpointError, DeviceError, WeightsError, WriteError, UsageError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
 

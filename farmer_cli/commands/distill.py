@@ -1,7 +1,7 @@
 """Distil the autoregressive flow's slow sequential inverse into a one-step student (Algorithm 2).
 
 The student (a copy of the AF with bidirectional attention) learns to invert every AF block in one parallel
-pass; `farmer sample --student` then replaces the token-by-token inverse with it. The AR prior is untouched.
+pass; `farmer sample --decoder student` then replaces the token-by-token inverse with it. The AR prior is untouched.
 Writes student.safetensors into the checkpoint directory.
 
 Examples:
@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from farmer_cli.config.schema import Precision
 from farmer_cli.commands import CKPT_HELP, Option, exit_with, user_errors
 
 NAME = "distill"
@@ -27,7 +28,7 @@ def run(
     steps: Optional[int] = Option(None, "--steps", help="Distillation steps (default: the preset's distill.steps)."),
     batch_size: Optional[int] = Option(None, "--batch-size", "-b", help="Batch size per process."),
     lr: Optional[float] = Option(None, "--lr", help="Peak learning rate of the student."),
-    mixed_precision: Optional[str] = Option(None, "--mixed-precision", help="auto | no | bf16 | fp16."),
+    mixed_precision: Optional[Precision] = Option(None, "--mixed-precision", help="auto | fp32 | bf16 | fp16."),
     resume: bool = Option(False, "--resume", help="Continue an interrupted distillation of this checkpoint."),
     overwrite: bool = Option(False, "--overwrite", help="Replace the run's existing student (its weights, "
                              "distillation state, metrics and distill-step checkpoints are deleted first)."),
@@ -42,7 +43,7 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
     import dataclasses
 
     from farmer_cli.checkpoint import DISTILL_STATE_FILE, load_model, stored_distill_settings
-    from farmer_cli.config.files import apply_overrides
+    from farmer_cli.config.files import apply_options
     from farmer_cli.data.dataset import load_data
     from farmer_cli.train.distill import distill
     from farmer_cli.rundir import claim_on_main, find_checkpoint, holds_distillation, remove_distillation
@@ -56,10 +57,10 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
         exit_with(f"{run_dir} already holds a student: continue its distillation with --resume, replace it with "
                   "--overwrite, or distil a copy of the run")
     model, cfg, _, step = load_model(run_dir)
-    cli = {"data.source": data, "distill.steps": steps, "distill.batch_size": batch_size, "distill.lr": lr,
-           "train.mixed_precision": mixed_precision}
-    apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides),
-                    allowed=("distill", "data", "train"))
+    apply_options(cfg, {"data.source": ("--data", data), "distill.steps": ("--steps", steps),
+                        "distill.batch_size": ("--batch-size", batch_size), "distill.lr": ("--lr", lr),
+                        "train.mixed_precision": ("--mixed-precision", mixed_precision)},
+                  overrides, allowed=("distill", "data", "train"))
     if resume and not (run_dir / DISTILL_STATE_FILE).exists():
         exit_with(f"--resume: {run_dir} has no distillation to continue ({DISTILL_STATE_FILE}); "
                   f"start one with farmer distill --ckpt {run_dir}")
@@ -71,7 +72,7 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
             exit_with(f"--resume keeps the distillation settings of {run_dir}, but this would change "
                       + "; ".join(f"distill.{k}: {stored.get(k)!r} -> {v!r}" for k, v in asked.items())
                       + ". Start a new distillation (without --resume) to change them")
-        apply_overrides(cfg, [f"distill.{k}={v}" for k, v in stored.items()], allowed=("distill",))
+        apply_options(cfg, {f"distill.{k}": (f"{run_dir}/{DISTILL_STATE_FILE}", v) for k, v in stored.items()})
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     acc = make_accelerator(cfg.train.mixed_precision)
     main = acc.is_main_process
@@ -92,4 +93,4 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
                       f"{result.error_before:.2e} -> [bold]{result.error_after:.2e}[/]")
         console.print(f"done in {result.seconds / 60:.1f} min: loss {result.first_loss:.4f} -> "
                       f"{result.last_loss:.4f}; student in [bold]{escape(str(run_dir))}/student.safetensors[/]")
-        console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --student --class 3 --n 16")
+        console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --decoder student --class 3 --n 16")

@@ -39,18 +39,21 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
+from farmer_cli.config.schema import Decoder
 from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_seed, exit_with, process_device, user_errors
 
 NAME = "evaluate"
+# farmer_cli.eval.inception.RESIZE_RULES (spelled out so that --help needs no torch; tests/test_library.py checks it)
+ResizeRule = Literal["antialias", "tf-legacy"]
 MAX_SAMPLES = 200_000  # the samples' Inception features (16 KB each) are kept for fid and pr
 
 
 def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
     data: Optional[str] = Option(None, "--data", "-d", help="Data source (default: the checkpoint's)."),
-    split: str = Option("test", "--split", help="Reference / scoring split: test or train."),
+    split: Literal["test", "train"] = Option("test", "--split", help="Reference / scoring split: test or train."),
     n_samples: int = Option(1000, "--n-samples", "-n", help="Generated samples for fid, pr and sample-acc."),
     cfg_weight: Optional[float] = Option(None, "--cfg", help="Guidance weight for the samples (default: the "
                                          "checkpoint's sampling.cfg)."),
@@ -67,11 +70,13 @@ def run(
                                        "(e.g. VIRTUAL_imagenet256_labeled.npz; download it beforehand)."),
     save_ref_stats: Optional[Path] = Option(None, "--save-ref-stats", help="Also write the --split images' "
                                             "statistics (mu, sigma, act) to this .npz, in the --ref-stats format."),
-    resize: Optional[str] = Option(None, "--resize", help="Resize to 299x299 before Inception: antialias (torch "
+    resize: Optional[ResizeRule] = Option(None, "--resize", help="Resize to 299x299 before Inception: antialias (torch "
                                    "bilinear, antialiased) or tf-legacy (as the TF Inception graph behind ADM's "
                                    "reference batches). Default: the rule the --ref-stats file was made with "
                                    "(tf-legacy for ADM's files, which record none), else antialias."),
-    student: bool = Option(False, "--student", help="Decode samples with the distilled student."),
+    decoder: Optional[Decoder] = Option(None, "--decoder", help="AF inverse for the samples: sequential, jacobi or "
+                                        "student (the one-step student of farmer distill). Default: the "
+                                        "checkpoint's sampling.decoder."),
     batch_size: int = Option(100, "--batch-size", "-b", help="Batch size for sampling, Inception and scoring."),
     bpd_draws: int = Option(1, "--bpd-draws", help="Dequantisation draws per test image for bpd."),
     limit: int = Option(0, "--limit", help="Use at most this many test images for bpd / classify (0: all)."),
@@ -83,17 +88,14 @@ def run(
                          "device Accelerate gives it."),
 ) -> None:
     with user_errors():
-        _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws,
+        _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, decoder, batch_size, bpd_draws,
                   limit, max_classes, seed, sampling_overrides, as_json, device, ref_stats, save_ref_stats, resize,
                   trust_weights=trust_weights)
 
 
 def _check_stats_options(ref_stats, save_ref_stats, resize: str | None, chosen: list[str]) -> None:
-    from farmer_cli.eval.inception import RESIZE_RULES
     from farmer_cli.commands import check_output_dir
 
-    if resize is not None and resize not in RESIZE_RULES:
-        exit_with(f"--resize must be one of {', '.join(RESIZE_RULES)}, not '{resize}'")
     if ref_stats is not None and save_ref_stats is not None:
         exit_with("give --ref-stats (read the reference statistics) or --save-ref-stats (write them), not both")
     for option, value in (("--ref-stats", ref_stats), ("--save-ref-stats", save_ref_stats)):
@@ -108,11 +110,12 @@ def _check_stats_options(ref_stats, save_ref_stats, resize: str | None, chosen: 
         check_output_dir(save_ref_stats.parent, "--save-ref-stats")
 
 
-def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, student, batch_size, bpd_draws, limit,
+def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, decoder, batch_size, bpd_draws, limit,
               max_classes, seed, sampling_overrides, as_json, device, ref_stats=None, save_ref_stats=None,
               resize=None, trust_weights=False):
-    from farmer_cli.checkpoint import atomic_write, load_model, load_student
-    from farmer_cli.config.files import apply_overrides
+    from farmer_cli.checkpoint import load_model, load_student
+    from farmer_cli.storage import atomic_write
+    from farmer_cli.config.files import apply_options
     from farmer_cli.data.dataset import load_data
     from farmer_cli.eval.protocol import METRICS, evaluate
     from farmer_cli.sample.generate import my_chunks
@@ -127,8 +130,6 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
         exit_with("--n-samples must be at least 1")
     if n_samples > MAX_SAMPLES:
         exit_with(f"--n-samples must be at most {MAX_SAMPLES:,} (the paper's FID uses 50,000)")
-    if split not in ("test", "train"):
-        exit_with("--split must be 'test' or 'train'")
     if min(batch_size, bpd_draws, max_classes) < 1:
         exit_with("--batch-size, --bpd-draws and --max-classes must be at least 1")
     if limit < 0:
@@ -159,15 +160,16 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, st
     if not os.access(run_dir, os.W_OK):
         exit_with(f"{run_dir} is not writable: evaluate writes eval-<step>.json there; copy the run or fix permissions")
     resize = resize or (reference_resize(stats) if stats is not None else "antialias")  # the file's own rule
-    acc = make_accelerator("no", cpu=device == "cpu")
+    acc = make_accelerator("fp32", cpu=device == "cpu")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     try:
         dev = process_device(device, acc)
         model, cfg, class_names, step = load_model(run_dir, dev)
-        overrides = ([f"data.source={data}"] if data else []) + ([f"sampling.cfg={cfg_weight}"] if cfg_weight is not None else [])
-        apply_overrides(cfg, overrides + list(sampling_overrides))
+        apply_options(cfg, {"data.source": ("--data", data), "sampling.cfg": ("--cfg", cfg_weight),
+                            "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
+                      allowed=("sampling", "data"))
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
-        student_flow = load_student(run_dir, model) if student else None
+        student_flow = load_student(run_dir, model) if cfg.sampling.decoder == "student" else None
 
         inception = None
         if "fid" in chosen or "pr" in chosen:

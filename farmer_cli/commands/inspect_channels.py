@@ -5,7 +5,7 @@ Gaussian noise, z' = sqrt(1-a²)·z + a·eps at each level a, on the redundant c
 channels (full), and decode with the inverse of the blocks up to that one. Rows: block depth; columns: level;
 partial and full side by side. Also prints the mean squared pixel error of each reconstruction.
 
---mode variance (paper Fig. 7): sample the informative tokens of a class, then the redundant channels from the
+--mode variance (arXiv v2 Fig. 7): sample the informative tokens of a class, then the redundant channels from the
 shared mixture with every component variance multiplied by each factor (rows), and decode.
 
 Examples:
@@ -17,9 +17,11 @@ Examples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
+
+InverseDecoder = Literal["sequential", "student"]  # the inverses that decode part of the flow (upto a block)
 
 from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
 
@@ -31,7 +33,7 @@ def run(
     image: Optional[Path] = typer.Argument(None, help="Image to encode (interpolate mode). Default: the first test "
                                            "image of the checkpoint's data set."),
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
-    mode: str = Option("interpolate", "--mode", help="interpolate (noise on redundant vs all channels per AF block) "
+    mode: Literal["interpolate", "variance"] = Option("interpolate", "--mode", help="interpolate (noise on redundant vs all channels per AF block) "
                        "or variance (redundant-mixture variance sweep)."),
     blocks: str = Option("all", "--blocks", help="AF blocks (1-based), e.g. 1,4,8, or 'all'."),
     levels: str = Option("0,0.25,0.5,0.75,1.0", "--levels", help="Noise levels a in [0, 1]."),
@@ -40,13 +42,14 @@ def run(
                                    "the first class."),
     columns: int = Option(6, "--n", help="Samples per row in variance mode."),
     seed: int = Option(0, "--seed", help="Seed of the noise / samples."),
-    student: bool = Option(False, "--student", help="Invert with the distilled student instead of the cached inverse."),
+    decoder: InverseDecoder = Option("sequential", "--decoder", help="AF inverse: sequential (the exact inverse, "
+                                     "KV cache) or student (the one-step student of farmer distill)."),
     out: Optional[Path] = Option(None, "--out", "-o", help="Figure PNG (default: inspect.png, or "
                                  "inspect-variance.png in variance mode)."),
     device: str = Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     with user_errors():
-        _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, student, out, device)
+        _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, decoder == "student", out, device)
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -90,8 +93,6 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
     from farmer_cli.viz import grid, labelled_figure, save_png
     from farmer_cli.commands.ui import console, escape, stdout
 
-    if mode not in ("interpolate", "variance"):
-        exit_with("--mode must be 'interpolate' or 'variance'")
     out = out or Path("inspect.png" if mode == "interpolate" else "inspect-variance.png")
     check_output_image(out)
     if not 1 <= columns <= 64:

@@ -1,4 +1,4 @@
-"""Renders the memory and time plan of ``farmer train --dry-run`` (farmer_cli/plan.py) as tables."""
+"""Renders the memory and time plan of ``farmer train --dry-run`` (farmer_cli/memory_plan.py) as tables."""
 
 from __future__ import annotations
 

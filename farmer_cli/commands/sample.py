@@ -9,7 +9,7 @@ Examples:
   farmer sample --class 3 --n 16
   farmer sample --class 0 --class 7 --n 8 --cfg 3 --out sevens.png --out-dir samples/
   farmer sample --class random --n 4 --preset-sampling unguided
-  farmer sample --class "golden retriever" --n 64 --cfg 2 --student
+  farmer sample --class "golden retriever" --n 64 --cfg 2 --decoder student
   accelerate launch --num_processes 8 -m farmer_cli sample --class 207 --n 1000 --cfg 4.0 --out-dir class207/
 
 Image i of a call draws its random numbers from its own stream seeded by (seed, i), and micro-batch c (images
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from farmer_cli.config.schema import DecodeSteps
+from farmer_cli.config.schema import Decoder, DecodeSteps, Guidance, Precision
 from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, exit_with,
                process_device, resolve_class, user_errors)
 
@@ -43,7 +43,7 @@ def run(
                                         "variance x S."),
     candidates: Optional[int] = Option(None, "--candidates", "-m", help="Resampling CFG: candidates drawn from each "
                                        "of the conditional and unconditional mixtures per token (s_c = s_u)."),
-    guidance: Optional[str] = Option(None, "--guidance", help="resample (Algorithm 1) | simple (JetFormer-style)."),
+    guidance: Optional[Guidance] = Option(None, "--guidance", help="resample (Algorithm 1) | simple (JetFormer-style)."),
     preset_sampling: Optional[str] = Option(None, "--preset-sampling", help="Named sampling settings: unguided "
                                             "(supplement: cfg 0, S=0.9, T=1.3) or neutral (cfg 0, S=1, T=1)."),
     seed: int = Option(0, "--seed", help="Random seed. Image i draws from its own stream seeded by (seed, i): "
@@ -54,11 +54,9 @@ def run(
                        "a block of rows of 16 per class)."),
     out_dir: Optional[Path] = Option(None, "--out-dir", help="Also write every image as <class>-<name>_<index>.png here."),
     scale: int = Option(0, "--scale", help="Enlarge grid cells this many times (0: auto, to at least 64 px)."),
-    student: bool = Option(False, "--student", help="Decode with the distilled one-step student (run farmer distill "
-                           "first); the same as --decoder student."),
-    decoder: Optional[str] = Option(None, "--decoder", help="AF inverse: sequential (token by token, KV cache), "
+    decoder: Optional[Decoder] = Option(None, "--decoder", help="AF inverse: sequential (token by token, KV cache), "
                                     "jacobi (all tokens in parallel, iterated to the same exact inverse; "
-                                    "--set sampling.jacobi_tol / jacobi_max_iter) or student. Default: the "
+                                    "--set sampling.jacobi_tol / jacobi_max_iter) or student (the one-step student of farmer distill). Default: the "
                                     "checkpoint's sampling.decoder (sequential)."),
     decode_steps: Optional[DecodeSteps] = Option(None, "--decode-steps", help="How the token-by-token decoding "
                                                  "steps run: auto (CUDA graphs on a GPU, eager elsewhere), eager, "
@@ -68,9 +66,10 @@ def run(
                                                  "float rounding."),
     device: str = Option("auto", "--device", help=DEVICE_HELP + " Under accelerate launch each process uses its "
                          "own device."),
-    precision: str = Option("auto", "--precision", help="auto (bf16 on a CUDA GPU that supports it, else fp32), "
-                            "fp32 or bf16: the transformers' matmuls under autocast; mixture densities, log-dets "
-                            "and the flow's affine updates stay float32."),
+    precision: Precision = Option("auto", "--precision", help="auto (bf16 on a CUDA GPU that supports it, else "
+                                  "fp32), fp32, bf16 or fp16 (a GPU's; bf16 on a CPU): the transformers' matmuls "
+                                  "under autocast; mixture densities, log-dets and the flow's affine updates stay "
+                                  "float32. The same words as train --mixed-precision."),
     denoise_batch: int = Option(0, "--denoise-batch", help="Images per denoising backward pass, with activation "
                                 "checkpointing; 0: automatic (the whole batch at once when its activations fit a "
                                 "quarter of the GPU's memory or 2 GiB on a CPU, else checkpointed passes of as many "
@@ -79,41 +78,34 @@ def run(
 ) -> None:
     with user_errors():
         _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-                batch_size, out, out_dir, scale, student or decoder == "student", overrides, device,
-                None if decoder == "student" else decoder, precision, denoise_batch, decode_steps)
+                batch_size, out, out_dir, scale, overrides, device, decoder, precision, denoise_batch, decode_steps)
 
 
-def sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, overrides):
-    """The checkpoint's sampling settings with a named preset, then explicit flags, then --set applied (each
-    through the config gate)."""
-    from farmer_cli.config.files import apply_overrides, apply_sampling_preset
+def sampling_config(cfg, preset_sampling, options: dict, overrides):
+    """The checkpoint's sampling settings with a named preset, then the options (``{"sampling.cfg": ("--cfg",
+    2.0)}``), then --set applied (each through the config gate)."""
+    from farmer_cli.config.files import apply_options, apply_sampling_preset
 
     if preset_sampling is not None:
         apply_sampling_preset(cfg, preset_sampling)
-    flags = {"cfg": cfg_weight, "temperature": temperature, "var_scale": var_scale, "guidance": guidance,
-             "cond_candidates": candidates, "uncond_candidates": candidates}
-    apply_overrides(cfg, [f"sampling.{k}={v}" for k, v in flags.items() if v is not None] + list(overrides),
-                    allowed=("sampling",))
+    apply_options(cfg, options, overrides, allowed=("sampling",))
     return cfg.sampling
 
 
 def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-            batch_size, out, out_dir, scale, student, overrides, device, decoder, precision, denoise_batch,
+            batch_size, out, out_dir, scale, overrides, device, decoder, precision, denoise_batch,
             decode_steps):
     import torch
 
     from farmer_cli.checkpoint import load_model, load_student
-    from farmer_cli.sample.generate import generate_chunks, my_chunks, resolve_inference_precision
+    from farmer_cli.sample.generate import generate_chunks, my_chunks
+    from farmer_cli.device import resolve_precision
     from farmer_cli.model.steps import resolve_mode
     from farmer_cli.device import end_processes, process_state
     from farmer_cli.rundir import find_checkpoint
     from farmer_cli.viz import class_blocks, grid, save_png
     from farmer_cli.commands.ui import console, escape, progress
 
-    if decoder not in (None, "sequential", "jacobi"):
-        exit_with(f"--decoder must be sequential, jacobi or student, not '{decoder}'")
-    if precision not in ("auto", "fp32", "bf16"):
-        exit_with(f"--precision must be auto, fp32 or bf16, not '{precision}'")
     if n < 1:
         exit_with("--n must be at least 1")
     check_seed(seed)
@@ -135,17 +127,22 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     try:
         run_dir = find_checkpoint(ckpt)
         model, cfg, class_names, step = load_model(run_dir, device)
-        s = sampling_config(cfg, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling,
-                            overrides + ([f"sampling.decoder={decoder}"] if decoder else [])
-                            + ([f"sampling.decode_steps={decode_steps}"] if decode_steps else []))
+        s = sampling_config(cfg, preset_sampling, {
+            "sampling.cfg": ("--cfg", cfg_weight), "sampling.temperature": ("--temperature", temperature),
+            "sampling.var_scale": ("--var-scale", var_scale), "sampling.guidance": ("--guidance", guidance),
+            "sampling.cond_candidates": ("--candidates", candidates),
+            "sampling.uncond_candidates": ("--candidates", candidates), "sampling.decoder": ("--decoder", decoder),
+            "sampling.decode_steps": ("--decode-steps", decode_steps)}, overrides)
         try:
             steps = resolve_mode(s.decode_steps, device)
         except ValueError as e:
             exit_with(f"--decode-steps: {e} (auto, eager and compile run anywhere)")
-        student_flow = load_student(run_dir, model) if student else None
+        student_flow = load_student(run_dir, model) if s.decoder == "student" else None
         labels = _labels(classes, model.cfg.num_classes, class_names, seed)
         y_all = torch.tensor(labels).repeat_interleave(n)
-        precision = resolve_inference_precision(precision, device)
+        precision, warning = resolve_precision(precision, device.type, training=False)
+        if warning and main:
+            console.print(f"[yellow]{escape(warning)}[/]")
         steps_per_chunk = model.prior.N + (0 if student_flow is not None else cfg.model.af_blocks)
         images, stats = [], {}
         names = _png_names(y_all.tolist(), n, class_names)

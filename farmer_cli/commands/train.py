@@ -15,8 +15,9 @@ Examples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
+from farmer_cli.config.schema import Precision
 from farmer_cli.commands import SET_HELP, Option, exit_with, user_errors
 
 NAME = "train"
@@ -32,14 +33,15 @@ def run(
     out: Optional[Path] = Option(None, "--out", "-o", help="Run directory. Default: runs/<preset>-<timestamp>. An "
                                  "existing run is only continued (--resume) or replaced (--overwrite)."),
     steps: Optional[int] = Option(None, "--steps", help="Optimiser steps (default: the preset's). Given here, it "
-                                  "wins over a preset's train.epochs."),
+                                  "wins over a preset's train.epochs; refused beside --set train.epochs or "
+                                  "--set train.steps."),
     epochs: Optional[int] = Option(None, "--epochs", help="Train this many epochs instead of --steps."),
     batch_size: Optional[int] = Option(None, "--batch-size", "-b", help="Micro-batch per process (images per "
                                        "forward pass)."),
     grad_accum: Optional[int] = Option(None, "--grad-accum", help="Micro-batches accumulated per optimiser step "
                                        "(train.grad_accum_steps); global batch = micro-batch x this x processes."),
     lr: Optional[float] = Option(None, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
-    mixed_precision: Optional[str] = Option(None, "--mixed-precision", help="auto | no | bf16 | fp16. auto: bf16 "
+    mixed_precision: Optional[Precision] = Option(None, "--mixed-precision", help="auto | fp32 | bf16 | fp16. auto: bf16 "
                                             "where the hardware runs it fast, else fp32. fp16 on CPU becomes bf16."),
     seed: Optional[int] = Option(None, "--seed", help="Random seed (weights, batch order, noise)."),
     resume: bool = Option(False, "--resume", help="Continue the run in --out (or the newest run) from its last "
@@ -58,11 +60,11 @@ def run(
                            "Nothing is allocated and no data is read."),
     gpu_memory: float = Option(80.0, "--gpu-memory", help="With --dry-run: memory per GPU in GiB."),
     gpus: int = Option(8, "--gpus", help="With --dry-run: GPUs for the time estimate and the DDP buckets."),
-    plan_device: str = Option("gpu", "--plan-device", help="With --dry-run: gpu (fused attention, memory as "
+    plan_device: Literal["gpu", "cpu"] = Option("gpu", "--plan-device", help="With --dry-run: gpu (fused attention, memory as "
                               "max_memory_allocated) or cpu (this machine: matmul attention under bf16, process "
                               "RSS)."),
     as_json: bool = Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
-    report_to: str = Option("none", "--report-to", help="none | tensorboard: also log every record of "
+    report_to: Literal["none", "tensorboard"] = Option("none", "--report-to", help="none | tensorboard: also log every record of "
                             "metrics.jsonl to TensorBoard files in the run directory (needs the tensorboard "
                             "package; view with: tensorboard --logdir RUN)."),
 ) -> None:
@@ -79,7 +81,7 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
     import copy
 
     from farmer_cli.checkpoint import TRAIN_STATE_FILE, check_model_file, load_config
-    from farmer_cli.config.files import apply_overrides, load_preset
+    from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import load_data
     from farmer_cli.rundir import claim_on_main, resume_conflicts
     from farmer_cli.device import end_processes, make_accelerator, tracker_options
@@ -103,11 +105,12 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
         cfg = copy.deepcopy(stored)
     else:
         cfg, payload = load_preset(preset or "quickstart"), {}
-    cli = {"data.source": data, "train.steps": steps, "train.epochs": 0 if steps is not None else epochs,
-           "train.batch_size": batch_size, "train.grad_accum_steps": grad_accum, "train.lr": lr,
-           "train.mixed_precision": mixed_precision,
-           "train.seed": seed, "data.num_workers": workers}
-    apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides))
+    length = {"train.steps": ("--steps", steps), "train.epochs": ("--steps", 0)} if steps is not None else \
+        {"train.epochs": ("--epochs", epochs)}
+    apply_options(cfg, {"data.source": ("--data", data), **length, "train.batch_size": ("--batch-size", batch_size),
+                        "train.grad_accum_steps": ("--grad-accum", grad_accum), "train.lr": ("--lr", lr),
+                        "train.mixed_precision": ("--mixed-precision", mixed_precision), "train.seed": ("--seed", seed),
+                        "data.num_workers": ("--workers", workers)}, overrides)
     if resume:
         conflicts = resume_conflicts(stored, cfg)
         if conflicts:
@@ -128,7 +131,7 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
                       f"{cfg.model.num_classes}")
         console.print(f"the data has {len(bundle.class_names)} classes: setting model.num_classes = "
                       f"{len(bundle.class_names)} (the settings had {cfg.model.num_classes})")
-        apply_overrides(cfg, [f"model.num_classes={len(bundle.class_names)}"])
+        apply_options(cfg, {"model.num_classes": ("the data", len(bundle.class_names))})
     acc = make_accelerator(cfg.train.mixed_precision, report_to=report_to)
     main = acc.is_main_process
     run_dir = out or (new_run_dir(cfg.preset) if main else None)
@@ -177,18 +180,16 @@ def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overr
     import json
 
     from farmer_cli.checkpoint import load_config
-    from farmer_cli.config.files import apply_overrides, load_preset
+    from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.memory_plan import CPU_RUNTIME_BYTES, GiB, gpu_tflops, make_plan
     from farmer_cli.rundir import find_checkpoint
     from farmer_cli.commands.render_plan import print_plan
 
-    if plan_device not in ("gpu", "cpu"):
-        exit_with("--plan-device must be gpu or cpu")
     if not 0 < gpu_memory < 1e6 or gpus < 1:  # not NaN, not inf
         exit_with("--gpu-memory must be a number of GiB between 0 and 1,000,000 and --gpus at least 1")
     cfg = load_config(find_checkpoint(out, None))[0] if resume else load_preset(preset or "quickstart")
-    cli = {"train.batch_size": batch_size, "train.grad_accum_steps": grad_accum, "train.mixed_precision": mixed_precision}
-    apply_overrides(cfg, [f"{k}={v}" for k, v in cli.items() if v is not None] + list(overrides))
+    apply_options(cfg, {"train.batch_size": ("--batch-size", batch_size), "train.grad_accum_steps": ("--grad-accum", grad_accum),
+                        "train.mixed_precision": ("--mixed-precision", mixed_precision)}, overrides)
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = "bf16"

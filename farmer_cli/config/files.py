@@ -39,6 +39,8 @@ def coerce(value: Any, kind: Any, name: str, origin: str) -> Any:
     """Convert ``value`` (TOML/JSON value or command-line string) to ``kind`` or raise a ConfigError."""
     if get_origin(kind) is Literal:
         choices = [str(c) for c in get_args(kind)]
+        if value == "no" and "fp32" in choices:  # Accelerate's name for fp32 (older farmer configs used it)
+            value = "fp32"
         if str(value) not in choices:
             raise ConfigError(f"{_at(origin)}'{name}' must be one of {', '.join(choices)}, got {value!r}"
                               f"{suggest(str(value), choices)}")
@@ -121,7 +123,7 @@ def _preset_dir():
     try:
         return resources.files("farmer_cli.presets")
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "presets"
+        return Path(__file__).resolve().parents[2] / "presets"
 
 
 def _names(folder) -> list[str]:
@@ -173,15 +175,45 @@ def apply_sampling_preset(cfg: Config, name: str) -> Config:
     return apply_dict(cfg, raw, origin)
 
 
+def _parse_override(item: str) -> tuple[str, str, str]:
+    """``section.key=value`` -> (section, key, value); ConfigError for anything else."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set '{item}': expected section.key=value, e.g. --set train.lr=3e-4")
+    dotted, value = item.split("=", 1)
+    section, key = (part.strip() for part in dotted.split(".", 1))
+    return section, key, value.strip()
+
+
 def apply_overrides(cfg: Config, overrides: list[str], allowed: tuple[str, ...] = SECTIONS) -> Config:
     """Apply ``section.key=value`` strings in order, then validate; raises ConfigError on any bad one.
     ``allowed`` limits which sections may be overridden (``sample`` takes only ``sampling.*``)."""
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--set '{item}': expected section.key=value, e.g. --set train.lr=3e-4")
-        dotted, value = item.split("=", 1)
-        section, key = (part.strip() for part in dotted.split(".", 1))
+        section, key, value = _parse_override(item)
         if section in SECTIONS and section not in allowed:
             raise ConfigError(f"'{item}': only {', '.join(s + '.*' for s in allowed)} keys can be set here")
-        _assign(cfg, section, key, value.strip(), "")
+        _assign(cfg, section, key, value, "")
     return _validated(cfg, "")
+
+
+# Settings that decide the same thing: the run's length is train.steps, or train.epochs where that is set.
+SAME_SETTING = {"train.steps": ("train.steps", "train.epochs"), "train.epochs": ("train.steps", "train.epochs")}
+
+
+def apply_options(cfg: Config, options: dict[str, tuple[str, Any]], overrides: list[str] = (),
+                  allowed: tuple[str, ...] = SECTIONS) -> Config:
+    """A command's settings: its typed option values, then its ``--set`` strings, then one validation.
+
+    ``options`` maps a setting to (the option that gives it, its value), e.g. ``{"train.lr": ("--lr", 3e-4)}``;
+    a value of None means the option was not given. Values are assigned as they are (no string round trip). An
+    option and a ``--set`` that decide the same setting are refused (neither would win visibly)."""
+    given = {key: (flag, value) for key, (flag, value) in options.items() if value is not None}
+    set_keys = {".".join(_parse_override(item)[:2]): item for item in overrides}
+    for key, (flag, _) in given.items():
+        clash = next((set_keys[k] for k in SAME_SETTING.get(key, (key,)) if k in set_keys), None)
+        if clash is not None:
+            what = " / ".join(SAME_SETTING.get(key, (key,)))
+            raise ConfigError(f"{flag} and --set {clash} both decide {what}: give one of them")
+    for key, (flag, value) in given.items():
+        section, name = key.split(".", 1)
+        _assign(cfg, section, name, value, flag)
+    return apply_overrides(cfg, list(overrides), allowed)

@@ -22,9 +22,9 @@ TokenBasis = Literal["pixel", "dct"]
 FinalPermute = Literal["none", "flip"]
 MergeOrder = Literal["blocks", "interleave"]
 Noise = Literal["gaussian", "uniform"]
-Precision = Literal["auto", "no", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # one vocabulary for training and sampling
 Guidance = Literal["resample", "simple"]
-Decoder = Literal["sequential", "jacobi"]
+Decoder = Literal["sequential", "jacobi", "student"]
 DecodeSteps = Literal["auto", "eager", "compile", "cuda-graphs"]
 Gelu = Literal["exact", "tanh"]
 
@@ -48,7 +48,7 @@ def _positive(section: Any, prefix: str, *names: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Sizes and modelling switches of FARMER (paper §3.2–3.3, §4.1 Table 1; README "Choices the paper leaves
+    """Sizes and modelling switches of FARMER (arXiv v2 §3.2–3.3, §4.1 Table 1; docs/design.md "Choices the paper leaves
     open" for the rest)."""
 
     image_size: int = 28
@@ -163,7 +163,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (paper §4.1: AdamW 0.9/0.95, weight decay 0.03; our defaults where it is silent)."""
+    """Optimisation settings (arXiv v2 §4.1: AdamW 0.9/0.95, weight decay 0.03; our defaults where it is silent)."""
 
     steps: int = 3000
     epochs: int = 0  # > 0 overrides steps (an explicit --steps on the command line sets epochs back to 0)
@@ -181,7 +181,7 @@ class TrainConfig:
     noise: Noise = "gaussian"  # "gaussian": sigma cosine-annealed noise_start -> noise_end; "uniform": U(0, 1)/128
     noise_start: float = 0.1
     noise_end: float = 0.005
-    mixed_precision: Precision = "auto"  # fp16 only on GPUs (a CPU gets bf16 instead)
+    mixed_precision: Precision = "auto"  # fp16 only on GPUs (a CPU gets bf16 instead); "no" is read as fp32
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 500
@@ -213,7 +213,7 @@ class TrainConfig:
 
 @dataclass
 class SamplingConfig:
-    """Sampling settings (paper §3.4, Algorithm 1; supplement Table 5 for the decoupled unguided knobs)."""
+    """Sampling settings (arXiv v2 §3.4, Algorithm 1; supplement Table 5 for the decoupled unguided knobs)."""
 
     temperature: float = 1.0  # mixture temperature T: logits / T (T > 1 flattens)
     var_scale: float = 1.0  # s: every component variance x s
@@ -228,7 +228,8 @@ class SamplingConfig:
     t_resample: float = 1.1  # T_s
     redundant_pool: int = 0  # candidates per proposal for the redundant step; 0 = 2 x AR tokens
     denoise: bool = True  # one score step x + sigma² ∇log p(x) after decoding (TARFlow; not in the FARMER paper)
-    decoder: Decoder = "sequential"  # AF inverse: token by token (KV cache) or parallel Jacobi iteration (exact)
+    decoder: Decoder = "sequential"  # AF inverse: token by token (KV cache), parallel Jacobi iteration (exact) or
+    # the distilled one-step student (Algorithm 2; `farmer distill` first)
     jacobi_tol: float = 1e-5  # Jacobi: stop when no value moves by more than this
     jacobi_max_iter: int = 0  # Jacobi: at most this many rounds per block (0: tokens - 1, where it is exact)
     decode_steps: DecodeSteps = "auto"  # how decoding steps run (model/steps.py); auto: CUDA graphs on a GPU
@@ -241,7 +242,7 @@ class SamplingConfig:
 
 @dataclass
 class DistillConfig:
-    """One-step distillation (paper §3.5, supplement Algorithm 2)."""
+    """One-step distillation (arXiv v2 §3.5, Algorithm 2)."""
 
     steps: int = 1000
     batch_size: int = 64

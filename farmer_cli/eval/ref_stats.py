@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from farmer_cli.eval.inception import sha256
+from farmer_cli.storage import atomic_write
 from farmer_cli.eval.feature_metrics import feature_stats
 
 IMAGES_KEY = "arr_0"  # ADM's reference batches: the reference images, uint8 (n, H, W, 3)
@@ -100,16 +101,23 @@ def iter_npz_images(path: Path, key: str = IMAGES_KEY, batch: int = 100):
             yield torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(b, *shape[1:]).copy()).permute(0, 3, 1, 2)
 
 
+def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` as an .npz (or one array as an .npy) at exactly ``path``: numpy appends a suffix to a name, not to a
+    file object."""
+    with open(path, "wb") as fh:
+        if set(arrays) == {""}:
+            np.save(fh, arrays[""])
+        else:
+            np.savez(fh, **arrays)
+
+
 def save_ref_stats(path: Path, features: torch.Tensor, protocol: dict, mu=None, sigma=None) -> None:
     """Write ``mu``, ``sigma`` (float64) and ``act`` (the features, float32 as ADM's files) to ``path`` (.npz), plus
     the protocol as a JSON string; readable by :func:`load_ref_stats` and by ADM's evaluator."""
     if mu is None or sigma is None:
         mu, sigma = feature_stats(features)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, act=features.float().numpy(), protocol=np.array(json.dumps(protocol)))
-    tmp.replace(path)
+    arrays = {"mu": mu, "sigma": sigma, "act": features.float().numpy(), "protocol": np.array(json.dumps(protocol))}
+    atomic_write(Path(path), lambda tmp: write_arrays(tmp, arrays))
 
 
 def reference_resize(stats: dict) -> str:

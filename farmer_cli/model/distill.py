@@ -1,4 +1,4 @@
-"""One-step distillation of the AF inverse (paper §3.5, supplement Algorithm 2).
+"""One-step distillation of the AF inverse (arXiv v2 §3.5, Algorithm 2).
 
 Student: a copy of the trained teacher AF with every attention made bidirectional. Student block g_t maps
 Z^t -> Z^(t-1) in one parallel pass with the teacher block's affine form and permutation, its shift and

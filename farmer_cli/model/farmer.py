@@ -1,4 +1,4 @@
-"""FARMER: autoregressive flow + GMM autoregressive prior, trained end to end on exact NLL (paper Eqs. 6, 13, 14).
+"""FARMER: autoregressive flow + GMM autoregressive prior, trained end to end on exact NLL (arXiv v2 Eqs. 6, 13, 14).
 
     u (B, C, H, W) uint8 --dequantize--> x = (u + noise)/128 - 1 --patchify (+ optional DCT)--> (B, N, d)
       --AF--> Z (B, N, d), log|det| --merge m x m, final permute--> AR tokens (B, N/m², m²·d)
@@ -34,7 +34,7 @@ def dequantize(u: torch.Tensor, noise: str = "uniform", sigma: float = 0.0,
     """uint8 (B, C, H, W) -> float32 in about [-1, 1].
 
     ``uniform``: x = (u + U(0,1))/128 - 1 (likelihood evaluation, supplement's ImageNet-64 training);
-    ``gaussian``: x = (u + 0.5)/128 - 1 + sigma·N(0,1) (training, sigma annealed; paper §3.2);
+    ``gaussian``: x = (u + 0.5)/128 - 1 + sigma·N(0,1) (training, sigma annealed; arXiv v2 §3.2);
     ``none``: x = (u + 0.5)/128 - 1 (bin centres).
     """
     u = u.float()
@@ -132,7 +132,10 @@ class Farmer(nn.Module):
         """AR tokens (B, n, D_ar) -> image x (B, C, H, W): one student pass when ``student`` is given, else the AF's
         exact inverse, token by token (KV cache; steps run by ``runner``, eager by default) or, with
         ``s.decoder == "jacobi"``, by parallel Jacobi iteration (its rounds per block go to
-        ``stats["jacobi_rounds"]``)."""
+        ``stats["jacobi_rounds"]``). ``s.decoder == "student"`` requires ``student``."""
+        if student is None and s is not None and s.decoder == "student":
+            raise ValueError("sampling.decoder = student needs the distilled student: pass student= "
+                             "(farmer_cli.checkpoint.load_student)")
         y = self._labels(y, tokens.shape[0], tokens.device)
         z = self.from_ar_tokens(tokens.float())
         if student is not None:

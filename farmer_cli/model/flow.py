@@ -1,4 +1,4 @@
-"""Autoregressive flow (AF): TARFlow-style stack of affine next-token transforms (paper §3.2, Fig. 2).
+"""Autoregressive flow (AF): TARFlow-style stack of affine next-token transforms (arXiv v2 §3.2, Fig. 2).
 
 Block t reads its input tokens in a permuted order (identity or flip), and for every token i > 1 predicts from
 the tokens before it a shift mu_i and a log-scale alpha_i:
@@ -7,7 +7,7 @@ the tokens before it a shift mu_i and a log-scale alpha_i:
     x_i = z_i * exp(alpha_i(x_<i)) + mu_i(x_<i)          (inverse: sequential over i)
     log|det dz/dx| = -sum_i sum_j alpha_ij               (summed in float32)
 
-So sigma_t = exp(-alpha) in the paper's Eq. 8. alpha is soft-bounded, alpha = c·tanh(raw / c), so a block can
+So sigma_t = exp(-alpha) in the arXiv v2 Eq. 8. alpha is soft-bounded, alpha = c·tanh(raw / c), so a block can
 scale a channel by at most exp(±c) and log-dets cannot explode. The output projection is zero-initialised: an
 untrained block is the identity.
 """
@@ -141,7 +141,7 @@ class AFBlock(nn.Module):
         return x, k
 
     def one_pass_inverse(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Student form (paper §3.5, supplement Algorithm 2): x_i = z_i·exp(alpha_i(z)) + mu_i(z), params from
+        """Student form (arXiv v2 §3.5, Algorithm 2): x_i = z_i·exp(alpha_i(z)) + mu_i(z), params from
         position i-1 of the stack run over z (bidirectional when ``stack.causal`` is False), x_1 = z_1. One
         parallel pass."""
         alpha, mu = self._shifted_params(z, y)

@@ -1,4 +1,4 @@
-"""Diagonal Gaussian mixtures: the GMM head, log-density and sampling (paper §3.2; §3.4, Algorithm 1).
+"""Diagonal Gaussian mixtures: the GMM head, log-density and sampling (arXiv v2 §3.2; §3.4, Algorithm 1).
 
 A mixture over R^D with K components is (logits (..., K), means (..., K, D), stds (..., K, D)):
 

@@ -1,6 +1,6 @@
 """Drawing latent tokens from the prior's mixtures: unguided, resampling CFG (Algorithm 1) or simple CFG.
 
-Target of guidance with weight w (paper §3.4, Algorithm 1): p'(z) ∝ p_c(z)^(w+1) / p_u(z)^w.
+Target of guidance with weight w (arXiv v2 §3.4, Algorithm 1): p'(z) ∝ p_c(z)^(w+1) / p_u(z)^w.
 
 * ``draw_unguided``: decoupled GMM sampling (supplement Table 5): mixture logits / T, component variance x s.
 * ``draw_resampled`` (Algorithm 1): s_c candidates from the conditional mixture and s_u from the unconditional
@@ -8,7 +8,7 @@ Target of guidance with weight w (paper §3.4, Algorithm 1): p'(z) ∝ p_c(z)^(w
   candidates and (w+1)·(log p_c − log p_u) for unconditional ones, with densities at the evaluation temperatures
   (logits x T_pi,v, std x T_sigma,v); times T_s; softmax over all candidates; draw ``draws`` indices with
   replacement (1 for an informative token, N for the redundant step's shared pool).
-* ``draw_simple`` (JetFormer-style, paper §3.4): pick a component k from the conditional mixture, then
+* ``draw_simple`` (JetFormer-style; arXiv v2 Table 3, the 'naive' CFG row): pick a component k from the conditional mixture, then
   sample each dimension from N_c,k^(1+w) / N_u,k^w. For Gaussians this density is itself Gaussian with precision
   (1+w)/σ_c² − w/σ_u² and is sampled exactly (JetFormer uses rejection sampling for the same density); where that
   precision is not positive the conditional component is used, as JetFormer's fallback does.

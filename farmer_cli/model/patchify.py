@@ -3,7 +3,7 @@
 ``patchify``: (B, C, H, W) -> (B, N, d) with N = (H/p)(W/p) tokens in raster order and d = C·p² channels,
 ordered (channel, row-in-patch, col-in-patch). ``merge_tokens`` regroups an (h, w) grid of tokens into
 (h/m, w/m) tokens of m²·d channels (lets a patch-8 AF feed a 256-token, 768-channel AR prior; not specified in
-the paper, see README, Choices the paper leaves open), its channels either one sub-token after another or
+the paper, see docs/design.md, Choices the paper leaves open), its channels either one sub-token after another or
 interleaved.
 """
 

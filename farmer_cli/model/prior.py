@@ -1,4 +1,4 @@
-"""AR prior over the AF latent with the informative / redundant channel split (paper §3.2–3.3).
+"""AR prior over the AF latent with the informative / redundant channel split (arXiv v2 §3.2–3.3).
 
 Each AR token z_i (after the optional token merge) is split channel-wise into z_i^I (first d_I channels,
 informative) and z_i^R (the remaining d_R, redundant). A causal transformer reads

@@ -1,6 +1,6 @@
 """Where the fixed-shape decoding steps run: eagerly, compiled, or replayed from CUDA graphs.
 
-Both sequential decoders, the AF inverse (paper §3.2: one token per step, N - 1 steps per block) and the AR prior
+Both sequential decoders, the AF inverse (arXiv v2 §3.2: one token per step, N - 1 steps per block) and the AR prior
 (§3.3: one informative token per step), are written as *steps* over static buffers: a :class:`~.attention.KVCache`
 whose write position is a device tensor, and per-decoder input/output buffers indexed by that position. A step
 has the same shapes and touches the same memory at every token, so a :class:`StepRunner` can run it
@@ -14,7 +14,7 @@ has the same shapes and touches the same memory at every token, so a :class:`Ste
   ~450 per AR token. Attention reads the cache up to the next multiple of :data:`SPAN_BUCKET` positions.
 
 ``auto`` is ``cuda-graphs`` on a CUDA device and ``eager`` elsewhere (on a CPU the compile time of a step does not
-pay for a sampling call as users run it: see README, "Sampling speed").
+pay for a sampling call as users run it: see docs/benchmarks.md).
 
 Graphs are captured inside the caller's autocast region and replay the weight casts autocast cached there, so a
 runner lives for one sampling call (one autocast region); a new call captures again.

@@ -1,4 +1,4 @@
-"""What the informative and redundant channels hold (paper §4.3, Fig. 7; supplement Fig. 8), as images and numbers.
+"""What the informative and redundant channels hold (arXiv v2 §4.3, Fig. 7; supplement Fig. 8), as images and numbers.
 
 Noise interpolation: encode an image, take the latent Z^t after AF block t, regroup it like the AR tokens
 (merge, final permute) so "redundant" means the same channels the prior treats as redundant, then
@@ -9,7 +9,7 @@ on the redundant channels only ("partial") or on all channels ("full"), and map 
 inverse of blocks t..1. The same eps is used for every block and for partial and full, so rows and panels
 differ only by what is noised. Level 0 reproduces the input; full noise at level 1 forgets it.
 
-Variance sweep (paper Fig. 7): sample the informative tokens once per column, then every redundant vector from
+Variance sweep (arXiv v2 Fig. 7): sample the informative tokens once per column, then every redundant vector from
 the shared mixture with each component's variance multiplied by a factor f (std x sqrt(f); f = 0 gives the
 component means), with the same component picks and eps for every factor, and decode.
 """

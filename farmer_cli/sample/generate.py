@@ -9,12 +9,12 @@ only by floating-point rounding).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator
 
 import torch
 
 from farmer_cli.config.schema import SamplingConfig
+from farmer_cli.device import autocast
 from farmer_cli.model import Farmer
 from farmer_cli.model.randomness import ImageStreams
 from farmer_cli.memory_plan import WORKSPACE_FACTOR, saved_bytes_by_depth
@@ -44,21 +44,6 @@ def plan_denoise(model: Farmer, images: int, budget: int | None = None) -> tuple
     return max(1, min(images, budget // denoise_bytes_per_image(model, checkpoint=True))), True
 
 
-def inference_autocast(device: torch.device, precision: str):
-    """Autocast for sampling: ``bf16`` runs the transformers' matmuls in bfloat16 (mixture densities, log-dets and
-    the flow's affine updates stay float32); ``fp32`` changes nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def resolve_inference_precision(requested: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on a CUDA GPU that supports it, else fp32; ``fp32`` / ``bf16`` as given."""
-    if requested != "auto":
-        return requested
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
-
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     """Class-balanced labels 0, 1, ..., K-1, 0, 1, ... for n images: (n,) int64."""
     return torch.arange(n) % num_classes
@@ -77,14 +62,14 @@ def generate_chunks(model: Farmer, labels: torch.Tensor, s: SamplingConfig, seed
                     on_block: Callable[[int], None] | None = None) -> Iterator[tuple[range, torch.Tensor]]:
     """Images for labels (n,) in micro-batches, this process's share: yields (global indices, uint8 images
     (b, C, H, W) on the CPU). Memory is bounded by ``batch`` (and ``denoise_batch``, 0: :func:`plan_denoise`),
-    whatever n is. ``precision``: fp32 or bf16 (:func:`inference_autocast`)."""
+    whatever n is. ``precision``: fp32, bf16 or fp16 (:func:`farmer_cli.device.autocast`)."""
     if denoise_batch:  # the caller sized it: checkpointed, the smallest footprint per image
         denoise = (min(denoise_batch, batch), True)
     else:
         denoise = plan_denoise(model, batch) if model.denoise_sigma(s) > 0 else (batch, False)
     for chunk in my_chunks(len(labels), batch, rank, world):
         rng = ImageStreams.for_images(seed, chunk, model.device)
-        with inference_autocast(model.device, precision):
+        with autocast(model.device, precision):
             images = model.sample(labels[chunk.start:chunk.stop], s, rng, student=student, on_token=on_token,
                                   on_block=on_block, stats=stats, denoise_batch=denoise[0],
                                   denoise_checkpoint=denoise[1])

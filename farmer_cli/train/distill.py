@@ -1,4 +1,4 @@
-"""Distilling the AF inverse into a one-step student (paper §3.5, supplement Algorithm 2; loss in
+"""Distilling the AF inverse into a one-step student (arXiv v2 §3.5, Algorithm 2; loss in
 farmer_cli/model/distill.py): a step function on the shared :class:`~farmer_cli.train.engine.Loop`.
 
 The teacher (the checkpoint's EMA AF) is frozen; only the student trains, with AdamW, warm-up + cosine, gradient
@@ -22,7 +22,7 @@ from farmer_cli.config.schema import Config
 from farmer_cli.data.batching import make_loader
 from farmer_cli.data.dataset import DataBundle
 from farmer_cli.train.distributed import ModuleState
-from farmer_cli.train.engine import Loop, LoopEvent, StepOutput, adamw
+from farmer_cli.train.engine import Loop, LoopEvent, RunFiles, Schedule, StepOutput, adamw
 from farmer_cli.model import Farmer, dequantize
 from farmer_cli.model.distill import OnePassInverse, distill_loss, make_student
 from farmer_cli.device import attention_backend
@@ -55,7 +55,11 @@ class DistillResult:
 
 def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: bool = False,
             on_event: Callable[[LoopEvent], None] | None = None) -> DistillResult:
-    """Train (or resume) the student of ``model``'s AF into ``run_dir``."""
+    """Train (or resume) the student of ``model``'s AF into ``run_dir``.
+
+    The teacher is ``model.flow``: it is moved to ``accelerator.device`` (with the DCT basis, which ``to_tokens``
+    needs there) and frozen (eval mode, no gradients), in place; the AR prior stays where the caller put it, so a
+    large prior never takes GPU memory during distillation."""
     dc, device = cfg.distill, accelerator.device
     teacher = model.flow.to(device).eval().requires_grad_(False)
     if model.basis is not None:  # to_tokens runs on the device too; the AR prior and heads stay where they are
@@ -64,13 +68,13 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
     opt = adamw(raw.parameters(), dc.lr, (cfg.train.beta1, cfg.train.beta2))
     student, opt = accelerator.prepare(OnePassInverse(raw), opt)  # forward = the one-pass inverse, as DDP needs
     teacher_id = {"teacher": weights_fingerprint(run_dir / MODEL_FILE), "distill": json.dumps(asdict(dc))}
-    loop = Loop(accelerator, student, opt, run_dir=run_dir, state_file=DISTILL_STATE_FILE,
-                state={"student": ModuleState(raw)}, optimized=raw, total=dc.steps, warmup=dc.warmup_steps,
-                min_lr_ratio=STUDENT_LR_FLOOR, grad_clip=cfg.train.grad_clip, seed=cfg.train.seed,
-                log_every=cfg.train.log_every, ckpt_every=cfg.train.ckpt_every, metrics_file=DISTILL_METRICS_FILE,
-                keep=cfg.train.keep_checkpoints, kept_files=(STUDENT_FILE,), history_prefix="distill-step",
-                on_save=lambda step, states: save_weights(run_dir / STUDENT_FILE, states["student"], step, teacher_id),
-                on_event=on_event)
+    tc = cfg.train
+    schedule = Schedule(dc.steps, dc.warmup_steps, STUDENT_LR_FLOOR, tc.grad_clip, tc.seed, tc.log_every, tc.ckpt_every)
+    files = RunFiles(run_dir, DISTILL_STATE_FILE, DISTILL_METRICS_FILE, (STUDENT_FILE,), "distill-step",
+                     tc.keep_checkpoints)
+    loop = Loop(accelerator, student, opt, optimized=raw, state={"student": ModuleState(raw)}, schedule=schedule,
+                files=files, on_event=on_event,
+                on_save=lambda step, states: save_weights(run_dir / STUDENT_FILE, states["student"], step, teacher_id))
     start = loop.resume() if resume and (run_dir / DISTILL_STATE_FILE).exists() else 0
     error_before = student_error(model, raw, data, dc.batch_size, device)  # every rank: a sharded student needs all
     loader = make_loader(data.train, dc.batch_size, accelerator.num_processes, accelerator.process_index,

@@ -97,36 +97,65 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How a loop steps: ``total`` optimiser steps, learning rate warmed up over ``warmup`` then cosine down to
+    ``min_lr_ratio`` of its peak (:func:`lr_factor`), gradient-norm clipping, ``accum`` micro-batches per step,
+    the seed of each step's randomness, and how often it logs and checkpoints."""
+
+    total: int
+    warmup: int
+    min_lr_ratio: float
+    grad_clip: float
+    seed: int
+    log_every: int
+    ckpt_every: int
+    accum: int = 1
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a loop writes in ``run_dir``: its training state (``state_file``) and metrics (``metrics_file``), and the
+    step checkpoints ``checkpoints/<history_prefix>-<step>/`` (the state file and ``kept_files``), ``keep`` deep."""
+
+    run_dir: Path
+    state_file: str
+    metrics_file: str
+    kept_files: tuple[str, ...] = ()
+    history_prefix: str = "step"
+    keep: int = 3
+
+
 class Loop:
-    """One optimisation loop over the trainable module ``model`` (already through ``accelerator.prepare``).
+    """One optimisation loop over the trainable module ``model`` (already through ``accelerator.prepare``), stepped
+    as ``schedule`` says and saved as ``files`` say.
 
     ``state`` names what is saved in and restored from the training state file besides the optimiser (objects with
     ``gather()`` and ``load(state)``, e.g. ``{"ema": EMA(raw), "model": ModuleState(raw)}``, loaded in that order);
     ``optimized`` is the unwrapped module whose parameters the optimiser holds. Saving and loading are collective
     and safe for sharded (FSDP) models (see distributed.py). ``on_save(step, states)`` writes what else the run
-    keeps (weights, config) from the gathered states;
-    after each save, ``kept_files`` (the state file and what on_save wrote) are also kept as step checkpoint
-    ``checkpoints/<history_prefix>-<step>/``, the ``keep`` newest of them;
-    ``after_step(step)`` runs after each optimiser step (EMA). Each step accumulates gradients over ``accum``
-    micro-batches (the step function is called ``accum`` times), so the global batch is micro-batch x accum x
-    processes."""
+    keeps (weights, config) from the gathered states, which are then kept as a step checkpoint with the state file;
+    ``after_step(step)`` runs after each optimiser step (EMA). Each step accumulates gradients over
+    ``schedule.accum`` micro-batches (the step function is called that many times), so the global batch is
+    micro-batch x accum x processes."""
 
-    def __init__(self, accelerator, model: torch.nn.Module, optimizer, *, run_dir: Path, state_file: str,
-                 state: dict[str, Any], optimized: torch.nn.Module, total: int, warmup: int, min_lr_ratio: float,
-                 grad_clip: float, seed: int, log_every: int, ckpt_every: int, metrics_file: str, accum: int = 1,
-                 keep: int = 3, kept_files: tuple[str, ...] = (), history_prefix: str = "step",
+    def __init__(self, accelerator, model: torch.nn.Module, optimizer, *, optimized: torch.nn.Module,
+                 state: dict[str, Any], schedule: Schedule, files: RunFiles,
                  on_save: Callable[[int, dict[str, Any]], None] = lambda step, states: None,
                  after_step: Callable[[int], None] = lambda step: None,
                  on_event: Callable[[LoopEvent], None] | None = None) -> None:
         self.acc, self.model, self.optimizer = accelerator, model, optimizer
         inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(s, warmup, total, min_lr_ratio))
-        self.run_dir, self.state_file, self.state, self.optimized = run_dir, state_file, state, optimized
+        s = schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda k: lr_factor(k, s.warmup, s.total,
+                                                                                      s.min_lr_ratio))
+        self.run_dir, self.state_file, self.state, self.optimized = files.run_dir, files.state_file, state, optimized
         self.inner_optimizer = inner
-        self.total, self.grad_clip, self.seed, self.accum = total, grad_clip, seed, accum
-        self.log_every, self.ckpt_every = log_every, ckpt_every
-        self.metrics_path = run_dir / metrics_file
-        self.keep, self.kept_files, self.history_prefix = keep, (state_file, *kept_files), history_prefix
+        self.total, self.grad_clip, self.seed, self.accum = s.total, s.grad_clip, s.seed, s.accum
+        self.log_every, self.ckpt_every = s.log_every, s.ckpt_every
+        self.metrics_path = files.run_dir / files.metrics_file
+        self.keep, self.kept_files, self.history_prefix = files.keep, (files.state_file, *files.kept_files), \
+            files.history_prefix
         self.on_save, self.after_step = on_save, after_step
         self.on_event = on_event or (lambda event: None)
         self.step = 0
@@ -194,7 +223,7 @@ class Loop:
                         kept.append(line)
                 except (json.JSONDecodeError, AttributeError):
                     continue  # a line cut by a crash
-            from farmer_cli.checkpoint import atomic_write
+            from farmer_cli.storage import atomic_write
 
             atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
         return self.metrics_path.open("a")

@@ -1,9 +1,9 @@
 """Training a Farmer model: the step function and run bookkeeping on the shared :class:`~farmer_cli.train.engine.Loop`.
 
-* Loss: mean bits/dim of the exact NLL (paper Eq. 14) with Gaussian dequantisation noise whose sigma follows a
-  cosine from ``noise_start`` to ``noise_end`` (paper §3.2; or uniform noise), label dropout to the null class for
+* Loss: mean bits/dim of the exact NLL (arXiv v2 Eq. 14) with Gaussian dequantisation noise whose sigma follows a
+  cosine from ``noise_start`` to ``noise_end`` (arXiv v2 §3.2; or uniform noise), label dropout to the null class for
   classifier-free guidance.
-* AdamW (betas 0.9/0.95, weight decay 0.03 on matrices only; paper §4.1), warm-up + cosine, gradient clipping,
+* AdamW (betas 0.9/0.95, weight decay 0.03 on matrices only; arXiv v2 §4.1), warm-up + cosine, gradient clipping,
   EMA of the weights (decay = min(ema_decay, (1+t)/(10+t))). ``model.safetensors`` holds the EMA weights.
 * Deterministic given the seed: batch order from a per-epoch seeded permutation and per-step noise seeds, so
   N steps + resume + N steps equal 2N steps in one go.
@@ -24,7 +24,7 @@ from farmer_cli.config.schema import Config
 from farmer_cli.data.batching import make_loader
 from farmer_cli.data.dataset import DataBundle
 from farmer_cli.train.distributed import EMA, ModuleState, expose_methods
-from farmer_cli.train.engine import Loop, LoopEvent, StepOutput, adamw
+from farmer_cli.train.engine import Loop, LoopEvent, RunFiles, Schedule, StepOutput, adamw
 from farmer_cli.model import Farmer
 from farmer_cli.device import attention_backend
 from farmer_cli.eval.bits import bits_per_dim
@@ -33,7 +33,7 @@ BPD_EVAL_SEED = 1234  # the noise seed of the bits/dim printed at the start and 
 
 
 def noise_sigma(step: int, total: int, start: float, end: float) -> float:
-    """Cosine decay of the dequantisation sigma from ``start`` to ``end`` over ``total`` steps (paper §3.2)."""
+    """Cosine decay of the dequantisation sigma from ``start`` to ``end`` over ``total`` steps (arXiv v2 §3.2)."""
     t = min(1.0, step / max(1, total))
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -120,12 +120,11 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
             with ema.applied() as averaged:  # every rank samples (a sharded model needs all); the main one saves
                 save_sample_grid(averaged, cfg, run_dir / SAMPLES_DIR / f"step-{step + 1:08d}.png", main)
 
-    loop = Loop(accelerator, model, opt, run_dir=run_dir, state_file=TRAIN_STATE_FILE,
-                state={"ema": ema, "model": ModuleState(raw)}, optimized=raw, total=total, warmup=tc.warmup_steps,
-                min_lr_ratio=tc.min_lr / tc.lr, grad_clip=tc.grad_clip, seed=tc.seed, log_every=tc.log_every,
-                ckpt_every=tc.ckpt_every, metrics_file=METRICS_FILE, accum=tc.grad_accum_steps,
-                keep=tc.keep_checkpoints, kept_files=(MODEL_FILE, CONFIG_FILE), on_save=on_save,
-                after_step=after_step, on_event=on_event)
+    schedule = Schedule(total, tc.warmup_steps, tc.min_lr / tc.lr, tc.grad_clip, tc.seed, tc.log_every, tc.ckpt_every,
+                        tc.grad_accum_steps)
+    files = RunFiles(run_dir, TRAIN_STATE_FILE, METRICS_FILE, (MODEL_FILE, CONFIG_FILE), keep=tc.keep_checkpoints)
+    loop = Loop(accelerator, model, opt, optimized=raw, state={"ema": ema, "model": ModuleState(raw)},
+                schedule=schedule, files=files, on_save=on_save, after_step=after_step, on_event=on_event)
     start = loop.resume() if resume else 0
     if accelerator.log_with:  # --report-to: trackers write under the run directory
         accelerator.project_configuration.logging_dir = str(run_dir)

@@ -1,6 +1,6 @@
 """Out-of-distribution detection, offline, in both directions: quickstart-sized models trained on MNIST-5k and on
 Fashion-MNIST each score their own held-out test images against the other set's, uniform noise and constant
-images; AUROC of each score of farmer_cli/ood.py (larger = more out-of-distribution).
+images; AUROC of each score of farmer_cli/eval/ood.py (larger = more out-of-distribution).
 
     python bench/ood.py --mnist-run runs/mnist --fashion-run runs/fashion      # reuse trained runs
     python bench/ood.py                                                         # train both first (~2 x 5 min)

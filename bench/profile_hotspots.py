@@ -2,7 +2,7 @@
 operators, and time the fixes side by side (medians of interleaved repeats):
 
   * attention backend under bf16 autocast on CPU: plain matmul-softmax ("math") vs the fused flash kernel, whose
-    CPU backward was the top hot spot (farmer now picks "math" there: farmer_cli/runtime.py attention_backend)
+    CPU backward was the top hot spot (farmer now picks "math" there: farmer_cli/device.py attention_backend)
   * fused AdamW (one kernel over all parameters) vs the per-parameter loop
   * KV-cached vs uncached sampling is in bench/sampling.py
 

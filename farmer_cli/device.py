@@ -16,13 +16,16 @@ class DeviceError(ValueError):
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bfloat16 matmuls natively (AVX512-BF16 or AMX): from the kernel's CPU flags on Linux,
-    else from torch's own probe where this torch has it."""
+    """Whether this CPU runs bfloat16 matmuls natively (AVX512-BF16 or AMX) and torch's kernels use them: the
+    kernel's CPU flags on Linux (else torch's own probe where this torch has it), and torch's CPU capability
+    (``ATEN_CPU_CAPABILITY=avx2`` rehearses an AVX2-only laptop, where bf16 is emulated and slow)."""
+    import torch
+
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        import torch
-
         probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
         return any(probe() for probe in probes if probe is not None)
     return " avx512_bf16" in flags or " amx_bf16" in flags

@@ -171,7 +171,7 @@ def make_plan(cfg: Config, processes: int = 1, precision: str = "fp32", fused_at
 
     Activations are measured in float32, an upper bound under bf16/fp16 autocast (where matmul inputs are kept
     in 16 bits). ``fused_attention``: the attention kernel keeps no (T, T) matrices (GPUs; CPUs in float32 — farmer
-    picks the matmul-softmax kernel on a CPU under bf16, see runtime.attention_backend)."""
+    picks the matmul-softmax kernel on a CPU under bf16, see device.attention_backend)."""
     with torch.device("meta"):
         model = Farmer(cfg.model)
     parts = parameter_parts(model)

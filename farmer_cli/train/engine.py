@@ -133,7 +133,7 @@ class Loop:
     ``state`` names what is saved in and restored from the training state file besides the optimiser (objects with
     ``gather()`` and ``load(state)``, e.g. ``{"ema": EMA(raw), "model": ModuleState(raw)}``, loaded in that order);
     ``optimized`` is the unwrapped module whose parameters the optimiser holds. Saving and loading are collective
-    and safe for sharded (FSDP) models (see distributed.py). ``on_save(step, states)`` writes what else the run
+    and safe for sharded (FSDP) models (see farmer_cli/train/distributed.py). ``on_save(step, states)`` writes what else the run
     keeps (weights, config) from the gathered states, which are then kept as a step checkpoint with the state file;
     ``after_step(step)`` runs after each optimiser step (EMA). Each step accumulates gradients over
     ``schedule.accum`` micro-batches (the step function is called that many times), so the global batch is

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from farmer_cli.config.schema import Config, ConfigError
-from farmer_cli.storage import atomic_write
+from farmer_cli.storage import atomic_write, parse_json
 from farmer_cli.config.files import from_dict
 
 FORMAT_VERSION = 1
@@ -24,6 +24,7 @@ CONFIG_FILE, MODEL_FILE, STUDENT_FILE = "config.json", "model.safetensors", "stu
 TRAIN_STATE_FILE, DISTILL_STATE_FILE = "training_state.pt", "distill_state.pt"
 METRICS_FILE, DISTILL_METRICS_FILE = "metrics.jsonl", "distill_metrics.jsonl"
 SAMPLES_DIR = "samples"  # train.sample_every > 0: a grid every that many steps, samples/step-<step>.png
+STATE_WEIGHTS = {TRAIN_STATE_FILE: MODEL_FILE, DISTILL_STATE_FILE: STUDENT_FILE}  # written together at every save
 
 
 class CheckpointError(ValueError):
@@ -78,7 +79,85 @@ def load_training_state(run_dir: Path, name: str, modules: list[str]) -> dict[st
         raise CheckpointError(f"{path}: not a farmer training state (missing {', '.join(missing)})")
     if not isinstance(state["step"], int) or state["step"] < 0:
         raise CheckpointError(f"{path}: not a farmer training state (step {state['step']!r})")
+    _check_state_shapes(state, modules, path, run_dir / STATE_WEIGHTS[name] if name in STATE_WEIGHTS else None)
     return state
+
+
+def _check_state_shapes(state: dict[str, Any], modules: list[str], path: Path, weights: Path | None) -> None:
+    """The weights (``modules``) and optimiser moments in a training state must have the tensor names and shapes of
+    the weights file saved with it (``weights``, itself checked against config.json before a resume): a state
+    file of another run or config is refused here, naming both files, instead of failing inside the model."""
+    for module in modules:
+        part = state[module]
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise CheckpointError(f"{path}: not a farmer training state ({module} is not a set of named tensors)")
+    moments = state["optimizer"].get("state", {}) if isinstance(state["optimizer"], dict) else None
+    if not isinstance(moments, dict) or not all(isinstance(per, dict) for per in moments.values()):
+        raise CheckpointError(f"{path}: not a farmer training state (optimizer)")
+    expected = _header_shapes(weights) if weights is not None else None
+    if expected is None:  # no readable weights file beside it: the model checks the shapes when loading
+        return
+    found = [(module, {k: tuple(v.shape) for k, v in state[module].items()}) for module in modules]
+    found.append(("optimizer", {k: tuple(v.shape) for k, per in moments.items() for v in per.values()
+                                if isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim}))  # moments
+    for module, shapes in found:
+        extra = set(shapes) - set(expected)  # the optimiser may hold moments of fewer parameters
+        wrong = sorted(extra if module == "optimizer" else extra | (set(expected) - set(shapes))) or \
+            sorted(k for k in shapes if shapes[k] != expected[k])
+        if wrong:
+            key = wrong[0]
+            raise CheckpointError(f"{path}: its {module} state does not fit {weights.name} beside it ({key}: state "
+                                  f"{shapes.get(key, 'absent')}, weights {expected.get(key, 'absent')}); it is "
+                                  f"the state of another run or config: restore this run's {path.name}, or "
+                                  + ("start a new run" if path.name == TRAIN_STATE_FILE else
+                                     "start afresh with farmer distill --overwrite"))
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape from a safetensors header (nothing is loaded), or None where it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def check_metrics(run_dir: Path, name: str) -> None:
+    """Before a resume: every line of the run's metrics file ``name`` must be a record farmer wrote, a JSON object
+    whose ``step`` is a whole number >= 0 (blank lines aside); only an unterminated last line may be something
+    else (a record cut short by a crash, which resuming drops). Anything other (an edited file) is refused here,
+    naming the line, before any work."""
+    path = Path(run_dir) / name
+    if not path.exists():
+        return
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise CheckpointError(f"{path}: unreadable ({err.strerror or err}); fix it or delete it, then resume "
+                              "again") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {err.start}); farmer writes one JSON record per "
+                              "line: delete the damaged lines (or the file), then resume again") from None
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line)
+        except ValueError as err:
+            if number == len(lines) and not text.endswith(("\n", "\r")):
+                continue  # the record being written when a run was killed: resuming drops it
+            record, why = None, f"not a JSON record ({getattr(err, 'msg', err)})"
+        else:
+            why = "not a JSON object" if not isinstance(record, dict) else None
+        step = record.get("step") if isinstance(record, dict) else None
+        if why is None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            why = f"step {json.dumps(step)} is not a whole number >= 0" if "step" in record else "no step"
+        if why is not None:
+            raise CheckpointError(f"{path} line {number}: {why}; farmer writes one JSON record with a whole-number "
+                                  "\"step\" per line: fix or delete that line, then resume again")
 
 
 def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
@@ -88,9 +167,10 @@ def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     if not path.exists():
         raise CheckpointError(f"{run_dir}: not a farmer checkpoint (no {CONFIG_FILE})")
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err})") from None
+        payload = parse_json(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON, nested too deeply
+        raise CheckpointError(f"{path}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                              "restore the run's config.json (a copy is kept in its checkpoints/step-*/)") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a farmer config (a JSON object was expected)")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -106,6 +186,9 @@ def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     names = payload.get("class_names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{path}: class_names must be a list of strings")
+    if names and len(names) != cfg.model.num_classes:  # runs written before class_names existed have none
+        raise CheckpointError(f"{path}: class_names lists {len(names)} classes but model.num_classes is "
+                              f"{cfg.model.num_classes}; the file was edited: restore one name per class")
     return cfg, names, payload
 
 
@@ -147,8 +230,24 @@ def load_weights(module: torch.nn.Module, path: Path) -> int:
     from safetensors.torch import load_file
 
     metadata = _check_header(module, path)
+    step = _metadata_step(metadata, path)
     module.load_state_dict(load_file(str(path)), strict=True)
-    return int(metadata.get("step", 0))
+    return step
+
+
+def _metadata_step(metadata: dict[str, str], path: Path) -> int:
+    """The training step a weights file records in its metadata (0 where it records none)."""
+    text = metadata.get("step", "0")
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise CheckpointError(f"{path}: its metadata step {text[:40]!r} is not a step number (the file was edited "
+                              "or not written by farmer); use the run's own file")
+    return int(text)
+
+
+def check_student_file(model, run_dir: Path) -> None:
+    """Check ``student.safetensors`` against the AF of ``model`` (the student is a copy of it: the same tensors)
+    before a distillation resumes into it; nothing is loaded."""
+    _check_header(model.flow, Path(run_dir) / STUDENT_FILE)
 
 
 def check_model_file(cfg: Config, run_dir: Path) -> None:
@@ -175,8 +274,13 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
 
 
 def stored_distill_settings(run_dir: Path) -> dict | None:
-    """The distill.* settings a run's student was trained with (stored beside its weights), or None."""
+    """The distill.* settings a run's student was trained with (stored in its metadata), or None where there is no
+    student or it records none; CheckpointError where the file or its record cannot be read."""
+    import dataclasses
+
     from safetensors import SafetensorError, safe_open
+
+    from farmer_cli.config.schema import DistillConfig
 
     path = Path(run_dir) / STUDENT_FILE
     if not path.exists():
@@ -184,9 +288,22 @@ def stored_distill_settings(run_dir: Path) -> dict | None:
     try:
         with safe_open(str(path), framework="pt") as fh:
             text = (fh.metadata() or {}).get("distill")
-        return json.loads(text) if text else None
-    except (SafetensorError, OSError, ValueError):
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err}), so the settings of the distillation to resume are "
+                              "unknown; restore it from checkpoints/distill-step-*/ or start afresh with "
+                              "--overwrite") from None
+    if not text:
         return None
+    try:
+        settings = parse_json(text)
+    except ValueError:
+        settings = None
+    known = {f.name for f in dataclasses.fields(DistillConfig)}
+    if not isinstance(settings, dict) or not set(settings) <= known:
+        raise CheckpointError(f"{path}: its 'distill' metadata {text[:60]!r} is not the distill settings farmer "
+                              "records (the file was edited or not written by farmer); restore the run's own file "
+                              "or start afresh with --overwrite")
+    return settings
 
 
 def load_student(run_dir: Path, model):

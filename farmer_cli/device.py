@@ -109,7 +109,7 @@ def end_processes() -> None:
         dist.destroy_process_group()
 
 
-def resolve_device(spec: str = "auto"):
+def _resolve_device(spec: str = "auto"):
     """``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` -> torch.device; DeviceError when the
     device is not there."""
     import torch
@@ -129,6 +129,18 @@ def resolve_device(spec: str = "auto"):
     elif device.type != "cpu":
         raise DeviceError(f"device '{spec}' is not supported: use auto, cpu, cuda or cuda:N")
     return device
+
+
+def choose_device(spec: str = "auto", processes=None):
+    """The one way a command picks its device. One process: ``--device`` (:func:`_resolve_device`). Under
+    ``accelerate launch`` (``processes``: the Accelerator or PartialState of the launch) each process uses the device
+    Accelerate gives it, and an explicit ``--device`` naming another is a DeviceError."""
+    if processes is None or processes.num_processes == 1:
+        return _resolve_device(spec)
+    if spec not in ("auto", str(processes.device)):
+        raise DeviceError(f"--device {spec}: under accelerate launch each process uses the device Accelerate gives it "
+                          f"({processes.device} here); leave --device out")
+    return processes.device
 
 
 def attention_backend(device, precision: str):

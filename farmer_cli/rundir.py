@@ -19,7 +19,6 @@ One writer at a time, no silent overwrite, no silent change of settings on resum
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from farmer_cli.checkpoint import CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError
 from farmer_cli.config.schema import Config
+from farmer_cli.storage import parse_json
 
 log = logging.getLogger("farmer")
 
@@ -104,7 +104,7 @@ def is_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a farmer run: a ``config.json`` that farmer wrote (a JSON object with its
     ``format_version`` and ``config`` keys)."""
     try:
-        payload = json.loads((run_dir / CONFIG_FILE).read_text())
+        payload = parse_json((run_dir / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(payload, dict) and "format_version" in payload and isinstance(payload.get("config"), dict)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,12 +25,28 @@ def cache_dir(*parts: str) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "farmer", *parts)
 
 
+def parse_json(text: str | bytes):
+    """``json.loads``, where text nested too deeply for the decoder (it recurses, and would end in a RecursionError)
+    is malformed JSON like any other: a :class:`json.JSONDecodeError` (a ValueError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write ``path`` through ``write(temporary name)`` and rename it into place (``os.replace``, atomic on POSIX):
-    killed at any moment, the file is the old one or the new one, never truncated. A full disk, a file-size limit
-    or a read-only file system is a :class:`WriteError` naming the file; other errors pass through."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    killed at any moment, the file is the old one or the new one, never truncated. A full disk, a file-size limit,
+    a read-only file system or a directory that cannot be created or written is a :class:`WriteError` naming the
+    file; other errors pass through."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        if not _failed_write(err) and not isinstance(err, (FileExistsError, NotADirectoryError)):
+            raise
+        raise WriteError(f"{path}: could not be written ({err.strerror or err}): {path.parent} cannot be created "
+                         "or written; fix its permissions or choose another place") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -41,15 +58,19 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         Path(tmp).unlink(missing_ok=True)
         if _failed_write(err):
             why = err.strerror if isinstance(err, OSError) and err.strerror else "a short write"
-            raise WriteError(f"{path}: could not be written ({why}); the file that was there is kept: free "
-                                  "some disk space (or raise the file-size limit) and run the command again "
-                                  "(training and distillation: with --resume)") from None
+            fix = ("fix the permissions" if isinstance(err, OSError) and err.errno in PERMISSION_ERRNOS else
+                   "free some disk space (or raise the file-size limit)")
+            raise WriteError(f"{path}: could not be written ({why}); the file that was there is kept: {fix} and "
+                             "run the command again (training and distillation: with --resume)") from None
         raise
 
 
+PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM)
+
+
 def _failed_write(err: BaseException) -> bool:
-    """A full disk, a file-size limit or a read-only file system while writing; torch.save's zip writer reports
-    a short write as a RuntimeError ("unexpected pos", "file write failed")."""
+    """A full disk, a file-size limit, a read-only file system or no permission while writing; torch.save's zip
+    writer reports a short write as a RuntimeError ("unexpected pos", "file write failed")."""
     if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO)
+        return err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO, *PERMISSION_ERRNOS)
     return isinstance(err, RuntimeError) and any(k in str(err) for k in ("unexpected pos", "file write failed"))

@@ -7,6 +7,7 @@ red line on stderr and exit status 2 via :func:`user_errors`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from typing import Iterator
 
@@ -34,6 +35,16 @@ def user_errors() -> Iterator[None]:
     except (ConfigError, DataError, CheckpointError, DeviceError, WeightsError, WriteError, UsageError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
+
+
+def command(implementation):
+    """A command's implementation as its Typer callback: its options are its own parameters (each written once)
+    and it runs inside :func:`user_errors`."""
+    @functools.wraps(implementation)
+    def run(*args, **kwargs):
+        with user_errors():
+            return implementation(*args, **kwargs)
+    return run
 
 
 def exit_with(message: str) -> None:
@@ -112,22 +123,11 @@ def _can_create_in(directory) -> bool:
         return False
 
 
-def process_device(device: str, state):
-    """The device this process runs on: ``--device`` on one process; under accelerate launch (``state``: the
-    Accelerator or PartialState) the one Accelerate gives it, and any other explicit ``--device`` is refused."""
-    from farmer_cli.device import resolve_device
-
-    if state.num_processes == 1:
-        return resolve_device(device)
-    if device not in ("auto", str(state.device)):
-        exit_with(f"--device {device}: under accelerate launch each process uses the device Accelerate gives it "
-                  f"({state.device} here); leave --device out")
-    return state.device
-
-
 MAX_SEED = 2**63 - 1
 
 
-def check_seed(seed: int) -> None:
-    if not 0 <= seed <= MAX_SEED:
-        exit_with(f"--seed {seed}: give a whole number from 0 to 2**63 - 1")
+def check_seed(seed: int | None, bits: int = 63) -> None:
+    """``--seed`` (None: not given) must be a whole number from 0 to 2**bits - 1: 63 bits where it seeds a torch
+    generator directly; fewer where more is computed from it (train.seed: see config.schema.MAX_TRAIN_SEED)."""
+    if seed is not None and not 0 <= seed < 2**bits:
+        exit_with(f"--seed {seed}: give a whole number from 0 to 2**{bits} - 1")

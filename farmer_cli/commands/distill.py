@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from farmer_cli.config.schema import Precision
-from farmer_cli.commands import CKPT_HELP, Option, exit_with, user_errors
+from farmer_cli.commands import CKPT_HELP, Option, exit_with, command
 
 NAME = "distill"
 
 
+@command
 def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
     data: Optional[str] = Option(None, "--data", "-d", help="Data source (default: the checkpoint's)."),
@@ -35,14 +36,10 @@ def run(
     overrides: List[str] = Option([], "--set", help="Override distillation, data or training-loop settings, e.g. "
                                   "--set distill.latent_noise_max=0.2 --set train.log_every=50 (repeatable)."),
 ) -> None:
-    with user_errors():
-        _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides, overwrite)
-
-
-def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrides, overwrite=False):
     import dataclasses
 
-    from farmer_cli.checkpoint import DISTILL_STATE_FILE, load_model, stored_distill_settings
+    from farmer_cli.checkpoint import (DISTILL_METRICS_FILE, DISTILL_STATE_FILE, STUDENT_FILE, check_metrics,
+                                       check_student_file, load_model, stored_distill_settings)
     from farmer_cli.config.files import apply_options
     from farmer_cli.data.dataset import load_data
     from farmer_cli.train.distill import distill
@@ -64,6 +61,10 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
     if resume and not (run_dir / DISTILL_STATE_FILE).exists():
         exit_with(f"--resume: {run_dir} has no distillation to continue ({DISTILL_STATE_FILE}); "
                   f"start one with farmer distill --ckpt {run_dir}")
+    if resume:  # what resuming reads besides the state (checked on loading): the student and the metrics
+        if (run_dir / STUDENT_FILE).exists():
+            check_student_file(model, run_dir)
+        check_metrics(run_dir, DISTILL_METRICS_FILE)
     stored = stored_distill_settings(run_dir) if resume else None
     if stored is not None:  # a resumed distillation keeps its schedule
         asked = {k: v for k, v in dataclasses.asdict(cfg.distill).items() if stored.get(k) != v}
@@ -72,7 +73,8 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
             exit_with(f"--resume keeps the distillation settings of {run_dir}, but this would change "
                       + "; ".join(f"distill.{k}: {stored.get(k)!r} -> {v!r}" for k, v in asked.items())
                       + ". Start a new distillation (without --resume) to change them")
-        apply_options(cfg, {f"distill.{k}": (f"{run_dir}/{DISTILL_STATE_FILE}", v) for k, v in stored.items()})
+        apply_options(cfg, {f"distill.{k}": (f"{run_dir / STUDENT_FILE} (its distill metadata)", v)
+                            for k, v in stored.items()})
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     acc = make_accelerator(cfg.train.mixed_precision)
     main = acc.is_main_process
@@ -89,8 +91,9 @@ def _distill(ckpt, data, steps, batch_size, lr, mixed_precision, resume, overrid
     finally:
         end_processes()
     if main:
-        console.print(f"student inverse error (MSE vs the true inverse, held-out images): "
+        console.print(f"student inverse error (MSE vs the true inverse, {result.error_images} images): "
                       f"{result.error_before:.2e} -> [bold]{result.error_after:.2e}[/]")
         console.print(f"done in {result.seconds / 60:.1f} min: loss {result.first_loss:.4f} -> "
                       f"{result.last_loss:.4f}; student in [bold]{escape(str(run_dir))}/student.safetensors[/]")
         console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --decoder student --class 3 --n 16")
+

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 from farmer_cli.config.schema import Decoder
-from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_seed, exit_with, process_device, user_errors
+from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_seed, exit_with, command
 
 NAME = "evaluate"
 # farmer_cli.eval.inception.RESIZE_RULES (spelled out so that --help needs no torch; tests/test_library.py checks it)
@@ -50,6 +50,7 @@ ResizeRule = Literal["antialias", "tf-legacy"]
 MAX_SAMPLES = 200_000  # the samples' Inception features (16 KB each) are kept for fid and pr
 
 
+@command
 def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
     data: Optional[str] = Option(None, "--data", "-d", help="Data source (default: the checkpoint's)."),
@@ -87,32 +88,6 @@ def run(
     device: str = Option("auto", "--device", help=DEVICE_HELP + " Under accelerate launch each process takes the "
                          "device Accelerate gives it."),
 ) -> None:
-    with user_errors():
-        _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, decoder, batch_size, bpd_draws,
-                  limit, max_classes, seed, sampling_overrides, as_json, device, ref_stats, save_ref_stats, resize,
-                  trust_weights=trust_weights)
-
-
-def _check_stats_options(ref_stats, save_ref_stats, resize: str | None, chosen: list[str]) -> None:
-    from farmer_cli.commands import check_output_dir
-
-    if ref_stats is not None and save_ref_stats is not None:
-        exit_with("give --ref-stats (read the reference statistics) or --save-ref-stats (write them), not both")
-    for option, value in (("--ref-stats", ref_stats), ("--save-ref-stats", save_ref_stats)):
-        if value is not None and not ("fid" in chosen or "pr" in chosen):
-            exit_with(f"{option} is for fid and pr; add fid or pr to --metrics")
-    if save_ref_stats is not None:
-        if save_ref_stats.suffix != ".npz":
-            exit_with(f"--save-ref-stats {save_ref_stats}: give a file name ending in .npz")
-        if save_ref_stats.is_dir():
-            exit_with(f"--save-ref-stats {save_ref_stats} is a directory; give a file name such as "
-                      f"{save_ref_stats / 'ref.npz'}")
-        check_output_dir(save_ref_stats.parent, "--save-ref-stats")
-
-
-def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, decoder, batch_size, bpd_draws, limit,
-              max_classes, seed, sampling_overrides, as_json, device, ref_stats=None, save_ref_stats=None,
-              resize=None, trust_weights=False):
     from farmer_cli.checkpoint import load_model, load_student
     from farmer_cli.storage import atomic_write
     from farmer_cli.config.files import apply_options
@@ -121,7 +96,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, de
     from farmer_cli.sample.generate import my_chunks
     from farmer_cli.eval.inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
     from farmer_cli.eval.ref_stats import StatsError, load_ref_stats, reference_resize
-    from farmer_cli.device import end_processes, make_accelerator
+    from farmer_cli.device import choose_device, end_processes, make_accelerator
     from farmer_cli.rundir import find_checkpoint, free_result_path
     from farmer_cli.commands.ui import console, escape, progress, stdout
 
@@ -163,7 +138,7 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, de
     acc = make_accelerator("fp32", cpu=device == "cpu")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     try:
-        dev = process_device(device, acc)
+        dev = choose_device(device, acc)
         model, cfg, class_names, step = load_model(run_dir, dev)
         apply_options(cfg, {"data.source": ("--data", data), "sampling.cfg": ("--cfg", cfg_weight),
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
@@ -187,6 +162,11 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, de
             if len(stats["mu"]) != width:
                 exit_with(f"--ref-stats {ref_stats}: {len(stats['mu'])}-d statistics, but the Inception network "
                           f"gives {width}-d features")
+        if inception is not None:  # reference features go to the cache: fail now, not after the sampling
+            from farmer_cli.eval.fid import check_cache_writable
+
+            check_cache_writable(cfg, chosen, split, bundle.test if split == "test" else bundle.train,
+                                 inception[1]["weights_sha256"], stats, resize)
 
         t0 = time.time()
         share = sum(len(c) for c in my_chunks(n_samples, batch_size, rank, world))
@@ -212,6 +192,23 @@ def _evaluate(ckpt, data, split, n_samples, cfg_weight, metrics, fid_weights, de
     for line in protocol_lines(result):
         stdout.print(escape(line), highlight=False)
     console.print(f"written to {escape(str(path))}")
+
+
+def _check_stats_options(ref_stats, save_ref_stats, resize: str | None, chosen: list[str]) -> None:
+    from farmer_cli.commands import check_output_dir
+
+    if ref_stats is not None and save_ref_stats is not None:
+        exit_with("give --ref-stats (read the reference statistics) or --save-ref-stats (write them), not both")
+    for option, value in (("--ref-stats", ref_stats), ("--save-ref-stats", save_ref_stats)):
+        if value is not None and not ("fid" in chosen or "pr" in chosen):
+            exit_with(f"{option} is for fid and pr; add fid or pr to --metrics")
+    if save_ref_stats is not None:
+        if save_ref_stats.suffix != ".npz":
+            exit_with(f"--save-ref-stats {save_ref_stats}: give a file name ending in .npz")
+        if save_ref_stats.is_dir():
+            exit_with(f"--save-ref-stats {save_ref_stats} is a directory; give a file name such as "
+                      f"{save_ref_stats / 'ref.npz'}")
+        check_output_dir(save_ref_stats.parent, "--save-ref-stats")
 
 
 def protocol_lines(result: dict) -> list[str]:

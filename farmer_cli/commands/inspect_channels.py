@@ -23,12 +23,13 @@ import typer
 
 InverseDecoder = Literal["sequential", "student"]  # the inverses that decode part of the flow (upto a block)
 
-from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
+from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, check_seed, exit_with, resolve_class, command
 
 NAME = "inspect-channels"
 DEFAULT_FACTORS = "0,0.2,0.4,0.8,1.0,1.2,1.5,2.0,4.0"
 
 
+@command
 def run(
     image: Optional[Path] = typer.Argument(None, help="Image to encode (interpolate mode). Default: the first test "
                                            "image of the checkpoint's data set."),
@@ -48,57 +49,25 @@ def run(
                                  "inspect-variance.png in variance mode)."),
     device: str = Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
-    with user_errors():
-        _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, decoder == "student", out, device)
-
-
-def _floats(text: str, name: str) -> list[float]:
-    import math
-
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        exit_with(f"--{name} must be comma-separated numbers, got '{text}'")
-    if not values:
-        exit_with(f"--{name} is empty")
-    if not all(math.isfinite(v) for v in values):
-        exit_with(f"--{name} must be finite numbers, got '{text}'")
-    if len(values) > 32:
-        exit_with(f"--{name}: at most 32 values, got {len(values)}")
-    return values
-
-
-def parse_blocks(text: str, n: int) -> list[int]:
-    if text == "all":
-        return list(range(1, n + 1))
-    try:
-        chosen = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        exit_with(f"--blocks must be 'all' or comma-separated block numbers, got '{text}'")
-    bad = [b for b in chosen if not 1 <= b <= n]
-    if bad or not chosen:
-        exit_with(f"--blocks {text}: this model has AF blocks 1..{n}")
-    return chosen
-
-
-def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, student, out, device):
+    student = decoder == "student"
     import torch
 
     from farmer_cli.checkpoint import load_model, load_student
     from farmer_cli.data.dataset import load_data
     from farmer_cli.data.images import load_image
     from farmer_cli.sample.channels import noise_interpolation, variance_sweep
-    from farmer_cli.device import resolve_device
+    from farmer_cli.device import choose_device
     from farmer_cli.rundir import find_checkpoint
     from farmer_cli.viz import grid, labelled_figure, save_png
     from farmer_cli.commands.ui import console, escape, stdout
 
     out = out or Path("inspect.png" if mode == "interpolate" else "inspect-variance.png")
     check_output_image(out)
+    check_seed(seed)
     if not 1 <= columns <= 64:
         exit_with("--n must be between 1 and 64")
     run_dir = find_checkpoint(ckpt)
-    model, cfg, class_names, _ = load_model(run_dir, resolve_device(device))
+    model, cfg, class_names, _ = load_model(run_dir, choose_device(device))
     mc = cfg.model
     if mc.d_redundant == 0:
         exit_with("this model has no redundant channels (model.channel_split = false): nothing to inspect")
@@ -114,8 +83,13 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
         if image is not None:
             (u, _), source = load_image(image, mc.channels, size), str(image)
         else:
-            u, _ = load_data(cfg.data, mc.channels, size).test[0]
-            source = f"first test image of {cfg.data.source}"
+            from farmer_cli.data.batching import first_readable
+
+            bundle = load_data(cfg.data, mc.channels, size)
+            u, split = first_readable(bundle.test), "test"
+            if u is None:  # a one-image data set has no test split
+                u, split = first_readable(bundle.train), "training"
+            source = f"first {split} image of {cfg.data.source}"
         res = noise_interpolation(model, u, chosen, lv, seed, student_flow)
         L = len(lv)
         spacer = torch.full((len(chosen), 1, *res.partial.shape[2:]), 255, dtype=torch.uint8)
@@ -146,3 +120,33 @@ def _inspect(image, ckpt, mode, blocks, levels, factors, class_, columns, seed, 
                                  "per column", [f"var x{f:g}" for f in fs], [], cell)
         save_png(figure, out)
     console.print(f"figure -> [bold]{escape(str(out))}[/]")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    import math
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        exit_with(f"--{name} must be comma-separated numbers, got '{text}'")
+    if not values:
+        exit_with(f"--{name} is empty")
+    if not all(math.isfinite(v) for v in values):
+        exit_with(f"--{name} must be finite numbers, got '{text}'")
+    if len(values) > 32:
+        exit_with(f"--{name}: at most 32 values, got {len(values)}")
+    return values
+
+
+def parse_blocks(text: str, n: int) -> list[int]:
+    if text == "all":
+        return list(range(1, n + 1))
+    try:
+        chosen = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        exit_with(f"--blocks must be 'all' or comma-separated block numbers, got '{text}'")
+    bad = [b for b in chosen if not 1 <= b <= n]
+    if bad or not chosen:
+        exit_with(f"--blocks {text}: this model has AF blocks 1..{n}")
+    return chosen
+

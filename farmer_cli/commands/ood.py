@@ -26,13 +26,14 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_output_image, exit_with, user_errors
+from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_output_image, exit_with, command
 
 NAME = "ood"
 # farmer_cli.eval.ood.SCORES and "all" (spelled out so that --help needs no torch; tests/test_library.py checks them)
 ScoreChoice = Literal["combined", "complexity", "bpd", "typicality", "ratio", "all"]
 
 
+@command
 def run(
     inside: Path = Option(..., "--in", help="In-distribution images: a folder (searched recursively) or a file."),
     outside: Optional[Path] = Option(None, "--out", help="Images to tell apart from --in (folder or file)."),
@@ -46,18 +47,14 @@ def run(
     as_json: bool = Option(False, "--json", help="Print one JSON object: per-image scores and the separation."),
     device: str = Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
-    with user_errors():
-        _ood(inside, outside, ckpt, score, background, figure, samples, batch_size, limit, as_json, device)
-
-
-def _ood(inside, outside, ckpt, score, background, figure, samples, batch_size, limit, as_json, device):
+    import numpy as np
     import torch
 
     from farmer_cli.eval import ood
     from farmer_cli.checkpoint import load_model
     from farmer_cli.data.dataset import load_data
     from farmer_cli.data.images import image_files, load_image
-    from farmer_cli.device import resolve_device
+    from farmer_cli.device import choose_device
     from farmer_cli.rundir import find_checkpoint
     from farmer_cli.viz import histogram_figure, save_png
     from farmer_cli.commands.ui import console, escape, stdout
@@ -71,7 +68,7 @@ def _ood(inside, outside, ckpt, score, background, figure, samples, batch_size, 
     if min(samples, batch_size) < 1 or limit < 0:
         exit_with("--samples and --batch-size must be at least 1, --limit at least 0")
     check_output_image(figure, "--figure")
-    device = resolve_device(device)
+    device = choose_device(device)
     model, cfg, _, _ = load_model(find_checkpoint(ckpt), device)
     mc = cfg.model
     sides = {"in": inside} | ({"out": outside} if outside is not None else {})
@@ -98,8 +95,14 @@ def _ood(inside, outside, ckpt, score, background, figure, samples, batch_size, 
     first = names[0]
     save_png(histogram_figure({s: result["scores"][first][s] for s in sides},
                               f"OOD score '{first}' (larger = more out-of-distribution)"), figure)
+    undefined = sum(int((~np.isfinite(bpd[s])).sum()) for s in sides)
+    if undefined:
+        console.print(f"[yellow]warning:[/] the likelihood of {undefined} image(s) is not a finite number (null in "
+                      "--json, nan in the table): the checkpoint's weights may be damaged")
     if as_json:
-        print(json.dumps(result))
+        from farmer_cli.eval.protocol import json_safe
+
+        print(json.dumps(json_safe(result), allow_nan=False))  # NaN and infinities are not JSON: null
         return
     from rich.table import Table
 
@@ -114,3 +117,4 @@ def _ood(inside, outside, ckpt, score, background, figure, samples, batch_size, 
     stdout.print(table)
     console.print(f"{len(files['in'])} --in and {len(files.get('out', []))} --out images; "
                   f"histogram -> {escape(str(figure))}")
+

@@ -25,12 +25,13 @@ from typing import List, Optional
 
 from farmer_cli.config.schema import Decoder, DecodeSteps, Guidance, Precision
 from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, exit_with,
-               process_device, resolve_class, user_errors)
+               resolve_class, command)
 
 NAME = "sample"
 MAX_IMAGES = 10_000  # per call: every image is kept in memory for the grid
 
 
+@command
 def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
     classes: List[str] = Option([], "--class", "-c", help=CLASS_HELP + " Repeat for several; 'random' for a random "
@@ -76,32 +77,13 @@ def run(
                                 "as fit)."),
     overrides: List[str] = Option([], "--set", help="Override sampling settings, e.g. --set sampling.t_resample=2."),
 ) -> None:
-    with user_errors():
-        _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-                batch_size, out, out_dir, scale, overrides, device, decoder, precision, denoise_batch, decode_steps)
-
-
-def sampling_config(cfg, preset_sampling, options: dict, overrides):
-    """The checkpoint's sampling settings with a named preset, then the options (``{"sampling.cfg": ("--cfg",
-    2.0)}``), then --set applied (each through the config gate)."""
-    from farmer_cli.config.files import apply_options, apply_sampling_preset
-
-    if preset_sampling is not None:
-        apply_sampling_preset(cfg, preset_sampling)
-    apply_options(cfg, options, overrides, allowed=("sampling",))
-    return cfg.sampling
-
-
-def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, guidance, preset_sampling, seed,
-            batch_size, out, out_dir, scale, overrides, device, decoder, precision, denoise_batch,
-            decode_steps):
     import torch
 
     from farmer_cli.checkpoint import load_model, load_student
     from farmer_cli.sample.generate import generate_chunks, my_chunks
     from farmer_cli.device import resolve_precision
     from farmer_cli.model.steps import resolve_mode
-    from farmer_cli.device import end_processes, process_state
+    from farmer_cli.device import choose_device, end_processes, process_state
     from farmer_cli.rundir import find_checkpoint
     from farmer_cli.viz import class_blocks, grid, save_png
     from farmer_cli.commands.ui import console, escape, progress
@@ -119,11 +101,12 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
     check_output_image(out)
     if out_dir is not None:
         check_output_dir(out_dir)
+        _check_apart(out, out_dir, [])
     state = process_state()
     world, rank, main = state.num_processes, state.process_index, state.is_main_process
     if world > 1 and out_dir is None:
         exit_with(f"{world} processes write their images to files: pass --out-dir DIR (the grid is built from it)")
-    device = process_device(device, state)
+    device = choose_device(device, state)
     try:
         run_dir = find_checkpoint(ckpt)
         model, cfg, class_names, step = load_model(run_dir, device)
@@ -146,6 +129,8 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
         steps_per_chunk = model.prior.N + (0 if student_flow is not None else cfg.model.af_blocks)
         images, stats = [], {}
         names = _png_names(y_all.tolist(), n, class_names)
+        if out_dir is not None:
+            _check_apart(out, out_dir, names)
         t0 = time.time()
         with progress(disable=not main) as bar:
             task = bar.add_task("sample", total=len(my_chunks(len(y_all), batch_size, rank, world)) * steps_per_chunk)
@@ -178,6 +163,17 @@ def _sample(ckpt, classes, n, cfg_weight, temperature, var_scale, candidates, gu
         end_processes()
 
 
+def sampling_config(cfg, preset_sampling, options: dict, overrides):
+    """The checkpoint's sampling settings with a named preset, then the options (``{"sampling.cfg": ("--cfg",
+    2.0)}``), then --set applied (each through the config gate)."""
+    from farmer_cli.config.files import apply_options, apply_sampling_preset
+
+    if preset_sampling is not None:
+        apply_sampling_preset(cfg, preset_sampling)
+    apply_options(cfg, options, overrides, allowed=("sampling",))
+    return cfg.sampling
+
+
 def _labels(classes: list[str], num_classes: int, class_names: list[str], seed: int) -> list[int]:
     """The classes asked for (names, indices or 'random'), or every class (at most 10; else 8 random ones).
     Random picks use a CPU generator, so every process of a launch picks the same."""
@@ -201,6 +197,23 @@ def _png_names(labels, n: int, class_names: list[str]) -> list[str]:
         rows_seen[label] = earlier + 1
         names += [f"{_safe(class_names, label)}_{earlier * n + i:04d}.png" for i in range(min(n, len(labels) - row))]
     return names
+
+
+def _check_apart(out: Path, out_dir: Path, names: list[str]) -> None:
+    """Before any sampling: the grid (--out) is neither --out-dir itself, nor a folder above it, nor one of the
+    image files written there (``names``), and none of those is a directory: nothing written overwrites another."""
+    grid, folder = out.resolve(), out_dir.resolve()
+    if grid == folder or grid in folder.parents:
+        exit_with(f"--out {out} and --out-dir {out_dir}: the grid file would be the images' folder (or a folder "
+                  f"above it); give the grid another name, e.g. {out_dir / 'grid.png'}")
+    if grid.parent == folder and grid.name in set(names):
+        exit_with(f"--out {out} is also the name of an image written to --out-dir {out_dir} (one per sample, "
+                  f"<class>-<name>_<index>.png): one would overwrite the other; name the grid otherwise, e.g. "
+                  f"{out_dir / 'grid.png'}")
+    taken = next((name for name in names if (folder / name).is_dir()), None)
+    if taken is not None:
+        exit_with(f"--out-dir {out_dir}: {taken} there is a directory, so the image of that name cannot be written; "
+                  "move it or choose another --out-dir")
 
 
 def _write_pngs(out_dir: Path, chunk: range, images, names: list[str]) -> None:

@@ -20,11 +20,12 @@ from typing import List, Optional
 
 import typer
 
-from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, user_errors
+from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, command
 
 NAME = "score"
 
 
+@command
 def run(
     images: List[Path] = typer.Argument(..., help="Image files or directories (every image inside is scored)."),
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
@@ -39,18 +40,13 @@ def run(
                                      "the informative term, the share of the redundant term). With several images: "
                                      "<name>_<image>.png beside it. --json then includes the per-patch bits."),
 ) -> None:
-    with user_errors():
-        _score(images, ckpt, class_, samples, batch_size, as_json, device, heatmap)
-
-
-def _score(images, ckpt, class_, samples, batch_size, as_json, device, heatmap):
     import math
 
     import torch
 
     from farmer_cli.checkpoint import load_model
     from farmer_cli.data.images import image_files, load_image
-    from farmer_cli.device import resolve_device
+    from farmer_cli.device import choose_device
     from farmer_cli.rundir import find_checkpoint
     from farmer_cli.eval.bits import model_bytes, patch_bits, png_bytes, score_batch
     from farmer_cli.viz import bits_figure, save_png
@@ -63,7 +59,7 @@ def _score(images, ckpt, class_, samples, batch_size, as_json, device, heatmap):
     files = image_files(images)
     if heatmap is not None:
         check_output_image(heatmap, "--heatmap")
-    model, cfg, class_names, _ = load_model(find_checkpoint(ckpt), resolve_device(device))
+    model, cfg, class_names, _ = load_model(find_checkpoint(ckpt), choose_device(device))
     mc = cfg.model
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)
     loaded = [load_image(f, mc.channels, mc.image_size) for f in files]  # fails early, naming the bad file

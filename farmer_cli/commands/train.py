@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 from farmer_cli.config.schema import Precision
-from farmer_cli.commands import SET_HELP, Option, exit_with, user_errors
+from farmer_cli.commands import SET_HELP, Option, check_seed, command, exit_with
 
 NAME = "train"
 
 
+@command
 def run(
     preset: Optional[str] = Option(None, "--preset", "-p", help="Preset name (tiny, quickstart, imagenet64-bpd, "
                                    "imagenet256-patch16, imagenet256-patch8, imagenet256-1.1b-patch16, "
@@ -68,19 +69,13 @@ def run(
                             "metrics.jsonl to TensorBoard files in the run directory (needs the tensorboard "
                             "package; view with: tensorboard --logdir RUN)."),
 ) -> None:
-    with user_errors():
-        if dry_run:
-            return _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides, gpu_memory, gpus,
-                            plan_device, as_json)
-        _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_precision, seed, resume, overwrite,
-               stop_after, workers, overrides, report_to)
-
-
-def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_precision, seed, resume, overwrite,
-           stop_after, workers, overrides, report_to):
+    if dry_run:
+        return _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides, gpu_memory, gpus,
+                        plan_device, as_json)
     import copy
 
-    from farmer_cli.checkpoint import TRAIN_STATE_FILE, check_model_file, load_config
+    from farmer_cli.checkpoint import METRICS_FILE, TRAIN_STATE_FILE, check_metrics, check_model_file, load_config
+    from farmer_cli.config.schema import MAX_TRAIN_SEED
     from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import load_data
     from farmer_cli.rundir import claim_on_main, resume_conflicts
@@ -90,6 +85,7 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
     from farmer_cli.commands.ui import LoopProgress, console, escape
 
     tracker_options(report_to)  # an unknown or uninstalled tracker fails before any work
+    check_seed(seed, MAX_TRAIN_SEED.bit_length())
     if stop_after < 0:
         exit_with("--stop-after must be 0 (off) or a positive number of steps")
     if steps is not None and epochs is not None:
@@ -99,6 +95,7 @@ def _train(preset, data, out, steps, epochs, batch_size, grad_accum, lr, mixed_p
     if resume:
         out = find_checkpoint(out, TRAIN_STATE_FILE)
         stored, _, payload = load_config(out)
+        check_metrics(out, METRICS_FILE)
         if preset is not None and preset != stored.preset:
             exit_with(f"--resume continues {out}, trained with preset '{stored.preset}', not '{preset}'; "
                       "start a new run (another --out) for a different preset")

@@ -78,7 +78,7 @@ class LoopProgress:
 
     def __exit__(self, kind, err, tb) -> None:
         from farmer_cli.train.divergence import TrainingDiverged
-        from farmer_cli.train.engine import Stopped
+        from farmer_cli.train.stop_signals import Stopped
 
         self.bar.__exit__(kind, err, tb)
         if isinstance(err, TrainingDiverged):

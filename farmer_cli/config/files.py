@@ -143,15 +143,29 @@ def _parse_toml(text: str, origin: str) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{_at(origin)}not valid TOML ({err})") from None
+    except RecursionError:  # tomllib recurses into nested arrays and tables
+        raise ConfigError(f"{_at(origin)}not a preset: its arrays or tables are nested too deeply") from None
+
+
+def _read_preset(path: Path) -> str:
+    """The text of a preset file; ConfigError naming it when it is not a readable UTF-8 file (TOML is UTF-8)."""
+    if not path.is_file():
+        what = "is a directory, not a preset file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"preset file {path} {what}; give a .toml file or a preset name ({', '.join(preset_names())})")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"preset file {path}: unreadable ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"preset file {path}: not UTF-8 text (byte {err.start}: {err.object[err.start]:#04x}); "
+                          "TOML files are UTF-8: save it as UTF-8") from None
 
 
 def load_preset(name_or_path: str) -> Config:
     """Load a preset by name (``quickstart``) or from a TOML file path."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"preset file {path} does not exist")
-        text, origin = path.read_text(), str(path)
+        text, origin = _read_preset(path), str(path)
     else:
         names = preset_names()
         if name_or_path not in names:

@@ -46,6 +46,24 @@ def _positive(section: Any, prefix: str, *names: str) -> None:
         _check(value > 0, f"{prefix}.{name}", "> 0", value)
 
 
+def _at_most(section: Any, prefix: str, maximum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(value <= maximum, f"{prefix}.{name}", f"<= {maximum:,}", value)
+
+
+# Upper bounds on model sizes, far above any real model (the largest preset: 256 px, N = 1,024, width 1,024) and
+# low enough that no tensor the model builds has more elements than an int64 counts: an edited config.json or a
+# --set asking for model.image_size = 2**40 is refused here, before anything is built or allocated.
+MAX_SIZE = 65_536  # image side, widths, heads, channels, components, M, d_I, token merge
+MAX_LAYERS = 1_024  # af_blocks, af_layers, ar_layers (each)
+MAX_TOKENS = 1 << 20  # N, and the channels of an AR token
+MAX_CLASSES = 1 << 20
+MAX_MLP_RATIO = 64.0
+MAX_SEED = 2**63 - 1  # data.split_seed (torch generators take 64 bits)
+MAX_TRAIN_SEED = 2**32 - 1  # train.seed: every step's seed is train.seed x 1,000,003 + step, within 64 bits
+
+
 @dataclass
 class ModelConfig:
     """Sizes and modelling switches of FARMER (arXiv v2 §3.2–3.3, §4.1 Table 1; docs/design.md "Choices the paper leaves
@@ -125,13 +143,26 @@ class ModelConfig:
                   "af_width", "af_heads", "ar_layers", "ar_width", "ar_heads", "cond_repeat", "informative_dims",
                   "informative_components", "redundant_components", "token_merge")
         _positive(self, "model", "af_max_log_scale", "mlp_ratio", "min_scale")
+        _at_most(self, "model", MAX_SIZE, "image_size", "channels", "patch_size", "af_width", "af_heads", "ar_width",
+                 "ar_heads", "cond_repeat", "informative_dims", "informative_components", "redundant_components",
+                 "token_merge")
+        _at_most(self, "model", MAX_LAYERS, "af_blocks", "af_layers", "ar_layers")
+        _at_most(self, "model", MAX_CLASSES, "num_classes")
+        _at_most(self, "model", MAX_MLP_RATIO, "mlp_ratio")
         _check(0 <= self.checkpoint_fraction <= 1, "model.checkpoint_fraction", "in [0, 1]",
                self.checkpoint_fraction)
         if self.image_size % self.patch_size:
             raise ConfigError(f"model.image_size={self.image_size} is not a multiple of model.patch_size={self.patch_size}")
         side = self.image_size // self.patch_size
+        if self.tokens > MAX_TOKENS or self.token_dim > MAX_TOKENS:
+            raise ConfigError(f"model.image_size={self.image_size} with model.patch_size={self.patch_size} and "
+                              f"model.channels={self.channels} gives {self.tokens:,} tokens of {self.token_dim:,} "
+                              f"channels; at most {MAX_TOKENS:,} of each")
         if side % self.token_merge:
             raise ConfigError(f"model.token_merge={self.token_merge} does not divide the {side}x{side} token grid")
+        if self.ar_token_dim > MAX_TOKENS:
+            raise ConfigError(f"model.token_merge={self.token_merge} makes AR tokens of {self.ar_token_dim:,} "
+                              f"channels; at most {MAX_TOKENS:,}")
         if self.channel_split and not 0 < self.informative_dims < self.ar_token_dim:
             raise ConfigError(
                 f"model.informative_dims={self.informative_dims} must be between 1 and {self.ar_token_dim - 1} "
@@ -158,7 +189,8 @@ class DataConfig:
     def validate(self) -> None:
         _check(bool(self.source.strip()), "data.source", "a data source name or path", self.source)
         _check(0 <= self.test_fraction < 1, "data.test_fraction", "in [0, 1)", self.test_fraction)
-        _at_least(self, "data", 0, "num_workers")
+        _at_least(self, "data", 0, "num_workers", "split_seed")
+        _at_most(self, "data", MAX_SEED, "split_seed")
 
 
 @dataclass
@@ -194,6 +226,8 @@ class TrainConfig:
         _check(self.steps > 0 or self.epochs > 0, "train.steps", "> 0 (or train.epochs > 0)", self.steps)
         _at_least(self, "train", 0, "epochs", "warmup_steps", "weight_decay", "min_lr", "noise_end", "sample_every")
         _at_least(self, "train", 1, "batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_checkpoints")
+        _at_least(self, "train", 0, "seed")
+        _at_most(self, "train", MAX_TRAIN_SEED, "seed")
         _positive(self, "train", "lr", "grad_clip")
         _check(self.min_lr <= self.lr, "train.min_lr", f"<= train.lr ({self.lr:g})", self.min_lr)
         for name in ("beta1", "beta2", "ema_decay", "label_dropout"):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
 from farmer_cli.config.schema import DataConfig
 from farmer_cli.data.images import IMAGE_ERRORS, to_uint8
-from farmer_cli.data.sources import Source, Unlabelled, digest, open_source
+from farmer_cli.data.sources import DataError, Source, Unlabelled, digest, open_source
 
 log = logging.getLogger("farmer")
 
@@ -70,9 +71,34 @@ class DataBundle:
                 "digest": digest([self.class_names, source.layout(), self.train.indices, self.test.indices])}
 
 
+PROBE_IMAGES = 16  # images per split decoded by load_data to make sure the data can be read at all
+
+
+def check_readable(dataset: ImageDataset, split: str, probes: int = PROBE_IMAGES) -> None:
+    """DataError when none of up to ``probes`` images spread evenly over ``dataset`` can be decoded (all of them in
+    a small data set): a folder of unreadable files is refused in one line before any work, instead of training
+    on empty batches. Stops at the first readable image, so a good data set costs one decode."""
+    n = len(dataset)
+    picks = sorted({k * n // min(n, probes) for k in range(min(n, probes))})
+    first = None
+    for k in picks:
+        item, _ = dataset.source.get(dataset.indices[k])
+        try:
+            to_uint8(item, dataset.channels, dataset.size)
+            return
+        except IMAGE_ERRORS as err:
+            first = first or f"{item if isinstance(item, (str, os.PathLike)) else f'image {k}'}: {err}"
+    if picks:
+        which = f"none of its {n} {split} images" if len(picks) == n else \
+            f"none of {len(picks)} {split} images spread over its {n}"
+        raise DataError(f"data source {dataset.source.name}: {which} can be read (e.g. {first}); replace or remove "
+                        "the unreadable files, or choose another --data")
+
+
 def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
     """Open the source and split it: the source's own train/test splits when it has them, else a fixed seeded
-    hold-out of ``cfg.test_fraction`` (the same for every run with the same ``split_seed``)."""
+    hold-out of ``cfg.test_fraction`` (the same for every run with the same ``split_seed``). DataError when a split
+    holds images none of which can be read (:func:`check_readable`)."""
     source = open_source(cfg) if cfg.use_labels else Unlabelled(open_source(cfg))
     if source.splits is not None:
         train_idx, test_idx = source.splits
@@ -81,7 +107,10 @@ def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
         n_test = max(1, int(round(source.length * cfg.test_fraction))) if source.length > 1 else 0
         # the test split in shuffled order: its first images (the subset training reports on) mix all classes
         test_idx, train_idx = order[:n_test], sorted(order[n_test:])
-    return DataBundle(ImageDataset(source, train_idx, channels, size), ImageDataset(source, test_idx, channels, size),
-                      source.class_names)
+    bundle = DataBundle(ImageDataset(source, train_idx, channels, size), ImageDataset(source, test_idx, channels, size),
+                        source.class_names)
+    check_readable(bundle.train, "training")
+    check_readable(bundle.test, "test")
+    return bundle
 
 

@@ -75,7 +75,7 @@ def _current(index, root: Path, classes: list[str]) -> bool:
 
 def _read(path: Path, root: Path, classes: list[str]) -> dict | None:
     try:
-        index = json.loads(path.read_text())
+        index = storage.parse_json(path.read_text())
     except (OSError, ValueError):
         return None
     return index if _current(index, root, classes) else None

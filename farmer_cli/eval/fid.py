@@ -16,7 +16,7 @@ from farmer_cli.data.dataset import ImageDataset
 from farmer_cli.eval.inception import RESIZE_RULES, inception_features, logits_layer
 from farmer_cli.eval.feature_metrics import feature_stats, frechet_distance, inception_score, precision_recall
 from farmer_cli.eval.ref_stats import iter_npz_images, save_ref_stats as write_ref_stats, write_arrays
-from farmer_cli.storage import atomic_write, cache_dir
+from farmer_cli.storage import WriteError, atomic_write, cache_dir
 
 
 def _features(net, image_batches, batch: int, resize: str) -> torch.Tensor:
@@ -37,16 +37,61 @@ def stream_features(net, dataset: ImageDataset, batch: int, limit: int = 0, resi
     return _features(net, (u for u, _ in iterate_batches(dataset, batch, limit)), batch, resize).double()
 
 
+def _split_key(cfg: Config, split: str, reference: ImageDataset) -> dict:
+    """What the cached statistics of a data split are keyed by, besides the weights, limit and resize rule."""
+    return {"source": cfg.data.source, "split": split, "resolution": cfg.model.image_size,
+            "channels": cfg.model.channels, "split_seed": cfg.data.split_seed,
+            "test_fraction": cfg.data.test_fraction, "content": reference.fingerprint()}
+
+
+def _stats_cache_path(weights_sha: str, key: dict, limit: int, resize: str) -> tuple[dict, Path]:
+    key = {**key, "weights_sha256": weights_sha, "limit": limit}
+    if resize != "antialias":  # the default rule keeps the key (and the caches) of earlier releases
+        key["resize"] = RESIZE_RULES[resize]
+    return key, _cache_path(key, "", ".npz")
+
+
+def _ref_file_cache_path(stats: dict, weights_sha: str, resize: str) -> tuple[dict, Path]:
+    key = {"ref_file_sha256": stats["sha256"], "weights_sha256": weights_sha, "resize": RESIZE_RULES[resize]}
+    return key, _cache_path(key, "ref-", ".npy")
+
+
+def check_cache_writable(cfg: Config, metrics: list[str], split: str, reference: ImageDataset, weights_sha: str,
+                         ref_stats: dict | None, resize: str = "antialias") -> None:
+    """Before any sampling: where :func:`fid_metrics` will write reference features to the cache (they are not
+    cached yet), the cache directory can be created and written; a WriteError naming it otherwise (instead of
+    failing after all the samples were drawn)."""
+    if ref_stats is None:
+        path = _stats_cache_path(weights_sha, _split_key(cfg, split, reference), 0, resize)[1]
+    elif ref_stats["act"] is None and ref_stats.get("images") is not None and "pr" in metrics:
+        path = _ref_file_cache_path(ref_stats, weights_sha, resize)[1]
+    else:
+        return  # the file's own features: nothing is cached
+    if path.exists():
+        return
+    import tempfile
+
+    folder = path.parent
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    why = None if existing.is_dir() else "a file, not a directory"
+    if why is None:
+        try:  # really create a file: permissions say yes to root on a read-only file system
+            with tempfile.TemporaryFile(dir=existing, prefix=".farmer-probe-"):
+                pass
+        except OSError as err:
+            why = err.strerror or str(err)
+    if why is not None:
+        raise WriteError(f"{folder}: the FID cache cannot be written ({existing}: {why}); evaluate keeps the "
+                         "reference features there: set XDG_CACHE_HOME to a writable directory")
+
+
 def reference_stats(net, weights_sha: str, dataset: ImageDataset, key: dict, batch: int, limit: int,
                     resize: str = "antialias"):
     """Inception features and (mean, cov) of real images, cached under the user's cache dir, keyed by the data
     source, split, resolution, channels, resize rule, image count, weights and the images' content
     (``key["content"]``: their files' resolved paths, sizes and times, or their bytes). Images are streamed:
     features are computed batch by batch and no more than one batch of images is held."""
-    key = {**key, "weights_sha256": weights_sha, "limit": limit}
-    if resize != "antialias":  # the default rule keeps the key (and the caches) of earlier releases
-        key["resize"] = RESIZE_RULES[resize]
-    path = _cache_path(key, "", ".npz")
+    key, path = _stats_cache_path(weights_sha, key, limit, resize)
     cached = _read_cached_stats(path)
     if cached is not None:
         return (*cached, True)
@@ -75,8 +120,7 @@ def ref_file_features(net, stats: dict, weights_sha: str, batch: int, resize: st
     """Features of the reference images that a --ref-stats file ships instead of features (ADM's ``arr_0``),
     streamed from the archive and cached like :func:`reference_stats` (keyed by the file's and the weights'
     sha256 and the resize rule). -> (features (n, F) float64, cached?)"""
-    key = {"ref_file_sha256": stats["sha256"], "weights_sha256": weights_sha, "resize": RESIZE_RULES[resize]}
-    path = _cache_path(key, "ref-", ".npy")
+    key, path = _ref_file_cache_path(stats, weights_sha, resize)
     if path.exists():
         return torch.from_numpy(np.load(path)).double(), True
     feats = _features(net, iter_npz_images(stats["path"], batch=batch), batch, resize)
@@ -113,9 +157,7 @@ def fid_metrics(cfg: Config, metrics: list[str], split: str, reference: ImageDat
             described["pr_features"] = "the file's 'act'"
     else:
         on_stage(f"Inception features of the {split} split")
-        key = {"source": cfg.data.source, "split": split, "resolution": cfg.model.image_size,
-               "channels": cfg.model.channels, "split_seed": cfg.data.split_seed,
-               "test_fraction": cfg.data.test_fraction, "content": reference.fingerprint()}
+        key = _split_key(cfg, split, reference)
         real, mu_r, cov_r, cached = reference_stats(net, protocol["weights_sha256"], reference, key, batch, 0, resize)
         described = {"kind": "data", "source": cfg.data.source, "split": split, "n": len(real), "cached": cached}
         n_real_stats = len(real)

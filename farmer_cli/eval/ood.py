@@ -80,11 +80,19 @@ def scores(name: str, bpd: np.ndarray, images: torch.Tensor, train: dict[str, fl
 
 def separation(inside: np.ndarray, outside: np.ndarray) -> dict[str, float]:
     """How well a score (larger = more out-of-distribution) separates the two sets: AUROC (0.5 = chance, 1 =
-    perfect) and the false-positive rate on in-distribution images at 95% true-positive rate on the others."""
+    perfect) and the false-positive rate on in-distribution images at 95% true-positive rate on the others. Both
+    depend on the scores' order only: an infinite score ranks beyond every finite one; a NaN score (a damaged
+    checkpoint's likelihood) has no place in the order, so both figures are then NaN."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     labels = np.concatenate([np.zeros(len(inside)), np.ones(len(outside))])
-    values = np.concatenate([inside, outside])
+    values = np.concatenate([inside, outside]).astype(np.float64)
+    if np.isnan(values).any():
+        return {"auroc": float("nan"), "fpr_at_95_tpr": float("nan"), "n_in": len(inside), "n_out": len(outside)}
+    finite = values[np.isfinite(values)]
+    if finite.size < values.size:  # the same order with finite numbers (sklearn refuses infinities)
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        values = np.where(values == np.inf, high + 1.0, np.where(values == -np.inf, low - 1.0, values))
     fpr, tpr, _ = roc_curve(labels, values)
     return {"auroc": float(roc_auc_score(labels, values)), "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95)]),
             "n_in": len(inside), "n_out": len(outside)}

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from farmer_cli.eval.inception import sha256
-from farmer_cli.storage import atomic_write
+from farmer_cli.storage import atomic_write, parse_json
 from farmer_cli.eval.feature_metrics import feature_stats
 
 IMAGES_KEY = "arr_0"  # ADM's reference batches: the reference images, uint8 (n, H, W, 3)
@@ -47,7 +47,7 @@ def load_ref_stats(path: Path, feature_dim: int | None = None) -> dict:
             mu, sigma = np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64)
             act = torch.from_numpy(np.asarray(data["act"], dtype=np.float64)) if "act" in keys else None
             images = _npz_image_shape(path, IMAGES_KEY) if act is None and IMAGES_KEY in keys else None
-            protocol = json.loads(str(data["protocol"])) if "protocol" in keys else None
+            protocol = parse_json(str(data["protocol"])) if "protocol" in keys else None
             protocol = protocol if isinstance(protocol, dict) else None
     except StatsError:
         raise

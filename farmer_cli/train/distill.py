@@ -19,8 +19,9 @@ import torch
 
 from farmer_cli.checkpoint import DISTILL_METRICS_FILE, DISTILL_STATE_FILE, MODEL_FILE, STUDENT_FILE, save_weights, weights_fingerprint
 from farmer_cli.config.schema import Config
-from farmer_cli.data.batching import make_loader
+from farmer_cli.data.batching import iterate_batches, make_loader
 from farmer_cli.data.dataset import DataBundle
+from farmer_cli.data.sources import DataError
 from farmer_cli.train.distributed import ModuleState
 from farmer_cli.train.engine import Loop, LoopEvent, RunFiles, Schedule, StepOutput, adamw
 from farmer_cli.model import Farmer, dequantize
@@ -30,12 +31,22 @@ from farmer_cli.device import attention_backend
 STUDENT_LR_FLOOR = 0.01  # the student's cosine schedule ends at 1% of its peak learning rate
 
 
+def error_images(data: DataBundle, batch: int) -> tuple[torch.Tensor, str]:
+    """The images :func:`student_error` measures on: up to ``batch`` readable test images, or training images
+    where the data set holds no (readable) test image (a one-image data set has no test split); and which."""
+    for dataset, kind in ((data.test, "held-out"), (data.train, "training")):
+        for u, _ in iterate_batches(dataset, batch, batch):
+            return u, kind
+    raise DataError(f"data source {data.train.source.name}: no readable image to measure the student on")
+
+
 @torch.no_grad()
 def student_error(model: Farmer, student, data: DataBundle, batch: int, device: torch.device, seed: int = 0) -> float:
     """Mean squared error between the student's one-pass inverse and the true inverse on held-out latents.
 
-    The latents are the teacher's encodings of test images (so the true inverse is the image itself)."""
-    u = torch.stack([data.test[i][0] for i in range(min(batch, len(data.test)))])
+    The latents are the teacher's encodings of test images (so the true inverse is the image itself); of training
+    images where there are none (:func:`error_images`)."""
+    u, _ = error_images(data, batch)
     x = dequantize(u, "uniform", generator=torch.Generator().manual_seed(seed)).to(device)
     tokens = model.to_tokens(x)
     z, _ = model.flow(tokens)
@@ -51,6 +62,7 @@ class DistillResult:
     error_after: float
     seconds: float
     student: torch.nn.Module  # this process's student AF
+    error_images: str = "held-out"  # what student_error measured on: held-out (test) or training images
 
 
 def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: bool = False,
@@ -94,4 +106,5 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
     loop.run(step_fn, iter(loader), dc.steps)
     error_after = student_error(model, raw.eval(), data, dc.batch_size, device)
     first, last = (float(seen[k]) if seen else math.nan for k in ("first", "last"))
-    return DistillResult(dc.steps, first, last, error_before, error_after, time.time() - t0, raw)
+    return DistillResult(dc.steps, first, last, error_before, error_after, time.time() - t0, raw,
+                         error_images(data, dc.batch_size)[1])

@@ -16,8 +16,6 @@ import contextlib
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,23 +24,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from farmer_cli.checkpoint import CheckpointError, load_training_state, save_training_state
-
 from farmer_cli.rundir import history, snapshot
 from farmer_cli.train.distributed import as_float, full_tensor, gather_optimizer, load_optimizer, no_grad_sync
 from farmer_cli.train.divergence import FiniteWatch
+from farmer_cli.train.stop_signals import StopFlag, Stopped
 
 log = logging.getLogger("farmer")
 
 STOP_VOTE_EVERY = 10  # steps between the ranks' stop votes in a multi-process run
-STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
-
-
-class Stopped(Exception):
-    """A stop signal arrived; a checkpoint of ``step`` was saved and the run can continue with ``--resume``."""
-
-    def __init__(self, step: int, signame: str) -> None:
-        super().__init__(f"stopped by {signame} after step {step}; a checkpoint was saved: continue with --resume")
-        self.step, self.signame = step, signame
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -72,29 +61,6 @@ class LoopEvent:
     step: int
     total: int
     record: dict[str, Any] | None = None
-
-
-class _StopFlag:
-    """Turns the first SIGINT/SIGTERM/SIGUSR1 into a flag read between steps; a second SIGINT interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signame: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signame is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signame = signal.Signals(signum).name
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
@@ -273,7 +239,7 @@ class Loop:
         seen, last_log = 0, time.time()
         self.on_event(LoopEvent("start", self.step, self.total))
         try:
-            with _StopFlag() as stop:
+            with StopFlag() as stop:
                 for step in range(self.step, end):
                     self.model.train()
                     outs = self._accumulate(step_fn, batches, step)
@@ -307,7 +273,7 @@ class Loop:
                 metrics.close()
         return self.step
 
-    def _stop_requested(self, stop: _StopFlag, done: int) -> bool:
+    def _stop_requested(self, stop: StopFlag, done: int) -> bool:
         """True on every rank when any rank received a stop signal (so all save the same step). With several
         processes the ranks vote every :data:`STOP_VOTE_EVERY` steps (a collective and a host sync each time), so
         a stop comes at most that many steps late."""

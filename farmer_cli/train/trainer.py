@@ -93,7 +93,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     """Train (or resume) a Farmer model on ``data`` into ``run_dir``; returns a summary.
 
     ``stop_after`` > 0 ends this invocation after that many steps (checkpoint saved; the schedules still span the
-    full run), for time-limited jobs. Raises ``engine.Stopped`` after saving when a stop signal arrives and
+    full run), for time-limited jobs. Raises ``Stopped`` (:mod:`farmer_cli.train.stop_signals`) after saving when a stop signal arrives and
     ``TrainingDiverged`` (:mod:`farmer_cli.train.divergence`) on a non-finite loss."""
     tc, device, main = cfg.train, accelerator.device, accelerator.is_main_process
     total = total_steps(cfg, len(data.train), accelerator.num_processes)

@@ -32,7 +32,7 @@ from PIL import Image
 
 from cli_helpers import ENV
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE_STEPS = 30  # tiny_run trains 30 steps
 # One intra-op thread per process: the tiny model gains nothing from more, and several processes share 2 cores.
 JOB_ENV = {**ENV, "OMP_NUM_THREADS": "1"}

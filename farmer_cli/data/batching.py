@@ -53,7 +53,10 @@ class TrainingLoader(torch.utils.data.DataLoader):
     resuming relies on)."""
 
     def __iter__(self):
-        for batch in super().__iter__():
+        return self._checked(super().__iter__())  # the loader's own iterator starts here, as a plain DataLoader's
+
+    def _checked(self, batches):
+        for batch in batches:
             if not len(batch[0]):
                 raise DataError(f"data source {self.dataset.source.name}: none of the {batch[2]} images of a "
                                 "training batch could be read (the warnings above name them); replace or remove "

@@ -13,7 +13,7 @@ Data: random 32x32 crops (resized from 48x48) of the two colour photographs that
 so no test pixel is seen in training. The model is the preset at reduced width and depth (below); the comparison
 is between channel choices at equal budget, not a bits/dim for ImageNet.
 
-    python bench/channel_split.py --steps 600 --seeds 0 1        # about 1.5 CPU minutes per run on 2 cores
+    python bench/channel_split.py --steps 250 --seeds 0 1        # about 2 CPU minutes per run on 2 cores
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def photo_crops(root: Path, per_photo: int = 1500, side: int = 48) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args()
     rows = []

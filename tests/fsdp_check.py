@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from farmer_cli.train import trainer as training
 from farmer_cli.config.files import load_preset
 from farmer_cli.data.dataset import load_data
-from farmer_cli.train.distributed import gather_model
+from farmer_cli.train.distributed import gather_module_state
 from farmer_cli.model.attention import TransformerLayer
 from farmer_cli.device import end_processes, make_accelerator
 
@@ -43,7 +43,7 @@ whole = training.train(cfg, bundle, out / "whole", acc)
 training.train(cfg, bundle, out / "split", acc, stop_after=3)
 split = training.train(cfg, bundle, out / "split", acc, resume=True)
 for name, result in (("whole", whole), ("split", split)):
-    state = gather_model(result.model)
+    state = gather_module_state(result.model)
     if acc.is_main_process:
         torch.save(state, out / f"{name}-weights.pt")
         print(name, "bpd", result.bpd_before, result.bpd_after)

@@ -1,8 +1,8 @@
 """State that is safe to gather, save and load whether a model is whole (one process, DDP) or sharded (FSDP2).
 
-* :func:`gather_model` / :func:`gather_optimizer`: full state dicts, built collectively (every rank must call) and
+* :func:`gather_module_state` / :func:`gather_optimizer`: full state dicts, built collectively (every rank must call) and
   kept on the main process only, in CPU memory (``torch.distributed.checkpoint.state_dict``).
-* :func:`load_model` / :func:`load_optimizer`: the reverse; only the main process needs to have read the file,
+* :func:`load_module_state` / :func:`load_optimizer`: the reverse; only the main process needs to have read the file,
   the others receive their part by broadcast (so no rank but the first holds a whole copy of the checkpoint).
 * :class:`EMA`: an exponential moving average kept as shadow tensors beside the parameters (sharded exactly like
   them under FSDP, where a module cannot be deep-copied), gathered and loaded like the model.
@@ -38,7 +38,7 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state.items()} if is_main() else {}
 
 
-def gather_model(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full state dict of ``module`` on the main process (CPU), empty elsewhere. Collective."""
     return _cpu(get_model_state_dict(module, options=GATHER))
 
@@ -49,7 +49,7 @@ def gather_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     return state if is_main() else {}
 
 
-def load_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a full state dict read by the main process (others pass {}). Collective."""
     set_model_state_dict(module, state, options=_loading())
 
@@ -108,7 +108,7 @@ class EMA:
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Load full EMA weights read by the main process (others pass {}): they pass through the model (which is
         sharded and broadcast to like any weights), so load the EMA before the model's own weights. Collective."""
-        load_model(self.model, state)
+        load_module_state(self.model, state)
         self.shadows = [p.detach().clone() for p in self.model.parameters()]
 
 
@@ -119,10 +119,10 @@ class ModuleState:
         self.module = module
 
     def gather(self) -> dict[str, torch.Tensor]:
-        return gather_model(self.module)
+        return gather_module_state(self.module)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_model(self.module, state)
+        load_module_state(self.module, state)
 
 
 def expose_methods(model: torch.nn.Module, *names: str) -> None:

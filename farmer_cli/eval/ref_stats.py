@@ -33,6 +33,7 @@ def load_ref_stats(path: Path, feature_dim: int | None = None) -> dict:
     if not zipfile.is_zipfile(path):
         raise StatsError(f"--ref-stats {path}: not an .npz archive (an .npz is a zip of arrays, as np.savez writes; "
                          "expected mu (F,) and sigma (F, F), as ADM's reference batches)")
+    _refuse_bombs(path)
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -66,6 +67,22 @@ def load_ref_stats(path: Path, feature_dim: int | None = None) -> dict:
         raise StatsError(f"--ref-stats {path}: mu or sigma holds NaN or infinity")
     return {"mu": mu, "sigma": sigma, "act": act, "images": images, "path": str(path), "sha256": sha256(path),
             "protocol": protocol}
+
+
+BOMB_BYTES = 64 << 20  # an array may expand past this size only at a plain zip's ratio (np.savez stores, ADM's too)
+BOMB_RATIO = 20.0  # float statistics and images compress a few times at most; a zip bomb, a thousand times
+
+
+def _refuse_bombs(path: Path) -> None:
+    """StatsError for an archive member that would expand to more than :data:`BOMB_BYTES` at more than
+    :data:`BOMB_RATIO` times its stored size: a few MB on disk must not become GBs in memory."""
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.file_size > BOMB_BYTES and info.file_size > BOMB_RATIO * max(1, info.compress_size):
+                raise StatsError(f"--ref-stats {path}: '{info.filename}' would expand from {info.compress_size:,} to "
+                                 f"{info.file_size:,} bytes ({info.file_size / max(1, info.compress_size):,.0f}x), "
+                                 "which no statistics file does; refusing to decompress it (write the file with "
+                                 "np.savez or --save-ref-stats)")
 
 
 def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:

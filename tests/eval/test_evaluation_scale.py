@@ -348,3 +348,18 @@ def test_two_process_evaluate_equals_one_process(tiny_run: Path, fake_weights, t
     assert (r1["processes"], r2["processes"]) == (1, 2)
     assert r1["metrics"] == r2["metrics"]
     assert r2["metrics"]["sample_acc"]["n"] == r2["metrics"]["fid"]["n_fake"] == 40
+
+
+def test_a_zip_bomb_ref_stats_is_refused_before_it_is_decompressed(tmp_path: Path, monkeypatch):
+    """An .npz whose member expands far beyond its stored size (compressed zeros) is one StatsError naming the
+    member; an ordinary np.savez file of the same arrays loads."""
+    import farmer_cli.eval.ref_stats as ref_stats_module
+    from farmer_cli.eval.ref_stats import StatsError
+
+    monkeypatch.setattr(ref_stats_module, "BOMB_BYTES", 1 << 20)  # the same rule at a test's size
+    arrays = {"mu": np.zeros(8), "sigma": np.eye(8), "act": np.zeros((40_000, 8))}  # act: 2.56 MB of zeros
+    np.savez_compressed(tmp_path / "bomb.npz", **arrays)
+    with pytest.raises(StatsError, match=r"'act.npy' would expand .* refusing to decompress"):
+        load_ref_stats(tmp_path / "bomb.npz")
+    np.savez(tmp_path / "plain.npz", **arrays)
+    assert load_ref_stats(tmp_path / "plain.npz")["act"].shape == (40_000, 8)

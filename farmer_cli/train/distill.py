@@ -41,12 +41,10 @@ def error_images(data: DataBundle, batch: int) -> tuple[torch.Tensor, str]:
 
 
 @torch.no_grad()
-def student_error(model: Farmer, student, data: DataBundle, batch: int, device: torch.device, seed: int = 0) -> float:
-    """Mean squared error between the student's one-pass inverse and the true inverse on held-out latents.
-
-    The latents are the teacher's encodings of test images (so the true inverse is the image itself); of training
-    images where there are none (:func:`error_images`)."""
-    u, _ = error_images(data, batch)
+def student_error(model: Farmer, student, u: torch.Tensor, device: torch.device, seed: int = 0) -> float:
+    """Mean squared error between the student's one-pass inverse and the true inverse on the latents of images
+    ``u`` (uint8 (B, C, S, S), from :func:`error_images`): the teacher's encodings, so the true inverse is the image
+    itself."""
     x = dequantize(u, "uniform", generator=torch.Generator().manual_seed(seed)).to(device)
     tokens = model.to_tokens(x)
     z, _ = model.flow(tokens)
@@ -88,7 +86,8 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
                 files=files, on_event=on_event,
                 on_save=lambda step, states: save_weights(run_dir / STUDENT_FILE, states["student"], step, teacher_id))
     start = loop.resume() if resume and (run_dir / DISTILL_STATE_FILE).exists() else 0
-    error_before = student_error(model, raw, data, dc.batch_size, device)  # every rank: a sharded student needs all
+    measured_on, measured_kind = error_images(data, dc.batch_size)  # read once, measured before and after
+    error_before = student_error(model, raw, measured_on, device)  # every rank: a sharded student needs all
     loader = make_loader(data.train, dc.batch_size, accelerator.num_processes, accelerator.process_index,
                          cfg.train.seed + 1, start, 0, pin_memory=device.type == "cuda")
     seen: dict[str, torch.Tensor] = {}  # this invocation's first and last loss, read back once at the end
@@ -104,7 +103,7 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
 
     t0 = time.time()
     loop.run(step_fn, iter(loader), dc.steps)
-    error_after = student_error(model, raw.eval(), data, dc.batch_size, device)
+    error_after = student_error(model, raw.eval(), measured_on, device)
     first, last = (float(seen[k]) if seen else math.nan for k in ("first", "last"))
     return DistillResult(dc.steps, first, last, error_before, error_after, time.time() - t0, raw,
-                         error_images(data, dc.batch_size)[1])
+                         measured_kind)

@@ -115,6 +115,14 @@ def holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any((run_dir / name).exists() or (run_dir / name).is_symlink() for name in RUN_FILES)
 
 
+def never_saved(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run stopped before its first checkpoint (killed while loading data or measuring
+    the first test bits/dim): farmer's ``config.json`` but no weights, training state or step checkpoint. Nothing
+    trained is lost by starting it again."""
+    saved = any((run_dir / name).exists() for name in (MODEL_FILE, TRAIN_STATE_FILE)) or history(run_dir, "step")
+    return is_run(run_dir) and not saved
+
+
 def farmer_files(run_dir: Path) -> list[Path]:
     """What ``overwrite`` deletes in a run: the run files, ``eval-<step>.json`` results, the step checkpoints
     ``checkpoints/step-<8 digits>/`` and ``samples/step-<8 digits>.png`` grids; nothing else, whatever it is
@@ -134,23 +142,40 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
             names = ", ".join(n for n in RUN_FILES if (run_dir / n).exists() or (run_dir / n).is_symlink())
             raise CheckpointError(f"{run_dir} holds files that are not a farmer run's ({names}); farmer will not "
                                   "write over them: choose another --out")
+        if never_saved(run_dir):
+            log.info("%s: the run there stopped before its first checkpoint; starting it again", run_dir)
+            overwrite = True
         if not overwrite:
             raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume, replace it with "
                                   "--overwrite, or choose another --out")
     ensure_writable(run_dir)
     lock = RunLock(run_dir).acquire()
+    remove_stale_writes(run_dir)
     if not resume and overwrite:
         for path in farmer_files(run_dir):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-        for folder in (SAMPLES_DIR):  # gone if it held only farmer's files
+        for folder in (SAMPLES_DIR, HISTORY_DIR):  # gone if it held only farmer's files
             try:
                 (run_dir / folder).rmdir()
             except OSError:
                 pass
     return lock
+
+
+def remove_stale_writes(run_dir: Path) -> None:
+    """Delete what a writer killed mid-write (``kill -9``, a node lost) left of the run's files: the temporary
+    ``.<run file>.<random>.tmp`` files of :func:`farmer_cli.storage.atomic_write` and ``checkpoints/*.partial``
+    folders. Only the lock holder writes these names, so call holding the lock."""
+    temporaries = re.compile("|".join(rf"\.{re.escape(name)}\.\w+\.tmp" for name in RUN_FILES))
+    for path in run_dir.iterdir():
+        if temporaries.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+    for partial in (run_dir / HISTORY_DIR).glob("*.partial"):
+        if HISTORY_NAMES.fullmatch(partial.name) and partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial)
 
 
 DISTILL_FILES = (STUDENT_FILE, DISTILL_STATE_FILE, DISTILL_METRICS_FILE)
@@ -236,18 +261,16 @@ def find_checkpoint(ckpt: Path | None, what: str | None = None) -> Path:
 
 
 def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep: int) -> None:
-    """Keep ``names`` (already written) of step ``step`` in ``checkpoints/<prefix>-<step>/`` as hard links (no copy;
-    a plain copy where the file system has none), and delete all but the ``keep`` newest such directories."""
+    """Keep copies of ``names`` (already written) of step ``step`` in ``checkpoints/<prefix>-<step>/``, and delete all
+    but the ``keep`` newest such directories. Copies, not hard links: damage to the live file (an edit in place, a
+    bad block) must not reach its backup; each kept step costs the disk of one checkpoint."""
     target = run_dir / HISTORY_DIR / f"{prefix}-{step:08d}"
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for name in names:
         if (run_dir / name).exists():
-            try:
-                os.link(run_dir / name, partial / name)
-            except OSError:
-                shutil.copy2(run_dir / name, partial / name)
+            shutil.copy2(run_dir / name, partial / name)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)  # a directory without ".partial" is complete
     for old in history(run_dir, prefix)[keep:]:

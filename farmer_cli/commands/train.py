@@ -80,7 +80,7 @@ def run(
     from farmer_cli.data.dataset import load_data
     from farmer_cli.rundir import claim_on_main, resume_conflicts
     from farmer_cli.device import end_processes, make_accelerator, tracker_options
-    from farmer_cli.rundir import find_checkpoint, new_run_dir
+    from farmer_cli.rundir import find_checkpoint, never_saved, new_run_dir
     from farmer_cli.train.trainer import total_steps, train
     from farmer_cli.commands.ui import LoopProgress, console, escape
 
@@ -92,6 +92,11 @@ def run(
         exit_with("give --steps or --epochs, not both")
     if resume and overwrite:
         exit_with("--resume continues a run and --overwrite replaces it: give one of them")
+    restart = resume and out is not None and never_saved(out)  # a requeued job's --resume starts it again
+    if restart:
+        console.print(f"{escape(str(out))}: the run stopped before its first checkpoint, so there is nothing to "
+                      "resume: starting it from step 0 with its settings")
+        resume = False
     if resume:
         out = find_checkpoint(out, TRAIN_STATE_FILE)
         stored, _, payload = load_config(out)
@@ -100,6 +105,8 @@ def run(
             exit_with(f"--resume continues {out}, trained with preset '{stored.preset}', not '{preset}'; "
                       "start a new run (another --out) for a different preset")
         cfg = copy.deepcopy(stored)
+    elif restart:
+        cfg, payload = load_config(out)[0], {}
     else:
         cfg, payload = load_preset(preset or "quickstart"), {}
     length = {"train.steps": ("--steps", steps), "train.epochs": ("--steps", 0)} if steps is not None else \
@@ -154,8 +161,9 @@ def run(
         before = "" if resume else f"{result.bpd_before:.3f} -> "
         finished = result.steps >= total
         state = "done" if finished else f"stopped at step {result.steps} of {total} (--stop-after)"
-        console.print(f"{state}: {result.seconds / 60:.1f} min; test bits/dim {before}[bold]{result.bpd_after:.3f}[/]; "
-                      f"checkpoint in [bold]{escape(str(run_dir))}[/]")
+        tested = (f"test bits/dim {before}[bold]{result.bpd_after:.3f}[/]" if len(bundle.test) else
+                  "no test bits/dim (the data set is too small to hold out test images)")
+        console.print(f"{state}: {result.seconds / 60:.1f} min; {tested}; checkpoint in [bold]{escape(str(run_dir))}[/]")
         if finished:
             console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --class "
                           f"{min(3, cfg.model.num_classes - 1)} --n 16")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, soft_wrap=True)  # progress, notes, warnings and errors
@@ -21,6 +22,16 @@ if not stdout.is_terminal:  # piped or captured: do not squeeze tables into 80 c
     stdout = Console(width=160)
 
 __all__ = ["console", "stdout", "escape", "figure", "progress", "LoopProgress", "show_library_messages"]
+
+# C0 controls but tab and newline, DEL and C1: an ANSI escape sequence in a file name would recolour, move or clear
+# the terminal (or a log viewer) when printed
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape(text: str) -> str:
+    """User text (file names, messages quoting them) made safe to print: rich markup is escaped and control
+    characters are shown as ``\\xNN``, so ``$'\\e[31m.png'`` prints as ``\\x1b[31m.png``."""
+    return escape_markup(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
 class _ConsoleHandler(logging.Handler):

@@ -217,7 +217,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 500
-    keep_checkpoints: int = 3  # step checkpoints kept in <run>/checkpoints/ (hard links: no extra disk per file)
+    keep_checkpoints: int = 3  # step checkpoints kept in <run>/checkpoints/ (copies: each costs the disk of one checkpoint)
     eval_batches: int = 4  # test batches for the bits/dim printed at start and end
     sample_every: int = 0  # > 0: save a grid of EMA samples every that many steps (run/samples/step-<step>.png)
     compile: bool = False  # torch.compile the flow and the prior (bench/train_compile.py: pays on GPUs, not CPUs)

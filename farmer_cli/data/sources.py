@@ -254,6 +254,10 @@ def open_source(cfg: DataConfig) -> Source:
     if builtin is not None:
         return builtin
     path = Path(cfg.source).expanduser()
+    if path.is_file():
+        raise DataError(f"data source '{cfg.source}' is a file, not a data set: give a folder of images with one "
+                        "sub-folder per class, a saved Hugging Face dataset (a folder), or one of "
+                        f"{', '.join(BUILTIN_SOURCES)}")
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
         return _folder(path)
     if path.exists() or "/" in cfg.source and not cfg.source.startswith((".", "/", "~")):

@@ -34,10 +34,12 @@ def generative_classifier(model: Farmer, dataset: ImageDataset, max_classes: int
     for u, y in iterate_batches(dataset, batch):
         keep = y < K
         u, y = u[keep], y[keep]
+        if limit > 0:  # exactly ``limit`` images, not a whole last batch
+            if total >= limit:
+                break
+            u, y = u[: limit - total], y[: limit - total]
         if len(y) == 0:
             continue
-        if limit > 0 and total >= limit:
-            break
         x = dequantize(u, "uniform", generator=gen).to(device)
         pred = model.class_log_likelihoods(x, classes).argmax(1).cpu()
         correct += (pred == y).sum().item()

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger("farmer")
+GiB = 1024**3
+
 
 class DeviceError(ValueError):
     """The requested device, accelerator or tracker is not available on this machine."""
@@ -49,6 +51,11 @@ def resolve_precision(requested: str, device_type: str, training: bool = True) -
     if requested == "fp16":
         return "bf16", "fp16 on a CPU is extremely slow; using bf16 instead (pass fp32 for full precision)"
     return requested, None
+
+
+def precision_name(accelerate_precision: str) -> str:
+    """Accelerate's ``mixed_precision`` ("no", "bf16", "fp16") in farmer's vocabulary ("fp32", "bf16", "fp16")."""
+    return "fp32" if accelerate_precision == "no" else accelerate_precision
 
 
 def autocast(device, precision: str):
@@ -156,3 +163,37 @@ def attention_backend(device, precision: str):
     return contextlib.nullcontext()
 
 
+
+
+def memory_available(device) -> int:
+    """Bytes a new allocation can get on ``device``: a GPU's free memory (``torch.cuda.mem_get_info``); on a CPU the
+    kernel's MemAvailable, lowered to what the cgroup limit leaves (containers, SLURM jobs). Without either file
+    (not Linux): the physical memory."""
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        have = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            have = min(have, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, have)
+
+
+def require_memory(need: int, device, what: str, fix: str, share: int = 1) -> None:
+    """Before any work: a DeviceError (one line) when ``what`` needs ``need`` bytes on ``device`` and this process's
+    part of what is free there (``share``: processes on the machine's CPU memory) is smaller. ``fix`` says what to
+    change."""
+    have = memory_available(device) // (share if device.type == "cpu" else 1)
+    if need > have:
+        raise DeviceError(f"{what} needs about {need / GiB:,.1f} GiB of {device.type} memory, but "
+                          f"{have / GiB:,.1f} GiB is free for it: {fix}")

@@ -190,6 +190,39 @@ def make_plan(cfg: Config, processes: int = 1, precision: str = "fp32", fused_at
                 cfg.model.checkpoint_fraction)
 
 
+PLAN_ERROR = 0.25  # how far a planned peak may lie from the measured one (tests/train: --dry-run within 25%)
+
+
+def require_training_memory(cfg: Config, device: torch.device, processes: int = 1, precision: str = "fp32") -> None:
+    """Before any work: a DeviceError (one line, naming the largest micro-batch that fits) when one training step at
+    ``cfg``'s micro-batch cannot fit ``device``. A lower bound comes first, free of cost: weights, gradients, AdamW
+    and EMA, and every transformer layer's input for each image (kept even under full activation checkpointing).
+    Only where it reaches a tenth of the free memory is the
+    full plan (:func:`make_plan`, seconds) made, and a run refused when even the plan less its error does not fit."""
+    from farmer_cli.device import DeviceError, memory_available
+
+    have = memory_available(device) // (processes if device.type == "cpu" else 1)
+    runtime = CPU_RUNTIME_BYTES if device.type == "cpu" else 0
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Farmer(cfg.model).parameters())
+    m, micro = cfg.model, cfg.train.batch_size
+    layer_inputs = m.af_blocks * m.af_layers * m.tokens * m.af_width + m.ar_layers * m.ar_tokens * m.ar_width
+    lower = params * sum(BYTES_PER_PARAM.values()) + micro * layer_inputs * 4
+    if lower < have / 10:
+        return
+    plan = make_plan(cfg, processes, precision)
+    need = plan.peak_bytes(micro, runtime) / (1 + PLAN_ERROR)  # the least it can take
+    if need <= have:
+        return
+    fits = plan.largest_micro_batch(have, runtime)
+    fix = (f"the largest micro-batch that fits is {fits}: lower --batch-size and raise --grad-accum for the same "
+           "global batch, or set model.grad_checkpoint=true" if fits else
+           "the model and its optimiser state alone do not fit: a smaller model, or more processes (FSDP)")
+    raise DeviceError(f"training at micro-batch {micro} (--batch-size) needs at least {need / GiB:,.1f} GiB of "
+                      f"{device.type} memory by farmer's memory plan, but {have / GiB:,.1f} GiB is free: {fix} "
+                      "(farmer train --dry-run shows the plan)")
+
+
 def gpu_tflops(name: str) -> float:
     """Dense bf16 peak of a GPU named like 'H100' (the first table entry the name contains); NaN if unknown."""
     return next((v for k, v in GPU_PEAK_TFLOPS.items() if k.lower() in name.lower()), math.nan)

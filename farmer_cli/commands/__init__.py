@@ -123,6 +123,17 @@ def _can_create_in(directory) -> bool:
         return False
 
 
+MAX_DRAWS = 1024  # dequantisation draws per image: the mean's noise falls as 1/sqrt(draws), to 3% of one draw's here
+
+
+def check_draws(option: str, draws: int) -> None:
+    """``--samples`` / ``--bpd-draws``: 1 to :data:`MAX_DRAWS` dequantisation draws per image (each draw scores the
+    whole batch again, so the time grows with it; the memory does not, see farmer_cli.eval.bits.draw_passes)."""
+    if not 1 <= draws <= MAX_DRAWS:
+        exit_with(f"{option} {draws}: give 1 to {MAX_DRAWS} dequantisation draws per image (each draw scores the "
+                  "images again; the mean's noise falls only as 1/sqrt(draws))")
+
+
 MAX_SEED = 2**63 - 1
 
 

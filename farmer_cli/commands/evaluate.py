@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 from farmer_cli.config.schema import Decoder
-from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_seed, exit_with, command
+from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_draws, check_seed, exit_with, command
 
 NAME = "evaluate"
 # farmer_cli.eval.inception.RESIZE_RULES (spelled out so that --help needs no torch; tests/test_library.py checks it)
@@ -105,8 +105,9 @@ def run(
         exit_with("--n-samples must be at least 1")
     if n_samples > MAX_SAMPLES:
         exit_with(f"--n-samples must be at most {MAX_SAMPLES:,} (the paper's FID uses 50,000)")
-    if min(batch_size, bpd_draws, max_classes) < 1:
-        exit_with("--batch-size, --bpd-draws and --max-classes must be at least 1")
+    if min(batch_size, max_classes) < 1:
+        exit_with("--batch-size and --max-classes must be at least 1")
+    check_draws("--bpd-draws", bpd_draws)
     if limit < 0:
         exit_with("--limit must be 0 (all) or a positive number of images")
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else list(METRICS)

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_output_image, exit_with, command
+from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_draws, check_output_image, exit_with, command
 
 NAME = "ood"
 # farmer_cli.eval.ood.SCORES and "all" (spelled out so that --help needs no torch; tests/test_library.py checks them)
@@ -65,8 +65,9 @@ def run(
             names.remove("ratio")
         else:
             exit_with("--score ratio needs --background CKPT (a second farmer run at the same resolution)")
-    if min(samples, batch_size) < 1 or limit < 0:
-        exit_with("--samples and --batch-size must be at least 1, --limit at least 0")
+    if batch_size < 1 or limit < 0:
+        exit_with("--batch-size must be at least 1, --limit at least 0")
+    check_draws("--samples", samples)
     check_output_image(figure, "--figure")
     device = choose_device(device)
     model, cfg, _, _ = load_model(find_checkpoint(ckpt), device)

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import typer
 
-from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, exit_with, resolve_class, command
+from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_draws, check_output_image, exit_with, resolve_class, command
 
 NAME = "score"
 
@@ -52,10 +52,9 @@ def run(
     from farmer_cli.viz import bits_figure, save_png
     from farmer_cli.commands.ui import console, escape, figure, progress, stdout
 
-    if samples < 1 or batch_size < 1:
-        exit_with("--samples and --batch-size must be at least 1")
-    if samples > 1024:
-        exit_with("--samples must be at most 1024 (each draw scores the whole batch again)")
+    if batch_size < 1:
+        exit_with("--batch-size must be at least 1")
+    check_draws("--samples", samples)
     files = image_files(images)
     if heatmap is not None:
         check_output_image(heatmap, "--heatmap")

@@ -14,19 +14,33 @@ from farmer_cli.data.dataset import ImageDataset
 from farmer_cli.model import dequantize
 
 
+IMAGES_PER_PASS = 1024  # the draws of a batch run in forward passes of at most this many images (or one draw)
+
+
+def draw_passes(draws: int, batch: int) -> list[int]:
+    """How many of ``draws`` dequantisations of a ``batch`` of images each forward pass takes: all at once while
+    draws x batch <= IMAGES_PER_PASS, so memory does not grow with ``--samples`` / ``--bpd-draws``."""
+    per = max(1, IMAGES_PER_PASS // max(1, batch))
+    return [min(per, draws - start) for start in range(0, draws, per)]
+
+
 @torch.no_grad()
 def score_batch(model, u: torch.Tensor, y: torch.Tensor | None, draws: int,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (B, C, H, W) -> mean over ``draws`` uniform dequantisations of (NLL nats, bits/dim), each (B,) on the CPU.
 
-    The draws run as one batch of B·draws images; noise is drawn on the CPU from ``generator`` (reproducible on any
-    device) and moved to the model's device."""
+    The draws run as batches of k·B images (:func:`draw_passes`); noise is drawn on the CPU from ``generator``
+    (reproducible on any device) and moved to the model's device."""
     B = u.shape[0]
     device = next(model.parameters()).device
-    x = dequantize(u.repeat(draws, 1, 1, 1), "uniform", generator=generator).to(device)
-    labels = None if y is None else y.repeat(draws).to(device)
-    out = model.nll_continuous(x, labels)
-    return out["nll"].float().view(draws, B).mean(0).cpu(), out["bpd"].float().view(draws, B).mean(0).cpu()
+    nll = bpd = torch.zeros(B, device=device)
+    for k in draw_passes(draws, B):
+        x = dequantize(u.repeat(k, 1, 1, 1), "uniform", generator=generator).to(device)
+        labels = None if y is None else y.repeat(k).to(device)
+        out = model.nll_continuous(x, labels)
+        nll = nll + out["nll"].float().view(k, B).sum(0)
+        bpd = bpd + out["bpd"].float().view(k, B).sum(0)
+    return (nll / draws).cpu(), (bpd / draws).cpu()
 
 
 @torch.no_grad()
@@ -53,10 +67,12 @@ def patch_bits(model, u: torch.Tensor, y: torch.Tensor | None, draws: int,
     (see ``Farmer.patch_bits``); summed over patches it is the image's NLL in bits."""
     B, p = u.shape[0], model.cfg.patch_size
     device = next(model.parameters()).device
-    x = dequantize(u.repeat(draws, 1, 1, 1), "uniform", generator=generator).to(device)
-    labels = None if y is None else y.repeat(draws).to(device)
-    bits = model.patch_bits(x, labels)["bits"].float().view(draws, B, -1).mean(0).cpu()
-    return bits.view(B, u.shape[-2] // p, u.shape[-1] // p)
+    bits = 0
+    for k in draw_passes(draws, B):
+        x = dequantize(u.repeat(k, 1, 1, 1), "uniform", generator=generator).to(device)
+        labels = None if y is None else y.repeat(k).to(device)
+        bits = bits + model.patch_bits(x, labels)["bits"].float().view(k, B, -1).sum(0)
+    return (bits / draws).cpu().view(B, u.shape[-2] // p, u.shape[-1] // p)
 
 
 def png_bytes(u: torch.Tensor) -> int:

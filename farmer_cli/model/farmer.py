@@ -22,7 +22,7 @@ from farmer_cli.config.schema import ModelConfig, SamplingConfig
 from farmer_cli.model.attention import checkpointing, decoding_attention
 from farmer_cli.model.flow import AutoregressiveFlow
 from farmer_cli.model.gmm import GMM
-from farmer_cli.model.guidance import draw, draw_tokens
+from farmer_cli.model.guidance import draw, draw_tokens, resampling_bytes
 from farmer_cli.model.patchify import dct_basis, merge_tokens, patchify, split_tokens, unpatchify
 from farmer_cli.model.prior import ARPrior
 from farmer_cli.model.steps import StepRunner
@@ -264,6 +264,20 @@ class Farmer(nn.Module):
         ess = None if stats is None else stats.setdefault("ess_redundant", [])
         z_red = draw(red, red_null, self.prior.N, s.redundant_pool or 2 * self.prior.N, s, rng, ess)
         return torch.cat([z_info, z_red], dim=-1)
+
+    def guidance_bytes(self, batch: int, s: SamplingConfig) -> int:
+        """Working memory of the largest resampling step (Algorithm 1) when ``batch`` images are sampled under
+        ``s``: an informative token's s_c + s_u candidates, or the redundant step's pool of 2 x ``redundant_pool``;
+        0 without resampling guidance."""
+        if s.cfg <= 0 or s.guidance != "resample":
+            return 0
+        prior, cfg = self.prior, self.cfg
+        steps = [resampling_bytes(batch, s.cond_candidates + s.uncond_candidates, prior.d_I,
+                                  cfg.informative_components)]
+        if prior.red_head is not None:
+            pool = s.redundant_pool or 2 * prior.N
+            steps.append(resampling_bytes(batch, 2 * pool, prior.d_R, cfg.redundant_components))
+        return max(steps)
 
     def denoise_sigma(self, s: SamplingConfig) -> float:
         """The noise level one denoising step removes after decoding: 0 when ``s.denoise`` is off."""

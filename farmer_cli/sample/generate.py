@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from farmer_cli.config.schema import SamplingConfig
-from farmer_cli.device import autocast
+from farmer_cli.device import autocast, require_memory
 from farmer_cli.model import Farmer
 from farmer_cli.model.randomness import ImageStreams
 from farmer_cli.memory_plan import WORKSPACE_FACTOR, saved_bytes_by_depth
@@ -62,7 +62,14 @@ def generate_chunks(model: Farmer, labels: torch.Tensor, s: SamplingConfig, seed
                     on_block: Callable[[int], None] | None = None) -> Iterator[tuple[range, torch.Tensor]]:
     """Images for labels (n,) in micro-batches, this process's share: yields (global indices, uint8 images
     (b, C, H, W) on the CPU). Memory is bounded by ``batch`` (and ``denoise_batch``, 0: :func:`plan_denoise`),
-    whatever n is. ``precision``: fp32, bf16 or fp16 (:func:`farmer_cli.device.autocast`)."""
+    whatever n is; resampling guidance that cannot fit the device is a DeviceError before the first image.
+    ``precision``: fp32, bf16 or fp16 (:func:`farmer_cli.device.autocast`)."""
+    at_once = min(batch, len(labels))
+    require_memory(model.guidance_bytes(at_once, s), model.device,
+                   f"guided sampling of {at_once} images at once with {s.cond_candidates} + {s.uncond_candidates} "
+                   f"candidates per token and a redundant pool of {s.redundant_pool or 'twice the tokens'}",
+                   "lower --candidates (sampling.cond_candidates, uncond_candidates), sampling.redundant_pool or "
+                   "--batch-size", share=world)
     if denoise_batch:  # the caller sized it: checkpointed, the smallest footprint per image
         denoise = (min(denoise_batch, batch), True)
     else:

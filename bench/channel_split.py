@@ -7,6 +7,8 @@ and the rest to the one shared mixture. Choices compared:
   pixel, 16   the preset until now: the first 4 channels of each merged sub-token, i.e. the red sub-pixels only
   dct, 16     per-patch DCT basis: each sub-token's DC of red, green and blue plus one more low frequency
   dct, 12     per-patch DCT basis: each sub-token's three colour DCs only (the patch's mean colour)
+  whole-pixel, 12   whole pixels: each sub-token's pixel (0, 0) in red, green and blue, i.e. every other pixel of
+              the image in full colour (a stride-2 grid)
 
 Data: random 32x32 crops (resized from 48x48) of the two colour photographs that ship inside scikit-learn
 (``china.jpg``, ``flower.jpg``); training crops from the left 70% of each photograph, test crops from the right 30%,
@@ -35,6 +37,7 @@ CHOICES = {
     "pixel, 16 (red sub-pixels)": ["model.token_basis=pixel", "model.informative_dims=16"],
     "dct, 16 (colour DCs + 1)": ["model.token_basis=dct", "model.informative_dims=16"],
     "dct, 12 (colour DCs)": ["model.token_basis=dct", "model.informative_dims=12"],
+    "whole-pixel, 12 (stride-2 pixels, RGB)": ["model.token_basis=whole-pixel", "model.informative_dims=12"],
 }
 LAPTOP = ["model.image_size=32", "model.af_blocks=4", "model.af_layers=1", "model.af_width=128", "model.af_heads=4",
           "model.ar_layers=2", "model.ar_width=128", "model.ar_heads=4", "model.cond_repeat=4",

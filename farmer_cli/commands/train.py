@@ -10,6 +10,7 @@ Examples:
   farmer train --preset quickstart --data ./my_images --set model.num_classes=5
   farmer train --out runs/smoke --resume
   farmer train --preset imagenet256-patch8 --dry-run
+  farmer train --preset imagenet64-bpd --data imagenet64/train --test-data imagenet64/val
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def run(
     data: Optional[str] = Option(None, "--data", "-d", help="Data source: mnist5k, digits, fashion-mnist, an image "
                                  "folder with one sub-folder per class, or a saved Hugging Face dataset path / cached "
                                  "hub name. Default: the preset's."),
+    test_data: Optional[str] = Option(None, "--test-data", help="An official test or validation set (an image "
+                                      "folder or saved dataset, same classes) for test bits/dim, here and in farmer "
+                                      "evaluate. Every --data image then trains (data.test_fraction is not used). "
+                                      "Default: a seeded 10% of --data is held out."),
     out: Optional[Path] = Option(None, "--out", "-o", help="Run directory. Default: runs/<preset>-<timestamp>. An "
                                  "existing run is only continued (--resume) or replaced (--overwrite)."),
     steps: Optional[int] = Option(None, "--steps", help="Optimiser steps (default: the preset's). Given here, it "
@@ -112,7 +117,7 @@ def run(
         cfg, payload = load_preset(preset or "quickstart"), {}
     length = {"train.steps": ("--steps", steps), "train.epochs": ("--steps", 0)} if steps is not None else \
         {"train.epochs": ("--epochs", epochs)}
-    apply_options(cfg, {"data.source": ("--data", data), **length, "train.batch_size": ("--batch-size", batch_size),
+    apply_options(cfg, {"data.source": ("--data", data), "data.test_source": ("--test-data", test_data), **length, "train.batch_size": ("--batch-size", batch_size),
                         "train.grad_accum_steps": ("--grad-accum", grad_accum), "train.lr": ("--lr", lr),
                         "train.mixed_precision": ("--mixed-precision", mixed_precision), "train.seed": ("--seed", seed),
                         "data.num_workers": ("--workers", workers)}, overrides)

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 
 
 Permutation = Literal["alternate", "always-flip"]
-TokenBasis = Literal["pixel", "dct"]
+TokenBasis = Literal["pixel", "dct", "whole-pixel"]
 FinalPermute = Literal["none", "flip"]
 MergeOrder = Literal["blocks", "interleave"]
 Noise = Literal["gaussian", "uniform"]
@@ -90,7 +90,7 @@ class ModelConfig:
     informative_dims: int = 128  # d_I (after token merge)
     informative_components: int = 64  # K_I
     redundant_components: int = 200  # K_R
-    token_basis: TokenBasis = "pixel"  # "pixel" (the paper) or "dct": orthonormal per-patch DCT before the AF (ours)
+    token_basis: TokenBasis = "pixel"  # "pixel" (the paper); "dct": per-patch DCT; "whole-pixel": colours together (ours)
     token_merge: int = 1  # merge m x m neighbouring AF tokens into one AR token (2 for patch 8; the paper is silent)
     merge_order: MergeOrder = "blocks"  # merged channels: sub-token after sub-token, or interleaved so the
     #                                     informative channels cover every sub-token (patch-8 presets)
@@ -181,7 +181,8 @@ class DataConfig:
     source: str = "mnist5k"  # "mnist5k", "digits", "fashion-mnist", an image folder, a saved HF dataset or a hub name
     image_column: str = ""  # HF datasets: detected when empty
     label_column: str = ""  # HF datasets: detected when empty
-    test_fraction: float = 0.1  # fixed held-out split (seeded) for bits/dim
+    test_fraction: float = 0.1  # fixed held-out split (seeded) for bits/dim; not used with test_source
+    test_source: str = ""  # an official test/validation set (folder or saved dataset): every source image trains
     split_seed: int = 0
     num_workers: int = 0  # DataLoader worker processes (4-16 for image folders on GPUs)
     use_labels: bool = True  # false: one class for every image (an unconditional model, e.g. imagenet64-bpd)

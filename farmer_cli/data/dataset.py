@@ -6,6 +6,7 @@ line; batches report how many were skipped so the trainer can print a total.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -66,9 +67,10 @@ class DataBundle:
         classes, the examples (files or labels, :meth:`Source.layout`) and which of them the split put in train and
         test. Another count would change the epoch schedule; other files or another split would mix test images
         into training."""
-        source = self.train.source
+        sources = [self.train.source.layout()] + ([self.test.source.layout()]
+                                                   if self.test.source is not self.train.source else [])
         return {"train": len(self.train), "test": len(self.test),
-                "digest": digest([self.class_names, source.layout(), self.train.indices, self.test.indices])}
+                "digest": digest([self.class_names, *sources, self.train.indices, self.test.indices])}
 
 
 PROBE_IMAGES = 16  # images per split decoded by load_data to make sure the data can be read at all
@@ -96,10 +98,20 @@ def check_readable(dataset: ImageDataset, split: str, probes: int = PROBE_IMAGES
 
 
 def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
-    """Open the source and split it: the source's own train/test splits when it has them, else a fixed seeded
-    hold-out of ``cfg.test_fraction`` (the same for every run with the same ``split_seed``). DataError when a split
-    holds images none of which can be read (:func:`check_readable`)."""
+    """Open the source and split it: with ``cfg.test_source`` (an official validation set) every training image of
+    the source trains and the test split is all of ``test_source``; else the source's own train/test splits when it
+    has them, else a fixed seeded hold-out of ``cfg.test_fraction`` (the same for every run with the same
+    ``split_seed``). DataError when a split holds images none of which can be read (:func:`check_readable`)."""
     source = open_source(cfg) if cfg.use_labels else Unlabelled(open_source(cfg))
+    if cfg.test_source:
+        test_source = _open_test_source(cfg, source)
+        train_idx = source.splits[0] if source.splits is not None else list(range(source.length))
+        bundle = DataBundle(ImageDataset(source, train_idx, channels, size),
+                            ImageDataset(test_source, list(range(test_source.length)), channels, size),
+                            source.class_names)
+        check_readable(bundle.train, "training")
+        check_readable(bundle.test, "test")
+        return bundle
     if source.splits is not None:
         train_idx, test_idx = source.splits
     else:
@@ -114,3 +126,17 @@ def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
     return bundle
 
 
+
+
+def _open_test_source(cfg: DataConfig, source: Source) -> Source:
+    """``cfg.test_source`` opened like the training source; its classes must be the training source's (a label is
+    an index into one list), unless labels are not used."""
+    test = open_source(dataclasses.replace(cfg, source=cfg.test_source))
+    if not cfg.use_labels:
+        return Unlabelled(test)
+    if test.class_names != source.class_names:
+        differ = sorted(set(test.class_names) ^ set(source.class_names))[:3]
+        raise DataError(f"data.test_source {cfg.test_source}: its {len(test.class_names)} classes are not the "
+                        f"{len(source.class_names)} of data.source {cfg.source} (e.g. {', '.join(differ) or 'order'}); "
+                        "give a test set with the same class folders, or set data.use_labels=false")
+    return test

@@ -23,7 +23,7 @@ from farmer_cli.model.attention import checkpointing, decoding_attention
 from farmer_cli.model.flow import AutoregressiveFlow
 from farmer_cli.model.gmm import GMM
 from farmer_cli.model.guidance import draw, draw_tokens, resampling_bytes
-from farmer_cli.model.patchify import dct_basis, merge_tokens, patchify, split_tokens, unpatchify
+from farmer_cli.model.patchify import merge_tokens, patchify, split_tokens, token_basis, unpatchify
 from farmer_cli.model.prior import ARPrior
 from farmer_cli.model.steps import StepRunner
 from farmer_cli.model.randomness import RandomSource, as_randomness
@@ -77,11 +77,11 @@ class Farmer(nn.Module):
             checkpoint=cfg.checkpoint_share, gelu=cfg.gelu,
         )
         self.prior = ARPrior(cfg)
-        basis = dct_basis(cfg.patch_size, cfg.channels) if cfg.token_basis == "dct" else None
-        self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("basis", token_basis(cfg.token_basis, cfg.patch_size, cfg.channels), persistent=False)
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, C, H, W) -> AF input tokens (B, N, d): patchify, then the optional orthonormal DCT basis."""
+        """Image (B, C, H, W) -> AF input tokens (B, N, d): patchify, then the optional fixed basis (DCT or whole
+        pixels, :func:`~farmer_cli.model.patchify.token_basis`)."""
         t = patchify(x, self.cfg.patch_size)
         return t if self.basis is None else t @ self.basis.T
 

@@ -67,3 +67,23 @@ def dct_basis(p: int, channels: int) -> torch.Tensor:
     keys = [((u + v), u, c) for c in range(channels) for u in range(p) for v in range(p)]
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     return Q[order].float()
+
+
+def whole_pixel_basis(p: int, channels: int) -> torch.Tensor:
+    """Permutation matrix Q (d, d), d = C·p², reordering a token from (channel, row, col) to whole pixels (all C
+    colours of one pixel side by side), pixels of coarse grids first: (0, 0), then the stride-p/2 grid, and so on
+    (key: -gcd(row, col, p), row, col). The first k·C channels are k whole pixels spread over the patch; with a 2x2
+    interleaved token merge at p = 2, the first 3 channels of every sub-token are one full-colour pixel per
+    sub-token. |det Q| = 1: the likelihood is unchanged."""
+    import math
+
+    keys = [(-math.gcd(r, math.gcd(col, p)), r, col, c) for c in range(channels) for r in range(p) for col in range(p)]
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    return torch.eye(len(keys))[order]
+
+
+def token_basis(name: str, p: int, channels: int) -> torch.Tensor | None:
+    """The fixed orthonormal basis a token is expressed in before the AF (``model.token_basis``): None for
+    "pixel", the plain (channel, row, col) order; else :func:`dct_basis` or :func:`whole_pixel_basis`."""
+    bases = {"dct": dct_basis, "whole-pixel": whole_pixel_basis}
+    return bases[name](p, channels) if name in bases else None

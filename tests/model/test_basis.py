@@ -1,12 +1,13 @@
-"""The optional per-patch DCT token basis (model.token_basis = "dct")."""
+"""The optional fixed token bases: per-patch DCT (model.token_basis = "dct") and whole pixels ("whole-pixel")."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from farmer_cli.config.files import apply_overrides, load_preset
 from farmer_cli.model import Farmer
-from farmer_cli.model.patchify import dct_basis
+from farmer_cli.model.patchify import dct_basis, merge_tokens, patchify, whole_pixel_basis
 
 
 def test_dct_basis_is_orthonormal_and_starts_with_the_mean():
@@ -25,8 +26,20 @@ def test_dct_orders_frequencies_low_to_high():
     assert (checker @ Q.T).abs().argmax() >= 12
 
 
-def test_dct_model_round_trips_and_keeps_likelihood_exact():
-    cfg = apply_overrides(load_preset("tiny"), ["model.token_basis=dct"])
+def test_whole_pixels_put_a_pixel_s_colours_together_coarse_grid_first():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)  # value = index of (b, c, row, col)
+    tokens = patchify(x, 2) @ whole_pixel_basis(2, 3).T  # (2, 4 tokens, 12)
+    first = tokens[0, 0, :3]  # the token's pixel (0, 0) in red, green and blue
+    assert first.tolist() == [x[0, 0, 0, 0].item(), x[0, 1, 0, 0].item(), x[0, 2, 0, 0].item()]
+    merged = merge_tokens(tokens, 2, interleave=True)  # imagenet64-bpd: 48 channels per AR token
+    grid = x[0, :, ::2, ::2].permute(1, 2, 0).reshape(4, 3)  # the stride-2 pixels, colours together
+    torch.testing.assert_close(merged[0, 0, :12].reshape(3, 4).T, grid)
+    assert whole_pixel_basis(4, 1).argmax(1)[:4].tolist() == [0, 2, 8, 10]  # (0,0), (0,2), (2,0), (2,2)
+
+
+@pytest.mark.parametrize("basis", ["dct", "whole-pixel"])
+def test_a_basis_model_round_trips_and_keeps_likelihood_exact(basis: str):
+    cfg = apply_overrides(load_preset("tiny"), [f"model.token_basis={basis}"])
     torch.manual_seed(0)
     model = Farmer(cfg.model).eval()
     for block in model.flow.blocks:

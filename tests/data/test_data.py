@@ -100,7 +100,7 @@ def test_a_sliver_image_is_cropped_before_it_is_resized(tmp_path: Path):
     assert size == (200_000, 1) and u.shape == (1, 8, 8) and u.max() > 0
 
 
-def _folder(root: Path, counts: dict[str, int], seed: int) -> Path:
+def _class_folders(root: Path, counts: dict[str, int], seed: int) -> Path:
     rng = np.random.default_rng(seed)
     for name, count in counts.items():
         (root / name).mkdir(parents=True)
@@ -116,15 +116,15 @@ def test_an_official_test_set_replaces_the_held_out_split(tmp_path: Path):
     from farmer_cli.data.dataset import load_data
     from farmer_cli.data.sources import DataError
 
-    train = _folder(tmp_path / "train", {"a": 6, "b": 4}, 0)
-    val = _folder(tmp_path / "val", {"a": 2, "b": 1}, 1)
+    train = _class_folders(tmp_path / "train", {"a": 6, "b": 4}, 0)
+    val = _class_folders(tmp_path / "val", {"a": 2, "b": 1}, 1)
     held_out = load_data(DataConfig(source=str(train)), 1, 8)
     official = load_data(DataConfig(source=str(train), test_source=str(val)), 1, 8)
     assert (len(held_out.train), len(held_out.test)) == (9, 1)
     assert (len(official.train), len(official.test)) == (10, 3)  # every training image trains
     assert sorted(int(y) for _, y in official.test) == [0, 0, 1]
     assert official.layout["digest"] != held_out.layout["digest"]  # a resume notices another test set
-    other = _folder(tmp_path / "other", {"a": 1, "c": 1}, 2)
+    other = _class_folders(tmp_path / "other", {"a": 1, "c": 1}, 2)
     with pytest.raises(DataError, match=r"data.test_source .*other: its 2 classes are not the 2 of data.source"):
         load_data(DataConfig(source=str(train), test_source=str(other)), 1, 8)
     unlabelled = load_data(DataConfig(source=str(train), test_source=str(other), use_labels=False), 1, 8)
@@ -134,8 +134,8 @@ def test_an_official_test_set_replaces_the_held_out_split(tmp_path: Path):
 def test_train_reports_on_the_test_data_given(tmp_path: Path):
     from cli_helpers import farmer
 
-    train = _folder(tmp_path / "train", {"a": 6, "b": 4}, 0)
-    val = _folder(tmp_path / "val", {"a": 2, "b": 1}, 1)
+    train = _class_folders(tmp_path / "train", {"a": 6, "b": 4}, 0)
+    val = _class_folders(tmp_path / "val", {"a": 2, "b": 1}, 1)
     proc = farmer("train", "--preset", "tiny", "--steps", "1", "--data", str(train), "--test-data", str(val),
                   "--out", str(tmp_path / "run"))
     assert "10 train / 3 test images" in proc.stderr

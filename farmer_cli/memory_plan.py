@@ -193,22 +193,34 @@ def make_plan(cfg: Config, processes: int = 1, precision: str = "fp32", fused_at
 PLAN_ERROR = 0.25  # how far a planned peak may lie from the measured one (tests/train: --dry-run within 25%)
 
 
+def _free_for_one_process(device: torch.device, processes: int) -> int:
+    """Free memory of ``device`` (:func:`farmer_cli.device.memory_available`), shared by the processes on a CPU."""
+    from farmer_cli.device import memory_available
+
+    return memory_available(device) // (processes if device.type == "cpu" else 1)
+
+
+def _flow_layer_inputs(m: ModelConfig) -> int:
+    """Values of every AF transformer layer's input for one image: kept for backward even when each layer is
+    recomputed (full activation checkpointing)."""
+    return m.af_blocks * m.af_layers * m.tokens * m.af_width
+
+
 def require_training_memory(cfg: Config, device: torch.device, processes: int = 1, precision: str = "fp32") -> None:
     """Before any work: a DeviceError (one line, naming the largest micro-batch that fits) when one training step at
     ``cfg``'s micro-batch cannot fit ``device``. A lower bound comes first, free of cost: weights, gradients, AdamW
-    and EMA, and every transformer layer's input for each image (kept even under full activation checkpointing).
-    Only where it reaches a tenth of the free memory is the
-    full plan (:func:`make_plan`, seconds) made, and a run refused when even the plan less its error does not fit."""
-    from farmer_cli.device import DeviceError, memory_available
+    and EMA, and every transformer layer's input for each image. Only where it reaches a tenth of the free memory
+    is the full plan (:func:`make_plan`, seconds) made, and a run refused when even the plan less its error does
+    not fit."""
+    from farmer_cli.device import DeviceError
 
-    have = memory_available(device) // (processes if device.type == "cpu" else 1)
+    have = _free_for_one_process(device, processes)
     runtime = CPU_RUNTIME_BYTES if device.type == "cpu" else 0
     with torch.device("meta"):
         params = sum(p.numel() for p in Farmer(cfg.model).parameters())
     m, micro = cfg.model, cfg.train.batch_size
-    layer_inputs = m.af_blocks * m.af_layers * m.tokens * m.af_width + m.ar_layers * m.ar_tokens * m.ar_width
-    lower = params * sum(BYTES_PER_PARAM.values()) + micro * layer_inputs * 4
-    if lower < have / 10:
+    layer_inputs = _flow_layer_inputs(m) + m.ar_layers * m.ar_tokens * m.ar_width
+    if params * sum(BYTES_PER_PARAM.values()) + micro * layer_inputs * 4 < have / 10:
         return
     plan = make_plan(cfg, processes, precision)
     need = plan.peak_bytes(micro, runtime) / (1 + PLAN_ERROR)  # the least it can take
@@ -221,6 +233,22 @@ def require_training_memory(cfg: Config, device: torch.device, processes: int = 
     raise DeviceError(f"training at micro-batch {micro} (--batch-size) needs at least {need / GiB:,.1f} GiB of "
                       f"{device.type} memory by farmer's memory plan, but {have / GiB:,.1f} GiB is free: {fix} "
                       "(farmer train --dry-run shows the plan)")
+
+
+def require_distill_memory(cfg: Config, flow_parameters: int, device: torch.device, processes: int = 1) -> None:
+    """Before distilling: a DeviceError when a lower bound of one step cannot fit ``device``: the student (a copy
+    of the flow, ``flow_parameters``) with gradients and AdamW, the teacher flow's weights, and every student
+    layer's input for each image of ``distill.batch_size``."""
+    from farmer_cli.device import DeviceError
+
+    have = _free_for_one_process(device, processes)
+    per_image = _flow_layer_inputs(cfg.model) * 4
+    static = flow_parameters * (BYTES_PER_PARAM["weights"] * 2 + BYTES_PER_PARAM["gradients"] + BYTES_PER_PARAM["adamw"])
+    need = static + cfg.distill.batch_size * per_image
+    if need > have:
+        raise DeviceError(f"distilling at batch {cfg.distill.batch_size} (--batch-size) needs at least "
+                          f"{need / GiB:,.1f} GiB of {device.type} memory, but {have / GiB:,.1f} GiB is free: "
+                          + ("lower --batch-size" if static < have else "the flow alone does not fit"))
 
 
 def gpu_tflops(name: str) -> float:

@@ -59,6 +59,16 @@ def test_an_impossible_micro_batch_or_model_is_refused_before_training(tmp_path:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_an_impossible_distillation_batch_is_refused_before_work(tiny_run: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    line = refused("distill", "--ckpt", str(run), "--steps", "1", "--batch-size", "1000000000")
+    assert "distilling at batch 1000000000 (--batch-size) needs at least" in line and "lower --batch-size" in line
+    assert not (run / "student.safetensors").exists()
+
+
 def test_guidance_working_memory_grows_with_the_candidates(tiny_cfg):
     model = Farmer(tiny_cfg())
     assert model.guidance_bytes(64, SamplingConfig(cfg=0.0)) == 0

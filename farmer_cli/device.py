@@ -197,3 +197,19 @@ def require_memory(need: int, device, what: str, fix: str, share: int = 1) -> No
     if need > have:
         raise DeviceError(f"{what} needs about {need / GiB:,.1f} GiB of {device.type} memory, but "
                           f"{have / GiB:,.1f} GiB is free for it: {fix}")
+
+
+def checked_on_every_process(accelerator, check) -> None:
+    """Run ``check()`` (which raises DeviceError) on every process and raise the first failure on all of them: a
+    process that stopped alone would leave the others waiting in a collective that never comes."""
+    message = ""
+    try:
+        check()
+    except DeviceError as err:
+        message = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        message = next((m for m in gather_object([message]) if m), "")
+    if message:
+        raise DeviceError(message)

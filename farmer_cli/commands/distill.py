@@ -45,7 +45,7 @@ def run(
     from farmer_cli.train.distill import distill
     from farmer_cli.memory_plan import require_distill_memory
     from farmer_cli.rundir import claim_on_main, find_checkpoint, holds_distillation, remove_distillation
-    from farmer_cli.device import end_processes, make_accelerator
+    from farmer_cli.device import checked_on_every_process, end_processes, make_accelerator
     from farmer_cli.commands.ui import LoopProgress, console, escape
 
     run_dir = find_checkpoint(ckpt)
@@ -78,7 +78,8 @@ def run(
                             for k, v in stored.items()})
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     acc = make_accelerator(cfg.train.mixed_precision)
-    require_distill_memory(cfg, sum(p.numel() for p in model.flow.parameters()), acc.device, acc.num_processes)
+    flow_parameters = sum(p.numel() for p in model.flow.parameters())
+    checked_on_every_process(acc, lambda: require_distill_memory(cfg, flow_parameters, acc.device, acc.num_processes))
     main = acc.is_main_process
     run_dir, _lock = claim_on_main(acc, run_dir, resume=True)  # writes the student into the run: one writer at a time
     if overwrite and main:

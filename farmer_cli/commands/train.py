@@ -84,7 +84,8 @@ def run(
     from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import load_data
     from farmer_cli.rundir import claim_on_main, resume_conflicts
-    from farmer_cli.device import end_processes, make_accelerator, precision_name, tracker_options
+    from farmer_cli.device import (checked_on_every_process, end_processes, make_accelerator, precision_name,
+                                   tracker_options)
     from farmer_cli.rundir import find_checkpoint, never_saved, new_run_dir
     from farmer_cli.memory_plan import require_training_memory
     from farmer_cli.train.trainer import total_steps, train
@@ -143,7 +144,8 @@ def run(
                       f"{len(bundle.class_names)} (the settings had {cfg.model.num_classes})")
         apply_options(cfg, {"model.num_classes": ("the data", len(bundle.class_names))})
     acc = make_accelerator(cfg.train.mixed_precision, report_to=report_to)
-    require_training_memory(cfg, acc.device, acc.num_processes, precision_name(acc.mixed_precision))
+    checked_on_every_process(acc, lambda: require_training_memory(cfg, acc.device, acc.num_processes,
+                                                                  precision_name(acc.mixed_precision)))
     main = acc.is_main_process
     run_dir = out or (new_run_dir(cfg.preset) if main else None)
     run_dir, _lock = claim_on_main(acc, run_dir, resume=resume, overwrite=overwrite)

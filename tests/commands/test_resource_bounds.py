@@ -41,6 +41,17 @@ def test_free_memory_is_read_and_a_need_beyond_it_is_refused():
         require_memory(have + (1 << 40), CPU, "a huge thing", "make it smaller")
 
 
+def test_a_memory_check_fails_on_every_process_together():
+    from types import SimpleNamespace
+
+    from farmer_cli.device import checked_on_every_process
+
+    one = SimpleNamespace(num_processes=1)
+    checked_on_every_process(one, lambda: None)
+    with pytest.raises(DeviceError, match="too big"):
+        checked_on_every_process(one, lambda: require_memory(1 << 60, CPU, "too big", "smaller"))
+
+
 def test_training_memory_is_checked_against_the_plan():
     cfg = load_preset("quickstart")
     require_training_memory(cfg, CPU)  # the quickstart fits any machine that runs farmer

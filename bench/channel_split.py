@@ -16,6 +16,7 @@ so no test pixel is seen in training. The model is the preset at reduced width a
 is between channel choices at equal budget, not a bits/dim for ImageNet.
 
     python bench/channel_split.py --steps 250 --seeds 0 1        # about 2 CPU minutes per run on 2 cores
+    python bench/channel_split.py --steps 250 --seeds 0 1 --only whole-pixel   # one choice
 """
 
 from __future__ import annotations
@@ -72,11 +73,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--only", nargs="+", default=[], help="run only the choices whose names start with these, "
+                    "e.g. --only whole-pixel (the others' figures at the same budget and seeds compare)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         source = photo_crops(Path(tmp))
         for name, choice in CHOICES.items():
+            if args.only and not name.startswith(tuple(args.only)):
+                continue
             bpds = []
             for seed in args.seeds:
                 cfg = apply_overrides(load_preset("imagenet64-bpd"), LAPTOP + choice + [

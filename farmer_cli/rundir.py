@@ -111,8 +111,20 @@ def is_run(run_dir: Path) -> bool:
 
 
 def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds anything under a run file's name (a run, or files farmer must not write over)."""
-    return run_dir.is_dir() and any((run_dir / name).exists() or (run_dir / name).is_symlink() for name in RUN_FILES)
+    """Whether ``run_dir`` holds anything under a name farmer writes: a run file, a step checkpoint or a sample grid
+    (a run, or files farmer must not write over)."""
+    return run_dir.is_dir() and bool(farmer_files(run_dir))
+
+
+def check_own_folders(run_dir: Path) -> None:
+    """``checkpoints/`` and ``samples/``, where farmer writes, prunes and deletes, must be folders inside the run: a
+    symbolic link (or a file) there is refused, so nothing outside the run is ever written or deleted."""
+    for folder in (HISTORY_DIR, SAMPLES_DIR):
+        path = run_dir / folder
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            what = f"a symbolic link to {os.readlink(path)}" if path.is_symlink() else "not a folder"
+            raise CheckpointError(f"{path} is {what}: farmer writes and deletes its {folder} there, so it must be a "
+                                  "folder inside the run; remove it (or move it into the run) and start again")
 
 
 def never_saved(run_dir: Path) -> bool:
@@ -129,17 +141,19 @@ def farmer_files(run_dir: Path) -> list[Path]:
     called."""
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
     found += [p for p in run_dir.glob("eval-*.json") if FARMER_NAMES.fullmatch(p.name)]
-    found += [p for p in (run_dir / HISTORY_DIR).glob("*") if HISTORY_NAMES.fullmatch(p.name)]
-    found += [p for p in (run_dir / SAMPLES_DIR).glob("*.png") if SAMPLE_NAMES.fullmatch(p.name)]
+    for folder, names in ((HISTORY_DIR, HISTORY_NAMES), (SAMPLES_DIR, SAMPLE_NAMES)):
+        if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink():  # never look through a link
+            found += [p for p in (run_dir / folder).iterdir() if names.fullmatch(p.name)]
     return found
 
 
 def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
     """Check and lock ``run_dir`` for training (``resume``: an existing run; else a new one, replacing an
     existing run only with ``overwrite``). Call on the main process before any work."""
+    check_own_folders(run_dir)
     if not resume and holds_run(run_dir):
         if not is_run(run_dir):
-            names = ", ".join(n for n in RUN_FILES if (run_dir / n).exists() or (run_dir / n).is_symlink())
+            names = ", ".join(sorted(str(p.relative_to(run_dir)) for p in farmer_files(run_dir))[:4])
             raise CheckpointError(f"{run_dir} holds files that are not a farmer run's ({names}); farmer will not "
                                   "write over them: choose another --out")
         if never_saved(run_dir):
@@ -271,6 +285,8 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
     for name in names:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, partial / name)
+    if target.is_symlink() or target.is_file():  # farmer's name, not farmer's folder: replaced like a stale one
+        target.unlink()
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)  # a directory without ".partial" is complete
     for old in history(run_dir, prefix)[keep:]:
@@ -279,8 +295,9 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
 
 def history(run_dir: Path, prefix: str) -> list[Path]:
     """Complete step checkpoints ``checkpoints/<prefix>-<step>/``, newest first."""
+    name = re.compile(rf"{re.escape(prefix)}-\d{{8}}")  # as :func:`snapshot` names them
     found = (run_dir / HISTORY_DIR).glob(f"{prefix}-*")
-    return sorted((p for p in found if p.is_dir() and p.name[len(prefix) + 1:].isdigit()), reverse=True)
+    return sorted((p for p in found if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()), reverse=True)
 
 
 def free_result_path(run_dir: Path, stem: str) -> Path:

@@ -58,8 +58,12 @@ def labelled_figure(panel: Image.Image, title: str, row_labels: list[str], col_l
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    """Write ``image`` in the format its suffix names, atomically (:func:`farmer_cli.storage.atomic_write`): a
+    symbolic link at ``path`` is replaced, never written through, and a killed write leaves no half image."""
+    from farmer_cli.storage import atomic_write
+
+    kind = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write(path, lambda tmp: image.save(tmp, format=kind))
 
 
 INFERNO = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),

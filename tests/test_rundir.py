@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from farmer_cli.checkpoint import CheckpointError
-from farmer_cli.rundir import claim
+from farmer_cli.rundir import claim, history, snapshot
 
 from cli_helpers import farmer
 
@@ -106,3 +107,41 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_last_checkpoin
     assert "training_state.pt: could not be written" in last and "--resume" in last
     assert before == 2 and torch.load(run / "training_state.pt", weights_only=True)["step"] == 2
     assert not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("folder", ["checkpoints", "samples"])
+def test_a_run_folder_that_is_a_link_outside_is_refused_and_nothing_there_is_touched(tmp_path: Path, folder: str):
+    outside = tmp_path / "outside"
+    (outside / "step-00000010").mkdir(parents=True)
+    (outside / "step-00000010" / "precious.txt").write_text("keep")
+    (outside / "step-00000099.png").write_text("keep")
+    for resume, overwrite in ((True, False), (False, True)):
+        run = _farmer_run(tmp_path / f"run-{resume}")
+        shutil.rmtree(run / folder)
+        (run / folder).symlink_to(outside)
+        with pytest.raises(CheckpointError, match=rf"{folder} is a symbolic link to .*outside: farmer writes and "
+                                                  "deletes"):
+            claim(run, resume=resume, overwrite=overwrite)
+    assert (outside / "step-00000010" / "precious.txt").read_text() == "keep"
+    assert (outside / "step-00000099.png").read_text() == "keep"
+
+
+def test_farmer_named_entries_in_a_directory_that_is_not_a_run_are_never_written_over(tmp_path: Path):
+    out = tmp_path / "nr"
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000001" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"holds files that are not a farmer run's \(checkpoints/step-00000001\)"):
+        claim(out, resume=False)
+    assert (out / "checkpoints" / "step-00000001" / "notes.txt").read_text() == "mine"
+
+
+def test_step_checkpoints_are_only_farmer_s_names_and_a_file_in_their_place_is_replaced(tmp_path: Path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-99999999999999999999").mkdir(parents=True)  # not a name farmer writes
+    (run / "checkpoints" / "step-00000030").write_text("junk")  # a file where a checkpoint folder goes
+    (run / "model.safetensors").write_text("weights")
+    for step in (10, 20, 30):
+        snapshot(run, ("model.safetensors",), step, "step", keep=2)
+    assert [p.name for p in history(run, "step")] == ["step-00000030", "step-00000020"]
+    assert (run / "checkpoints" / "step-99999999999999999999").is_dir()
+    assert (run / "checkpoints" / "step-00000030" / "model.safetensors").read_text() == "weights"

@@ -35,6 +35,10 @@ def user_errors() -> Iterator[None]:
     except (ConfigError, DataError, CheckpointError, DeviceError, WeightsError, WriteError, UsageError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
+    except OSError as err:  # what the file system refuses: a name too long, a link loop, a path through a file
+        where = f"{err.filename}: " if err.filename else ""
+        console.print(f"[red]error:[/] {escape(where + (err.strerror or str(err)))}; check the path", highlight=False)
+        sys.exit(2)
 
 
 def command(implementation):
@@ -88,6 +92,8 @@ def check_output_image(path, option: str = "--out") -> None:
 
     from PIL import Image
 
+    if not path.name or path.name == "..":
+        exit_with(f"{option} '{path}': give a file name, e.g. {option} samples.png")
     kind = Image.registered_extensions().get(path.suffix.lower())
     if kind is None:
         exit_with(f"{option} {path}: give a file name with an image extension, e.g. {path.with_suffix('.png')}")
@@ -104,7 +110,9 @@ def check_output_dir(path, option: str = "--out-dir") -> None:
     """Before any work: ``path`` is a writable directory, or can be created as one."""
     import os
 
-    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    existing = next((p for p in [path, *path.parents] if p.exists() or p.is_symlink()), None)
+    if existing is not None and existing.is_symlink() and not existing.exists():
+        exit_with(f"{option} {path}: {existing} is a symbolic link to nothing (or a loop of links)")
     if existing is not None and not existing.is_dir():
         exit_with(f"{option} {path}: {existing} is a file, not a directory")
     if existing is not None and not (os.access(existing, os.W_OK | os.X_OK) and _can_create_in(existing)):

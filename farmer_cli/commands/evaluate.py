@@ -88,10 +88,10 @@ def run(
     device: str = Option("auto", "--device", help=DEVICE_HELP + " Under accelerate launch each process takes the "
                          "device Accelerate gives it."),
 ) -> None:
-    from farmer_cli.checkpoint import load_model, load_student
+    from farmer_cli.checkpoint import load_config, load_model, load_student
     from farmer_cli.storage import atomic_write
     from farmer_cli.config.files import apply_options
-    from farmer_cli.data.dataset import load_data
+    from farmer_cli.data.dataset import layout_change, load_data
     from farmer_cli.eval.protocol import METRICS, evaluate
     from farmer_cli.sample.generate import my_chunks
     from farmer_cli.eval.inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
@@ -145,6 +145,12 @@ def run(
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
+        own_data = data is None and not any(o.startswith("data.") for o in sampling_overrides)
+        changed = layout_change(load_config(run_dir)[2].get("data"), bundle.layout) if own_data else ""
+        if changed:  # an edited config.json or changed files: the "test" split may hold training images
+            exit_with(f"{run_dir}: its data no longer splits as when the run trained ({changed}), so its test "
+                      "split may hold training images; restore the data (or config.json), or name other data with "
+                      "--data")
         student_flow = load_student(run_dir, model) if cfg.sampling.decoder == "student" else None
 
         inception = None

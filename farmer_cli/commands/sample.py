@@ -131,6 +131,7 @@ def run(
         names = _png_names(y_all.tolist(), n, class_names)
         if out_dir is not None:
             _check_apart(out, out_dir, names)
+            state.wait_for_everyone()  # every process has checked before any writes
         t0 = time.time()
         with progress(disable=not main) as bar:
             task = bar.add_task("sample", total=len(my_chunks(len(y_all), batch_size, rank, world)) * steps_per_chunk)
@@ -214,14 +215,20 @@ def _check_apart(out: Path, out_dir: Path, names: list[str]) -> None:
     if taken is not None:
         exit_with(f"--out-dir {out_dir}: {taken} there is a directory, so the image of that name cannot be written; "
                   "move it or choose another --out-dir")
+    earlier = [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
+    if earlier:
+        exit_with(f"--out-dir {out_dir} already holds {len(earlier)} of the {len(names)} images this call would "
+                  f"write (e.g. {earlier[0]}, from an earlier call): some would be replaced and others left stale; "
+                  "choose a new --out-dir or empty this one")
 
 
 def _write_pngs(out_dir: Path, chunk: range, images, names: list[str]) -> None:
     from PIL import Image
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from farmer_cli.viz import save_png
+
     for i, img in zip(chunk, images):
-        Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).save(out_dir / names[i])
+        save_png(Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()), out_dir / names[i])
 
 
 def _read_pngs(out_dir: Path, names: list[str]):

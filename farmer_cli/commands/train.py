@@ -82,7 +82,7 @@ def run(
     from farmer_cli.checkpoint import METRICS_FILE, TRAIN_STATE_FILE, check_metrics, check_model_file, load_config
     from farmer_cli.config.schema import MAX_TRAIN_SEED
     from farmer_cli.config.files import apply_options, load_preset
-    from farmer_cli.data.dataset import load_data
+    from farmer_cli.data.dataset import layout_change, load_data
     from farmer_cli.rundir import claim_on_main, resume_conflicts
     from farmer_cli.device import (checked_on_every_process, end_processes, make_accelerator, precision_name,
                                    tracker_options)
@@ -129,13 +129,10 @@ def run(
                       "Start a new run (another --out) to change them")
         check_model_file(cfg, out)
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
-    was, now = payload.get("data"), bundle.layout
-    if resume and isinstance(was, dict) and was != now:
-        exit_with(f"--resume: the data of {out} changed since the run started ({was.get('train')} train / "
-                  f"{was.get('test')} test images then, {now['train']} / {now['test']} now"
-                  + (", or other files or split" if (was.get("train"), was.get("test")) == (now["train"], now["test"])
-                     else "") + "): resuming would change the schedule and mix test images into training; "
-                  "restore the data or start a new run")
+    changed = layout_change(payload.get("data"), bundle.layout) if resume else ""
+    if changed:
+        exit_with(f"--resume: the data of {out} changed since the run started ({changed}): resuming would change "
+                  "the schedule and mix test images into training; restore the data or start a new run")
     if cfg.model.num_classes != len(bundle.class_names):
         if resume:
             exit_with(f"the data has {len(bundle.class_names)} classes but the checkpoint was trained with "

@@ -56,10 +56,12 @@ def _at_most(section: Any, prefix: str, maximum: float, *names: str) -> None:
 # low enough that no tensor the model builds has more elements than an int64 counts: an edited config.json or a
 # --set asking for model.image_size = 2**40 is refused here, before anything is built or allocated.
 MAX_SIZE = 65_536  # image side, widths, heads, channels, components, M, d_I, token merge
-MAX_LAYERS = 1_024  # af_blocks, af_layers, ar_layers (each)
+MAX_LAYERS = 1_024  # af_blocks, af_layers, ar_layers (each), and af_blocks x af_layers
 MAX_TOKENS = 1 << 20  # N, and the channels of an AR token
 MAX_CLASSES = 1 << 20
 MAX_MLP_RATIO = 64.0
+MAX_SAMPLING_SCALE = 1e3  # guidance weight and temperatures: far beyond any useful value, far within float32
+MAX_STEPS = 2**31 - 1  # train.steps, train.epochs, distill.steps: more than any run could take
 MAX_SEED = 2**63 - 1  # data.split_seed (torch generators take 64 bits)
 MAX_TRAIN_SEED = 2**32 - 1  # train.seed: every step's seed is train.seed x 1,000,003 + step, within 64 bits
 
@@ -147,6 +149,9 @@ class ModelConfig:
                  "ar_heads", "cond_repeat", "informative_dims", "informative_components", "redundant_components",
                  "token_merge")
         _at_most(self, "model", MAX_LAYERS, "af_blocks", "af_layers", "ar_layers")
+        if self.af_blocks * self.af_layers > MAX_LAYERS:  # every layer is a Python object, even on the meta device
+            raise ConfigError(f"model.af_blocks={self.af_blocks} x model.af_layers={self.af_layers} is "
+                              f"{self.af_blocks * self.af_layers:,} flow layers; at most {MAX_LAYERS:,}")
         _at_most(self, "model", MAX_CLASSES, "num_classes")
         _at_most(self, "model", MAX_MLP_RATIO, "mlp_ratio")
         _check(0 <= self.checkpoint_fraction <= 1, "model.checkpoint_fraction", "in [0, 1]",
@@ -229,6 +234,7 @@ class TrainConfig:
         _at_least(self, "train", 1, "batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_checkpoints")
         _at_least(self, "train", 0, "seed")
         _at_most(self, "train", MAX_TRAIN_SEED, "seed")
+        _at_most(self, "train", MAX_STEPS, "steps", "epochs", "batch_size", "grad_accum_steps")
         _positive(self, "train", "lr", "grad_clip")
         _check(self.min_lr <= self.lr, "train.min_lr", f"<= train.lr ({self.lr:g})", self.min_lr)
         for name in ("beta1", "beta2", "ema_decay", "label_dropout"):
@@ -273,6 +279,8 @@ class SamplingConfig:
         _at_least(self, "sampling", 0, "cfg", "var_scale", "redundant_pool", "jacobi_tol", "jacobi_max_iter")
         _positive(self, "sampling", "temperature", "t_pi", "t_sigma", "t_pi_eval", "t_sigma_eval", "t_resample")
         _at_least(self, "sampling", 1, "cond_candidates", "uncond_candidates")
+        _at_most(self, "sampling", MAX_SAMPLING_SCALE, "cfg", "var_scale", "temperature", "t_pi", "t_sigma",
+                 "t_pi_eval", "t_sigma_eval", "t_resample")
 
 
 @dataclass
@@ -287,6 +295,7 @@ class DistillConfig:
 
     def validate(self) -> None:
         _at_least(self, "distill", 1, "steps", "batch_size")
+        _at_most(self, "distill", MAX_STEPS, "steps", "batch_size")
         _at_least(self, "distill", 0, "warmup_steps", "latent_noise_max")
         _positive(self, "distill", "lr")
 

@@ -73,6 +73,17 @@ class DataBundle:
                 "digest": digest([self.class_names, *sources, self.train.indices, self.test.indices])}
 
 
+def layout_change(recorded, now: dict) -> str:
+    """How the data ``now`` (:attr:`DataBundle.layout`) differs from the layout a run ``recorded`` in its
+    config.json: "" when it is the same (or nothing was recorded), else e.g. "1617 train / 180 test images then,
+    898 / 898 now"."""
+    if not isinstance(recorded, dict) or recorded == now:
+        return ""
+    counts = (recorded.get("train"), recorded.get("test"))
+    return (f"{counts[0]} train / {counts[1]} test images then, {now['train']} / {now['test']} now"
+            + (", or other files or split" if counts == (now["train"], now["test"]) else ""))
+
+
 PROBE_IMAGES = 16  # images per split decoded by load_data to make sure the data can be read at all
 
 

@@ -186,6 +186,10 @@ def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     names = payload.get("class_names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{path}: class_names must be a list of strings")
+    if len(set(names)) != len(names):  # --class NAME must name one class
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CheckpointError(f"{path}: class_names lists '{twice}' more than once; the file was edited: restore "
+                              "one name per class")
     if names and len(names) != cfg.model.num_classes:  # runs written before class_names existed have none
         raise CheckpointError(f"{path}: class_names lists {len(names)} classes but model.num_classes is "
                               f"{cfg.model.num_classes}; the file was edited: restore one name per class")

@@ -70,7 +70,7 @@ class RunLock:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise CheckpointError(f"{self.path.parent} is in use by another farmer process (pid {holder}); wait for "
-                                  "it to finish, stop it, or choose another --out") from None
+                                  "it to finish, or stop it") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -258,7 +258,7 @@ def new_run_dir(preset: str) -> Path:
     raise FileExistsError(f"could not find a free run name under {RUNS_DIR}/ for {base}")
 
 
-def find_checkpoint(ckpt: Path | None, what: str | None = None) -> Path:
+def find_checkpoint(ckpt: Path | None, what: str | None = None, option: str = "--ckpt") -> Path:
     """``--ckpt DIR`` or, without it, the newest run under ./runs/ holding ``what`` (default: the model weights;
     logs which it took)."""
     what = what or MODEL_FILE
@@ -268,8 +268,8 @@ def find_checkpoint(ckpt: Path | None, what: str | None = None) -> Path:
         return ckpt
     candidates = sorted((p for p in RUNS_DIR.glob("*/") if (p / what).exists()), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise CheckpointError("no checkpoint given and none found under ./runs/: train one with `farmer train` "
-                              "or pass --ckpt DIR")
+        raise CheckpointError(f"no checkpoint given and none found under ./runs/: train one with `farmer train` "
+                              f"or pass {option} DIR")
     log.info("using the newest checkpoint: %s", candidates[-1])
     return candidates[-1]
 

@@ -56,7 +56,9 @@ def test_stored_config_must_be_a_table_and_preset_names_stay_plain():
     with pytest.raises(ConfigError, match="expected a table"):
         from_dict(None)
     with pytest.raises(ConfigError, match="plain name"):
-        from_dict({"preset": "../../x"})
+        from_dict({"preset": "../../x", "model": {}})
+    with pytest.raises(ConfigError, match=r"no \[model\] section"):
+        from_dict({"preset": "edited", "train": {}})
 
 
 def test_sampling_presets_live_with_the_presets():

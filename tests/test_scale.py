@@ -67,6 +67,19 @@ def test_imagenet64_bpd_is_unconditional():
     assert bundle.class_names == ["all"] and {bundle.train[i][1] for i in range(50)} == {0}
 
 
+def test_imagenet64_bpd_informative_channels_are_whole_pixels_on_a_stride_2_grid():
+    """The preset's split, chosen by bench/channel_split.py (docs/deviations.md): the 12 informative channels of an
+    AR token are the R, G, B of every other pixel of its 4x4 area."""
+    cfg = apply_overrides(load_preset("imagenet64-bpd"), ["model.af_blocks=1", "model.af_layers=1",
+                                                          "model.ar_layers=1", "model.af_width=64", "model.ar_width=64",
+                                                          "model.af_heads=1", "model.ar_heads=1"])
+    model = Farmer(cfg.model)
+    x = torch.arange(3 * 64 * 64, dtype=torch.float32).reshape(1, 3, 64, 64)
+    merged = merge_tokens(model.to_tokens(x), 2, interleave=True)  # (1, 256, 48): the AR tokens' channel order
+    informative = merged[0, 0, : cfg.model.informative_dims].reshape(3, 4).T  # (sub-token, colour)
+    torch.testing.assert_close(informative, x[0, :, 0:4:2, 0:4:2].permute(1, 2, 0).reshape(4, 3))
+
+
 # ----- the memory plan -----
 def test_plan_counts_parameters_and_checkpointing_saves_activations():
     cfg = apply_overrides(load_preset("imagenet256-patch8"), ["model.af_blocks=2", "model.af_layers=1",

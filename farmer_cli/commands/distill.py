@@ -13,6 +13,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -96,7 +97,9 @@ def run(
     if main:
         console.print(f"student inverse error (MSE vs the true inverse, {result.error_images} images): "
                       f"{result.error_before:.2e} -> [bold]{result.error_after:.2e}[/]")
-        console.print(f"done in {result.seconds / 60:.1f} min: loss {result.first_loss:.4f} -> "
-                      f"{result.last_loss:.4f}; student in [bold]{escape(str(run_dir))}/student.safetensors[/]")
+        losses = ("no step left to run: the distillation had finished" if math.isnan(result.first_loss) else
+                  f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
+        console.print(f"done in {result.seconds / 60:.1f} min: {losses}; student in "
+                      f"[bold]{escape(str(run_dir))}/student.safetensors[/]")
         console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --decoder student --class 3 --n 16")
 

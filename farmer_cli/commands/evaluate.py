@@ -112,6 +112,8 @@ def run(
         exit_with("--limit must be 0 (all) or a positive number of images")
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else list(METRICS)
     unknown = [m for m in chosen if m not in METRICS]
+    if metrics is not None and not chosen:
+        exit_with(f"--metrics {metrics!r} names no metric; choose from {', '.join(METRICS)}")
     if unknown:
         exit_with(f"unknown metric '{unknown[0]}'; choose from {', '.join(METRICS)}")
     if "pr" in chosen and n_samples <= 3:  # k = 3 nearest neighbours among the samples

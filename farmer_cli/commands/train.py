@@ -105,7 +105,7 @@ def run(
                       "resume: starting it from step 0 with its settings")
         resume = False
     if resume:
-        out = find_checkpoint(out, TRAIN_STATE_FILE)
+        out = find_checkpoint(out, TRAIN_STATE_FILE, "--out")
         stored, _, payload = load_config(out)
         check_metrics(out, METRICS_FILE)
         if preset is not None and preset != stored.preset:
@@ -115,7 +115,7 @@ def run(
     elif restart:
         cfg, payload = load_config(out)[0], {}
     else:
-        cfg, payload = load_preset(preset or "quickstart"), {}
+        cfg, payload = load_preset("quickstart" if preset is None else preset), {}
     length = {"train.steps": ("--steps", steps), "train.epochs": ("--steps", 0)} if steps is not None else \
         {"train.epochs": ("--epochs", epochs)}
     apply_options(cfg, {"data.source": ("--data", data), "data.test_source": ("--test-data", test_data), **length, "train.batch_size": ("--batch-size", batch_size),
@@ -198,7 +198,7 @@ def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overr
 
     if not 0 < gpu_memory < 1e6 or gpus < 1:  # not NaN, not inf
         exit_with("--gpu-memory must be a number of GiB between 0 and 1,000,000 and --gpus at least 1")
-    cfg = load_config(find_checkpoint(out, None))[0] if resume else load_preset(preset or "quickstart")
+    cfg = load_config(find_checkpoint(out, None))[0] if resume else load_preset("quickstart" if preset is None else preset)
     apply_options(cfg, {"train.batch_size": ("--batch-size", batch_size), "train.grad_accum_steps": ("--grad-accum", grad_accum),
                         "train.mixed_precision": ("--mixed-precision", mixed_precision)}, overrides)
     precision = cfg.train.mixed_precision

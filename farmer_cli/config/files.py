@@ -99,6 +99,11 @@ def apply_dict(cfg: Config, raw: Any, origin: str) -> Config:
 
 
 def from_dict(raw: Any, origin: str = "config") -> Config:
+    """A whole configuration (a preset, or config.json's "config"): it must set the model, whose defaults alone
+    describe no model (every preset sets its [model] section)."""
+    if isinstance(raw, dict) and not isinstance(raw.get("model"), dict):
+        raise ConfigError(f"{_at(origin)}no [model] section: a preset or stored configuration sets the model "
+                          "(see presets/tiny.toml)")
     return apply_dict(Config(), raw, origin)
 
 
@@ -163,6 +168,8 @@ def _read_preset(path: Path) -> str:
 
 def load_preset(name_or_path: str) -> Config:
     """Load a preset by name (``quickstart``) or from a TOML file path."""
+    if not name_or_path.strip():
+        raise ConfigError(f"the preset name is empty; give one of {', '.join(preset_names())} or a .toml file")
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         text, origin = _read_preset(path), str(path)

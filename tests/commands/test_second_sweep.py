@@ -78,3 +78,15 @@ def test_output_paths_the_file_system_cannot_take_are_one_line(tiny_run: Path, t
     line = refused("sample", "--ckpt", tiny_run, "--n", "1", "--out", out)
     assert {"empty": "give a file name", "too-long": "File name too long",
             "dangling": "is a symbolic link to nothing"}[case] in line
+
+
+def test_odd_small_cases_are_one_line(tiny_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    payload = json.loads((run / "config.json").read_text())
+    payload["class_names"][1] = payload["class_names"][0]
+    (run / "config.json").write_text(json.dumps(payload))
+    assert "more than once" in refused("sample", "--ckpt", run, "--class", payload["class_names"][0], "--n", "1")
+    assert "names no metric" in refused("evaluate", "--ckpt", tiny_run, "--metrics", ",")
+    assert "the preset name is empty" in refused("train", "--preset", "", "--steps", "1", "--out", tmp_path / "p")
+    assert "pass --out DIR" in farmer("train", "--resume", cwd=tmp_path, check=False).stderr

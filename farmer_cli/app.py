@@ -27,6 +27,20 @@ for module in (train, score, sample, distill, inspect_channels, evaluate, ood):
 USAGE_ERROR = typer.BadParameter.__base__
 
 
+def _refuse_empty_arguments(args: list[str]) -> None:
+    """No value of farmer's is an empty string, and an empty path would silently mean the current directory
+    (``--out ""`` would train into it): an empty argument (or ``--opt=``) is one red line, exit status 2."""
+    for k, arg in enumerate(args):
+        if not arg.strip() or (arg.startswith("--") and arg.endswith("=")):
+            from farmer_cli.commands.ui import console, escape
+
+            before = arg[:-1] if arg.endswith("=") else (args[k - 1] if k else "")
+            where = f" for {before}" if before.startswith("-") else f" after '{before}'" if before else ""
+            console.print(f"[red]error:[/] an empty value{escape(where)}: give a value "
+                          "(an empty path would mean the current directory)", highlight=False)
+            raise SystemExit(2)
+
+
 def main() -> None:
     """Run the app. A usage error that typer/click catch (an unknown option, a value of the wrong type, a missing
     argument) is one red line on stderr naming the option and the command's --help, exit status 2; bare ``farmer``
@@ -34,6 +48,7 @@ def main() -> None:
     downloaded at run time."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    _refuse_empty_arguments(sys.argv[1:])
     try:
         code = app(standalone_mode=False)
     except USAGE_ERROR as err:

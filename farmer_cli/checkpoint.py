@@ -270,10 +270,15 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     from farmer_cli.model import Farmer
 
     run_dir = Path(run_dir)
-    cfg, class_names, _ = load_config(run_dir)
+    cfg, class_names, payload = load_config(run_dir)
     check_model_file(cfg, run_dir)
     model = Farmer(cfg.model, trained_noise_sigma=cfg.train.final_noise_sigma())
     step = load_weights(model, run_dir / MODEL_FILE)
+    recorded = payload.get("step")  # both are written at every checkpoint; results are named by the step
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded != step:
+        raise CheckpointError(f"{run_dir}: {MODEL_FILE} says step {step} but {CONFIG_FILE} says step {recorded}: "
+                              "one of them was edited or a save was cut short; continue the run with farmer train "
+                              "--resume (which writes both again) or restore the files")
     return model.to(device).eval(), cfg, class_names, step
 
 

@@ -167,16 +167,22 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
     remove_stale_writes(run_dir)
     if not resume and overwrite:
         for path in farmer_files(run_dir):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+            remove(path)
         for folder in (SAMPLES_DIR, HISTORY_DIR):  # gone if it held only farmer's files
             try:
                 (run_dir / folder).rmdir()
             except OSError:
                 pass
     return lock
+
+
+def remove(path: Path) -> None:
+    """Delete what is at ``path`` under one of farmer's names: a folder with its contents; a symbolic link itself,
+    never what it points to; nothing if there is nothing."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_stale_writes(run_dir: Path) -> None:
@@ -188,8 +194,8 @@ def remove_stale_writes(run_dir: Path) -> None:
         if temporaries.fullmatch(path.name) and path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)
     for partial in (run_dir / HISTORY_DIR).glob("*.partial"):
-        if HISTORY_NAMES.fullmatch(partial.name) and partial.is_dir() and not partial.is_symlink():
-            shutil.rmtree(partial)
+        if HISTORY_NAMES.fullmatch(partial.name):
+            remove(partial)
 
 
 DISTILL_FILES = (STUDENT_FILE, DISTILL_STATE_FILE, DISTILL_METRICS_FILE)
@@ -206,7 +212,7 @@ def remove_distillation(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     for old in (run_dir / HISTORY_DIR).glob("distill-step-*"):
         if HISTORY_NAMES.fullmatch(old.name):
-            shutil.rmtree(old)
+            remove(old)
 
 
 def resume_conflicts(stored: Config, requested: Config) -> list[str]:
@@ -280,14 +286,12 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
     bad block) must not reach its backup; each kept step costs the disk of one checkpoint."""
     target = run_dir / HISTORY_DIR / f"{prefix}-{step:08d}"
     partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    remove(partial)
     partial.mkdir(parents=True)
     for name in names:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, partial / name)
-    if target.is_symlink() or target.is_file():  # farmer's name, not farmer's folder: replaced like a stale one
-        target.unlink()
-    shutil.rmtree(target, ignore_errors=True)
+    remove(target)  # an older checkpoint of this step, or something else under farmer's name
     partial.rename(target)  # a directory without ".partial" is complete
     for old in history(run_dir, prefix)[keep:]:
         shutil.rmtree(old, ignore_errors=True)

@@ -148,7 +148,12 @@ def run(
                       allowed=("sampling", "data"))
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
         own_data = data is None and not any(o.startswith("data.") for o in sampling_overrides)
-        changed = layout_change(load_config(run_dir)[2].get("data"), bundle.layout) if own_data else ""
+        recorded = load_config(run_dir)[2].get("data")
+        if own_data and recorded is None and main:
+            console.print(f"[yellow]warning:[/] {escape(str(run_dir))}/config.json records no data layout (a run "
+                          "of an older farmer, or an edited file): its test split cannot be checked against the "
+                          "training data")
+        changed = layout_change(recorded, bundle.layout) if own_data else ""
         if changed:  # an edited config.json or changed files: the "test" split may hold training images
             exit_with(f"{run_dir}: its data no longer splits as when the run trained ({changed}), so its test "
                       "split may hold training images; restore the data (or config.json), or name other data with "

@@ -133,13 +133,13 @@ def run(
             _check_apart(out, out_dir, names)
             state.wait_for_everyone()  # every process has checked before any writes
         t0 = time.time()
+        advance = lambda _: bar.advance(task)  # noqa: E731  (bar and task exist before the first image)
+        chunks = generate_chunks(model, y_all, s, seed, batch_size, student=student_flow, rank=rank, world=world,
+                                 precision=precision, denoise_batch=denoise_batch, stats=stats, on_token=advance,
+                                 on_block=advance)  # checks memory now, before the progress bar
         with progress(disable=not main) as bar:
             task = bar.add_task("sample", total=len(my_chunks(len(y_all), batch_size, rank, world)) * steps_per_chunk)
-            advance = lambda _: bar.advance(task)  # noqa: E731
-            for chunk, chunk_images in generate_chunks(model, y_all, s, seed, batch_size, student=student_flow,
-                                                       rank=rank, world=world, precision=precision,
-                                                       denoise_batch=denoise_batch, stats=stats, on_token=advance,
-                                                       on_block=advance):
+            for chunk, chunk_images in chunks:
                 if out_dir is not None:
                     _write_pngs(out_dir, chunk, chunk_images, names)
                 if world == 1:

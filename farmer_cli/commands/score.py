@@ -63,6 +63,10 @@ def run(
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)
     loaded = [load_image(f, mc.channels, mc.image_size) for f in files]  # fails early, naming the bad file
     heat_paths = _heatmap_paths(files, heatmap) if heatmap is not None else []
+    earlier = [p for p in heat_paths if len(heat_paths) > 1 and (p.exists() or p.is_symlink())]
+    if earlier:  # names derived from --heatmap: an earlier call's maps would be partly replaced, partly left
+        exit_with(f"--heatmap {heatmap}: {len(earlier)} of the {len(heat_paths)} maps this call would write exist "
+                  f"already (e.g. {earlier[0]}, from an earlier call); choose another --heatmap name or folder")
     rows = []
     gen = torch.Generator().manual_seed(0)
     with progress(disable=len(files) < 2 * batch_size) as bar:

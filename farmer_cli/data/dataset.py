@@ -80,6 +80,8 @@ def layout_change(recorded, now: dict) -> str:
     if not isinstance(recorded, dict) or recorded == now:
         return ""
     counts = (recorded.get("train"), recorded.get("test"))
+    if not all(isinstance(c, int) for c in counts):
+        return "the recorded layout is not one farmer wrote: config.json was edited"
     return (f"{counts[0]} train / {counts[1]} test images then, {now['train']} / {now['test']} now"
             + (", or other files or split" if counts == (now["train"], now["test"]) else ""))
 

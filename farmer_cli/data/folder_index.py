@@ -5,7 +5,8 @@ Walking 1.28M files takes minutes on network storage, and every process of a mul
 folder's absolute path and the modification times of its class folders; it also records the modification time of
 every sub-folder below them and is used only while all of those are unchanged (adding or removing a file changes
 its own folder's time, however deep; checking costs one stat per folder, not a walk). An index that is not what
-farmer writes (unreadable, wrong types, paths outside the folder) is ignored and rebuilt.
+farmer writes (unreadable, wrong types, paths outside the folder, a path twice, a label that is not its class folder, or content
+that no longer matches its SHA-256 checksum) is ignored and rebuilt.
 
 In a multi-process job the first process of each machine (``LOCAL_RANK`` 0) builds the index and the others wait
 for it, boundedly: rank 0 marks the build with ``<key>.building`` (holding its pid); another rank waits while that
@@ -52,7 +53,15 @@ def _walk(root: Path, classes: list[str]) -> dict:
                       if Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(here, f))]
         paths += sorted((os.path.relpath(f, root) for f in found), key=lambda p: Path(p).parts)
         labels += [k] * len(found)
-    return {"root": str(root.resolve()), "classes": classes, "paths": paths, "labels": labels, "folders": folders}
+    index = {"root": str(root.resolve()), "classes": classes, "paths": paths, "labels": labels, "folders": folders}
+    return index | {"checksum": _checksum(index)}
+
+
+def _checksum(index: dict) -> str:
+    """SHA-256 of what the index says (its classes, files, labels and folder times): an index edited or cut after
+    it was written no longer matches and is rebuilt."""
+    content = [index.get(k) for k in ("root", "classes", "paths", "labels", "folders")]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _current(index, root: Path, classes: list[str]) -> bool:
@@ -66,6 +75,10 @@ def _current(index, root: Path, classes: list[str]) -> bool:
         return False
     if not all(isinstance(y, int) and 0 <= y < len(classes) for y in index["labels"]):
         return False
+    if index.get("checksum") != _checksum(index) or len(set(index["paths"])) != len(index["paths"]):
+        return False
+    if not all(Path(p).parts[0] == classes[y] for p, y in zip(index["paths"], index["labels"])):
+        return False  # every image's label is its class folder
     try:
         return all(isinstance(t, int) and ".." not in Path(f).parts and (root / f).stat().st_mtime_ns == t
                    for f, t in index["folders"].items())

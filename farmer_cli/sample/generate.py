@@ -74,6 +74,12 @@ def generate_chunks(model: Farmer, labels: torch.Tensor, s: SamplingConfig, seed
         denoise = (min(denoise_batch, batch), True)
     else:
         denoise = plan_denoise(model, batch) if model.denoise_sigma(s) > 0 else (batch, False)
+    return _chunks(model, labels, s, seed, batch, student, rank, world, precision, denoise, stats, on_token, on_block)
+
+
+def _chunks(model, labels, s, seed, batch, student, rank, world, precision, denoise, stats, on_token, on_block
+            ) -> Iterator[tuple[range, torch.Tensor]]:
+    """The generator behind :func:`generate_chunks` (which checks memory when called, not at the first image)."""
     for chunk in my_chunks(len(labels), batch, rank, world):
         rng = ImageStreams.for_images(seed, chunk, model.device)
         with autocast(model.device, precision):

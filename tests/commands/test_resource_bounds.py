@@ -92,6 +92,9 @@ def test_impossible_guided_sampling_is_refused_before_the_first_image(tiny_run: 
     line = refused("sample", "--ckpt", str(tiny_run), "--n", "4", "--class", "1", "--cfg", "4", "--candidates",
                    "1000000000", "--out", str(tmp_path / "s.png"))
     assert "1000000000 + 1000000000 candidates per token" in line and "lower --candidates" in line
+    proc = farmer("sample", "--ckpt", str(tiny_run), "--n", "1", "--cfg", "2", "--candidates", "1000000000",
+                  "--out", str(tmp_path / "s.png"), check=False)
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr  # refused before any progress line
     assert not (tmp_path / "s.png").exists()
 
 

@@ -90,3 +90,80 @@ def test_odd_small_cases_are_one_line(tiny_run: Path, tmp_path: Path):
     assert "names no metric" in refused("evaluate", "--ckpt", tiny_run, "--metrics", ",")
     assert "the preset name is empty" in refused("train", "--preset", "", "--steps", "1", "--out", tmp_path / "p")
     assert "pass --out DIR" in farmer("train", "--resume", cwd=tmp_path, check=False).stderr
+
+
+def test_an_edited_folder_index_is_rebuilt_not_trusted(tmp_path: Path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from farmer_cli.data.folder_index import folder_index
+    from farmer_cli.storage import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full((8, 8), 40 * k, dtype=np.uint8)).save(tmp_path / "imgs" / name / f"{k}.png")
+    truth = folder_index(tmp_path / "imgs")
+    (cached,) = cache_dir("folder-index").glob("*.json")
+    for edit in (lambda i: i.update(labels=[1 - y for y in i["labels"]]),  # flipped labels
+                 lambda i: i.update(paths=i["paths"][:3], labels=i["labels"][:3]),  # entries cut
+                 lambda i: i.update(paths=[i["paths"][0]] * 6)):  # one file six times
+        index = json.loads(cached.read_text())
+        edit(index)
+        cached.write_text(json.dumps(index))
+        again = folder_index(tmp_path / "imgs")
+        assert (again["paths"], again["labels"]) == (truth["paths"], truth["labels"])
+
+
+def test_weights_and_config_that_disagree_on_the_step_are_refused(tiny_run: Path, tmp_path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from farmer_cli.checkpoint import CheckpointError, load_model, save_weights
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    path = run / "model.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
+    save_weights(path, load_file(str(path)), 0, metadata | {"step": "999"})
+    with pytest.raises(CheckpointError, match=r"model.safetensors says step 999 but config.json says step 30"):
+        load_model(run)
+
+
+def test_derived_heatmap_names_never_mix_with_an_earlier_call_s(tiny_run: Path, digit_png: Path, tmp_path: Path):
+    for folder in ("ha", "hb"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(digit_png, tmp_path / folder / "x.png")
+    images = [str(tmp_path / "ha" / "x.png"), str(tmp_path / "hb" / "x.png")]
+    farmer("score", *images, "--ckpt", str(tiny_run), "--heatmap", str(tmp_path / "hm" / "h.png"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hm").iterdir()}
+    line = refused("score", *reversed(images), "--ckpt", tiny_run, "--heatmap", tmp_path / "hm" / "h.png")
+    assert "2 of the 2 maps this call would write exist already" in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hm").iterdir()} == before
+
+
+def test_an_empty_argument_is_refused_not_read_as_the_current_directory(tmp_path: Path):
+    for args in (["train", "--preset", "tiny", "--steps", "1", "--out", ""], ["sample", "--out-dir="], ["score", ""]):
+        proc = farmer(*args, cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith("error: an empty value"), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_links_under_farmer_s_checkpoint_names_are_removed_not_followed(tmp_path: Path):
+    from farmer_cli.rundir import remove_distillation, snapshot
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "model.safetensors").write_text("weights")
+    (run / "checkpoints" / "step-00000020.partial").symlink_to(outside)
+    (run / "checkpoints" / "distill-step-00000010").symlink_to(outside)
+    snapshot(run, ("model.safetensors",), 20, "step", keep=3)
+    remove_distillation(run)
+    assert (outside / "keep.txt").read_text() == "keep" and sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+    assert (run / "checkpoints" / "step-00000020" / "model.safetensors").read_text() == "weights"
+    assert not (run / "checkpoints" / "distill-step-00000010").is_symlink()

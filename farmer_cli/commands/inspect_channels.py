@@ -24,6 +24,7 @@ import typer
 InverseDecoder = Literal["sequential", "student"]  # the inverses that decode part of the flow (upto a block)
 
 from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, check_seed, exit_with, resolve_class, command
+from farmer_cli.config.schema import MAX_SAMPLING_SCALE
 
 NAME = "inspect-channels"
 DEFAULT_FACTORS = "0,0.2,0.4,0.8,1.0,1.2,1.5,2.0,4.0"
@@ -110,8 +111,9 @@ def run(
         stdout.print(table)
     else:
         fs = _floats(factors, "factors")
-        if any(f < 0 for f in fs):
-            exit_with("--factors must be >= 0")
+        if any(not 0 <= f <= MAX_SAMPLING_SCALE for f in fs):
+            exit_with(f"--factors must be between 0 and {MAX_SAMPLING_SCALE:g} (variance scales of the redundant "
+                      "mixture)")
         label = 0 if class_ is None else resolve_class(class_, class_names, mc.num_classes)
         images = variance_sweep(model, label, fs, columns, cfg.sampling, seed, student_flow).images
         panel = grid(images.flatten(0, 1), columns, scale=scale)

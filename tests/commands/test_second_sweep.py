@@ -56,10 +56,12 @@ def test_evaluate_refuses_a_run_whose_recorded_split_no_longer_holds(tiny_run: P
     farmer("evaluate", "--ckpt", str(run), "--metrics", "bpd", "--limit", "4", "--data", "digits")  # named: allowed
 
 
-def test_sampling_scales_beyond_any_use_are_refused():
+def test_sampling_scales_beyond_any_use_are_refused(tiny_run: Path):
     for key in ("var_scale", "temperature", "cfg"):
         with pytest.raises(ConfigError, match=rf"sampling.{key} must be <= 1,000"):
             apply_overrides(load_preset("tiny"), [f"sampling.{key}=1e39"])
+    line = refused("inspect-channels", "--ckpt", tiny_run, "--mode", "variance", "--factors", "0,1e39")
+    assert "--factors must be between 0 and 1000" in line
 
 
 def test_flow_depths_and_step_counts_no_machine_runs_are_refused():

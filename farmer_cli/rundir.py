@@ -36,6 +36,7 @@ log = logging.getLogger("farmer")
 RUN_FILES = (CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, METRICS_FILE, STUDENT_FILE, DISTILL_STATE_FILE,
              DISTILL_METRICS_FILE)
 LOCK_FILE = ".lock"
+TRACKER_DIR = "tensorboard"  # --report-to tensorboard: the run's event files
 HISTORY_DIR = "checkpoints"  # checkpoints/<prefix>-<step>/: the kept step checkpoints (:func:`snapshot`)
 
 # What a resumed run may change: how it reports and loads, not what it trains.
@@ -117,9 +118,10 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def check_own_folders(run_dir: Path) -> None:
-    """``checkpoints/`` and ``samples/``, where farmer writes, prunes and deletes, must be folders inside the run: a
+    """``checkpoints/``, ``samples/`` and ``tensorboard/``, where farmer writes, prunes and deletes, must be folders
+    inside the run: a
     symbolic link (or a file) there is refused, so nothing outside the run is ever written or deleted."""
-    for folder in (HISTORY_DIR, SAMPLES_DIR):
+    for folder in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR):
         path = run_dir / folder
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             what = f"a symbolic link to {os.readlink(path)}" if path.is_symlink() else "not a folder"
@@ -137,9 +139,11 @@ def never_saved(run_dir: Path) -> bool:
 
 def farmer_files(run_dir: Path) -> list[Path]:
     """What ``overwrite`` deletes in a run: the run files, ``eval-<step>.json`` results, the step checkpoints
-    ``checkpoints/step-<8 digits>/`` and ``samples/step-<8 digits>.png`` grids; nothing else, whatever it is
-    called."""
+    ``checkpoints/step-<8 digits>/``, ``samples/step-<8 digits>.png`` grids and a run's ``tensorboard/`` events;
+    nothing else, whatever it is called."""
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    if is_run(run_dir) and (run_dir / TRACKER_DIR).is_dir() and not (run_dir / TRACKER_DIR).is_symlink():
+        found.append(run_dir / TRACKER_DIR)  # a run's TensorBoard events (--report-to): a new run must not mix in
     found += [p for p in run_dir.glob("eval-*.json") if FARMER_NAMES.fullmatch(p.name)]
     for folder, names in ((HISTORY_DIR, HISTORY_NAMES), (SAMPLES_DIR, SAMPLE_NAMES)):
         if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink():  # never look through a link

@@ -109,7 +109,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_last_checkpoin
     assert not list(run.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("folder", ["checkpoints", "samples"])
+@pytest.mark.parametrize("folder", ["checkpoints", "samples", "tensorboard"])
 def test_a_run_folder_that_is_a_link_outside_is_refused_and_nothing_there_is_touched(tmp_path: Path, folder: str):
     outside = tmp_path / "outside"
     (outside / "step-00000010").mkdir(parents=True)
@@ -117,7 +117,7 @@ def test_a_run_folder_that_is_a_link_outside_is_refused_and_nothing_there_is_tou
     (outside / "step-00000099.png").write_text("keep")
     for resume, overwrite in ((True, False), (False, True)):
         run = _farmer_run(tmp_path / f"run-{resume}")
-        shutil.rmtree(run / folder)
+        shutil.rmtree(run / folder, ignore_errors=True)
         (run / folder).symlink_to(outside)
         with pytest.raises(CheckpointError, match=rf"{folder} is a symbolic link to .*outside: farmer writes and "
                                                   "deletes"):
@@ -145,3 +145,11 @@ def test_step_checkpoints_are_only_farmer_s_names_and_a_file_in_their_place_is_r
     assert [p.name for p in history(run, "step")] == ["step-00000030", "step-00000020"]
     assert (run / "checkpoints" / "step-99999999999999999999").is_dir()
     assert (run / "checkpoints" / "step-00000030" / "model.safetensors").read_text() == "weights"
+
+
+def test_overwrite_removes_the_old_run_s_tensorboard_events(tmp_path: Path):
+    run = _farmer_run(tmp_path / "run")
+    (run / "tensorboard" / "old").mkdir(parents=True)
+    (run / "tensorboard" / "old" / "events.out.tfevents.1").write_text("old run")
+    claim(run, resume=False, overwrite=True).release()
+    assert not (run / "tensorboard").exists()

@@ -153,6 +153,12 @@ def run(
             console.print(f"[yellow]warning:[/] {escape(str(run_dir))}/config.json records no data layout (a run "
                           "of an older farmer, or an edited file): its test split cannot be checked against the "
                           "training data")
+        labelled = [m for m in chosen if m in ("bpd", "classify", "sample-acc")]  # these read the data's labels
+        if labelled and class_names and bundle.class_names != class_names:
+            exit_with(f"--data {cfg.data.source}: its classes ({', '.join(bundle.class_names[:4])}"
+                      f"{', ...' if len(bundle.class_names) > 4 else ''}) are not the model's ({', '.join(class_names[:4])}"
+                      f"{', ...' if len(class_names) > 4 else ''}), so {', '.join(labelled)} would compare other "
+                      "classes; give data with the model's class folders, or --metrics fid,pr")
         changed = layout_change(recorded, bundle.layout) if own_data else ""
         if changed:  # an edited config.json or changed files: the "test" split may hold training images
             exit_with(f"{run_dir}: its data no longer splits as when the run trained ({changed}), so its test "

@@ -122,6 +122,9 @@ def run(
             exit_with(f"--decode-steps: {e} (auto, eager and compile run anywhere)")
         student_flow = load_student(run_dir, model) if s.decoder == "student" else None
         labels = _labels(classes, model.cfg.num_classes, class_names, seed)
+        if n * len(labels) > MAX_IMAGES:  # without --class: every class of the model
+            exit_with(f"--n {n} x {len(labels)} class(es) is more than {MAX_IMAGES:,} images in one call; sample in "
+                      "several calls (different --seed), or use farmer evaluate for large sample sets")
         y_all = torch.tensor(labels).repeat_interleave(n)
         precision, warning = resolve_precision(precision, device.type, training=False)
         if warning and main:

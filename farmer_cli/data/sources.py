@@ -173,8 +173,16 @@ def builtin_source(name: str) -> Source | None:
 
 
 def _folder(root: Path) -> Source:
-    if not folder_index.class_folders(root):
+    classes = folder_index.class_folders(root)
+    if not classes:
         raise DataError(f"{root}: no class sub-folders found; expected {root}/<class name>/<image files>")
+    seen: dict[Path, str] = {}
+    for name in classes:  # a class folder linked to another would give its images two labels
+        real = (root / name).resolve()
+        if real in seen:
+            raise DataError(f"{root}: class folders {seen[real]} and {name} are the same folder (a symbolic link): "
+                            "its images would carry two labels; remove the link")
+        seen[real] = name
     index = folder_index.folder_index(root)
     if not index["paths"]:
         raise DataError(f"{root}: the class folders hold no image files ({', '.join(sorted(folder_index.IMAGE_SUFFIXES))})")

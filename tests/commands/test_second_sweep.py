@@ -78,7 +78,7 @@ def test_output_paths_the_file_system_cannot_take_are_one_line(tiny_run: Path, t
     out = {"empty": "", "too-long": str(tmp_path / ("a" * 300 + ".png")),
            "dangling": str(tmp_path / "dangling" / "x.png")}[case]
     line = refused("sample", "--ckpt", tiny_run, "--n", "1", "--out", out)
-    assert {"empty": "give a file name", "too-long": "File name too long",
+    assert {"empty": "an empty value for --out", "too-long": "File name too long",
             "dangling": "is a symbolic link to nothing"}[case] in line
 
 
@@ -90,7 +90,8 @@ def test_odd_small_cases_are_one_line(tiny_run: Path, tmp_path: Path):
     (run / "config.json").write_text(json.dumps(payload))
     assert "more than once" in refused("sample", "--ckpt", run, "--class", payload["class_names"][0], "--n", "1")
     assert "names no metric" in refused("evaluate", "--ckpt", tiny_run, "--metrics", ",")
-    assert "the preset name is empty" in refused("train", "--preset", "", "--steps", "1", "--out", tmp_path / "p")
+    with pytest.raises(ConfigError, match="the preset name is empty"):
+        load_preset("")
     assert "pass --out DIR" in farmer("train", "--resume", cwd=tmp_path, check=False).stderr
 
 
@@ -169,3 +170,31 @@ def test_links_under_farmer_s_checkpoint_names_are_removed_not_followed(tmp_path
     assert (outside / "keep.txt").read_text() == "keep" and sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
     assert (run / "checkpoints" / "step-00000020" / "model.safetensors").read_text() == "weights"
     assert not (run / "checkpoints" / "distill-step-00000010").is_symlink()
+
+
+def test_third_sweep_cases(tiny_run: Path, digit_png: Path, tmp_path: Path):
+    import numpy as np
+
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.data.sources import DataError
+    from farmer_cli.eval.ref_stats import StatsError, load_ref_stats
+
+    # every class of the model counts toward the per-call image cap
+    assert "10000 x 10 class(es) is more than 10,000 images" in refused("sample", "--ckpt", tiny_run, "--n", "10000")
+    # a class folder linked to another gives no image two labels
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for k in range(3):
+            shutil.copy(digit_png, tmp_path / "data" / name / f"{k}.png")
+    (tmp_path / "data" / "c").symlink_to(tmp_path / "data" / "a")
+    with pytest.raises(DataError, match="class folders a and c are the same folder"):
+        load_data(DataConfig(source=str(tmp_path / "data")), 1, 8)
+    # evaluate on data of other classes would compare other classes
+    (tmp_path / "data" / "c").unlink()
+    line = refused("evaluate", "--ckpt", tiny_run, "--data", tmp_path / "data", "--metrics", "bpd")
+    assert "its classes (a, b) are not the model's" in line
+    # a reference sigma that is no covariance gives no FID
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(4), sigma=-np.eye(4))
+    with pytest.raises(StatsError, match="sigma is not a covariance matrix"):
+        load_ref_stats(tmp_path / "bad.npz")

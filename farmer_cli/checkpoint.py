@@ -254,13 +254,13 @@ def check_student_file(model, run_dir: Path) -> None:
     _check_header(model.flow, Path(run_dir) / STUDENT_FILE)
 
 
-def check_model_file(cfg: Config, run_dir: Path) -> None:
+def check_model_file(cfg: Config, run_dir: Path) -> dict[str, str]:
     """Check ``model.safetensors`` against ``cfg`` on the meta device: nothing is allocated for a config that does
-    not fit its weights (or asks for an absurd size)."""
+    not fit its weights (or asks for an absurd size). Returns the file's metadata."""
     from farmer_cli.model import Farmer
 
     with torch.device("meta"):
-        _check_header(Farmer(cfg.model), run_dir / MODEL_FILE)
+        return _check_header(Farmer(cfg.model), run_dir / MODEL_FILE)
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):

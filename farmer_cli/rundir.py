@@ -219,6 +219,17 @@ def remove_distillation(run_dir: Path) -> None:
             remove(old)
 
 
+def settings_digest(cfg: Config) -> str:
+    """SHA-256 of the settings a resumed run may not change (model, data and train, less :data:`RESUMABLE`), kept
+    in the weights' metadata at every checkpoint: a config.json edited by hand since then no longer matches."""
+    import hashlib
+    import json
+
+    fixed = {f"{section}.{k}": v for section in ("model", "data", "train")
+             for k, v in dataclasses.asdict(getattr(cfg, section)).items() if f"{section}.{k}" not in RESUMABLE}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def resume_conflicts(stored: Config, requested: Config) -> list[str]:
     """``section.key: stored -> requested`` for every setting a resumed run would change but may not."""
     conflicts = []

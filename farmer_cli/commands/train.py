@@ -86,7 +86,7 @@ def run(
     from farmer_cli.rundir import claim_on_main, resume_conflicts
     from farmer_cli.device import (checked_on_every_process, end_processes, make_accelerator, precision_name,
                                    tracker_options)
-    from farmer_cli.rundir import find_checkpoint, never_saved, new_run_dir
+    from farmer_cli.rundir import find_checkpoint, never_saved, new_run_dir, settings_digest
     from farmer_cli.memory_plan import require_training_memory
     from farmer_cli.train.trainer import total_steps, train
     from farmer_cli.commands.ui import LoopProgress, console, escape
@@ -127,7 +127,11 @@ def run(
         if conflicts:
             exit_with(f"--resume keeps the settings of {out}, but this would change {'; '.join(conflicts)}. "
                       "Start a new run (another --out) to change them")
-        check_model_file(cfg, out)
+        recorded = check_model_file(cfg, out).get("settings")
+        if recorded is not None and recorded != settings_digest(stored):
+            exit_with(f"--resume: {out}/config.json was edited since the last checkpoint (its model, data or "
+                      "training settings are not those the weights were trained with); restore it, or start a new "
+                      "run to change them")
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     changed = layout_change(payload.get("data"), bundle.layout) if resume else ""
     if changed:

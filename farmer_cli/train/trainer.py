@@ -26,6 +26,7 @@ from farmer_cli.data.dataset import DataBundle
 from farmer_cli.train.distributed import EMA, ModuleState, expose_methods
 from farmer_cli.train.engine import Loop, LoopEvent, RunFiles, Schedule, StepOutput, adamw
 from farmer_cli.model import Farmer
+from farmer_cli.rundir import settings_digest
 from farmer_cli.device import attention_backend
 from farmer_cli.eval.bits import bits_per_dim
 
@@ -111,7 +112,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
     ema = EMA(raw)
 
     def on_save(step: int, states: dict) -> None:
-        save_weights(run_dir / MODEL_FILE, states["ema"], step)
+        save_weights(run_dir / MODEL_FILE, states["ema"], step, {"settings": settings_digest(cfg)})
         save_config(run_dir, cfg, data.class_names, {"step": step, "global_batch": global_batch, "data": layout})
 
     def after_step(step: int) -> None:

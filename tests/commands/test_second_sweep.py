@@ -198,3 +198,13 @@ def test_third_sweep_cases(tiny_run: Path, digit_png: Path, tmp_path: Path):
     np.savez(tmp_path / "bad.npz", mu=np.zeros(4), sigma=-np.eye(4))
     with pytest.raises(StatsError, match="sigma is not a covariance matrix"):
         load_ref_stats(tmp_path / "bad.npz")
+
+
+def test_a_config_json_edited_since_the_last_checkpoint_is_not_resumed(tiny_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    payload = json.loads((run / "config.json").read_text())
+    payload["config"]["train"]["lr"] = 0.5  # around the --resume guard, which compares with config.json
+    (run / "config.json").write_text(json.dumps(payload))
+    line = refused("train", "--out", run, "--resume")
+    assert "config.json was edited since the last checkpoint" in line

@@ -163,8 +163,6 @@ def attention_backend(device, precision: str):
     return contextlib.nullcontext()
 
 
-
-
 def memory_available(device) -> int:
     """Bytes a new allocation can get on ``device``: a GPU's free memory (``torch.cuda.mem_get_info``); on a CPU the
     kernel's MemAvailable, lowered to what the cgroup limit leaves (containers, SLURM jobs). Without either file
@@ -189,11 +187,17 @@ def memory_available(device) -> int:
     return max(0, have)
 
 
+def memory_per_process(device, processes: int = 1) -> int:
+    """This process's part of :func:`memory_available`: a GPU is its own; a CPU's memory is shared by the
+    ``processes`` running on it."""
+    return memory_available(device) // (processes if device.type == "cpu" else 1)
+
+
 def require_memory(need: int, device, what: str, fix: str, share: int = 1) -> None:
     """Before any work: a DeviceError (one line) when ``what`` needs ``need`` bytes on ``device`` and this process's
-    part of what is free there (``share``: processes on the machine's CPU memory) is smaller. ``fix`` says what to
+    part of what is free there (:func:`memory_per_process`, ``share`` processes) is smaller. ``fix`` says what to
     change."""
-    have = memory_available(device) // (share if device.type == "cpu" else 1)
+    have = memory_per_process(device, share)
     if need > have:
         raise DeviceError(f"{what} needs about {need / GiB:,.1f} GiB of {device.type} memory, but "
                           f"{have / GiB:,.1f} GiB is free for it: {fix}")

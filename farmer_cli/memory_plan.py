@@ -193,13 +193,6 @@ def make_plan(cfg: Config, processes: int = 1, precision: str = "fp32", fused_at
 PLAN_ERROR = 0.25  # how far a planned peak may lie from the measured one (tests/train: --dry-run within 25%)
 
 
-def _free_for_one_process(device: torch.device, processes: int) -> int:
-    """Free memory of ``device`` (:func:`farmer_cli.device.memory_available`), shared by the processes on a CPU."""
-    from farmer_cli.device import memory_available
-
-    return memory_available(device) // (processes if device.type == "cpu" else 1)
-
-
 def _flow_layer_inputs(m: ModelConfig) -> int:
     """Values of every AF transformer layer's input for one image: kept for backward even when each layer is
     recomputed (full activation checkpointing)."""
@@ -212,9 +205,9 @@ def require_training_memory(cfg: Config, device: torch.device, processes: int = 
     and EMA, and every transformer layer's input for each image. Only where it reaches a tenth of the free memory
     is the full plan (:func:`make_plan`, seconds) made, and a run refused when even the plan less its error does
     not fit."""
-    from farmer_cli.device import DeviceError
+    from farmer_cli.device import DeviceError, memory_per_process
 
-    have = _free_for_one_process(device, processes)
+    have = memory_per_process(device, processes)
     runtime = CPU_RUNTIME_BYTES if device.type == "cpu" else 0
     with torch.device("meta"):
         params = sum(p.numel() for p in Farmer(cfg.model).parameters())
@@ -239,9 +232,9 @@ def require_distill_memory(cfg: Config, flow_parameters: int, device: torch.devi
     """Before distilling: a DeviceError when a lower bound of one step cannot fit ``device``: the student (a copy
     of the flow, ``flow_parameters``) with gradients and AdamW, the teacher flow's weights, and every student
     layer's input for each image of ``distill.batch_size``."""
-    from farmer_cli.device import DeviceError
+    from farmer_cli.device import DeviceError, memory_per_process
 
-    have = _free_for_one_process(device, processes)
+    have = memory_per_process(device, processes)
     per_image = _flow_layer_inputs(cfg.model) * 4
     static = flow_parameters * (BYTES_PER_PARAM["weights"] * 2 + BYTES_PER_PARAM["gradients"] + BYTES_PER_PARAM["adamw"])
     need = static + cfg.distill.batch_size * per_image

@@ -119,8 +119,8 @@ def holds_run(run_dir: Path) -> bool:
 
 def check_own_folders(run_dir: Path) -> None:
     """``checkpoints/``, ``samples/`` and ``tensorboard/``, where farmer writes, prunes and deletes, must be folders
-    inside the run: a
-    symbolic link (or a file) there is refused, so nothing outside the run is ever written or deleted."""
+    inside the run: a symbolic link (or a file) there is refused, so nothing outside the run is ever written or
+    deleted."""
     for folder in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR):
         path = run_dir / folder
         if path.is_symlink() or (path.exists() and not path.is_dir()):

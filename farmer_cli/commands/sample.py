@@ -93,9 +93,7 @@ def run(
     check_seed(seed)
     if batch_size < 1 or denoise_batch < 0:
         exit_with("--batch-size must be at least 1 and --denoise-batch at least 0 (0: automatic)")
-    if n * max(1, len(classes)) > MAX_IMAGES:
-        exit_with(f"--n {n} x {max(1, len(classes))} class(es) is more than {MAX_IMAGES:,} images in one call; "
-                  "sample in several calls (different --seed), or use farmer evaluate for large sample sets")
+    _check_image_count(n, max(1, len(classes)))  # again below with the model's classes when --class is not given
     if not 0 <= scale <= 64:
         exit_with("--scale must be between 0 (auto) and 64")
     check_output_image(out)
@@ -122,9 +120,7 @@ def run(
             exit_with(f"--decode-steps: {e} (auto, eager and compile run anywhere)")
         student_flow = load_student(run_dir, model) if s.decoder == "student" else None
         labels = _labels(classes, model.cfg.num_classes, class_names, seed)
-        if n * len(labels) > MAX_IMAGES:  # without --class: every class of the model
-            exit_with(f"--n {n} x {len(labels)} class(es) is more than {MAX_IMAGES:,} images in one call; sample in "
-                      "several calls (different --seed), or use farmer evaluate for large sample sets")
+        _check_image_count(n, len(labels))
         y_all = torch.tensor(labels).repeat_interleave(n)
         precision, warning = resolve_precision(precision, device.type, training=False)
         if warning and main:
@@ -201,6 +197,13 @@ def _png_names(labels, n: int, class_names: list[str]) -> list[str]:
         rows_seen[label] = earlier + 1
         names += [f"{_safe(class_names, label)}_{earlier * n + i:04d}.png" for i in range(min(n, len(labels) - row))]
     return names
+
+
+def _check_image_count(n: int, classes: int) -> None:
+    """At most :data:`MAX_IMAGES` images per call (``--n`` per class)."""
+    if n * classes > MAX_IMAGES:
+        exit_with(f"--n {n} x {classes} class(es) is more than {MAX_IMAGES:,} images in one call; sample in several "
+                  "calls (different --seed), or use farmer evaluate for large sample sets")
 
 
 def _check_apart(out: Path, out_dir: Path, names: list[str]) -> None:

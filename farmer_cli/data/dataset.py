@@ -115,30 +115,23 @@ def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
     the source trains and the test split is all of ``test_source``; else the source's own train/test splits when it
     has them, else a fixed seeded hold-out of ``cfg.test_fraction`` (the same for every run with the same
     ``split_seed``). DataError when a split holds images none of which can be read (:func:`check_readable`)."""
-    source = open_source(cfg) if cfg.use_labels else Unlabelled(open_source(cfg))
+    source = test_source = open_source(cfg) if cfg.use_labels else Unlabelled(open_source(cfg))
     if cfg.test_source:
         test_source = _open_test_source(cfg, source)
         train_idx = source.splits[0] if source.splits is not None else list(range(source.length))
-        bundle = DataBundle(ImageDataset(source, train_idx, channels, size),
-                            ImageDataset(test_source, list(range(test_source.length)), channels, size),
-                            source.class_names)
-        check_readable(bundle.train, "training")
-        check_readable(bundle.test, "test")
-        return bundle
-    if source.splits is not None:
+        test_idx = list(range(test_source.length))
+    elif source.splits is not None:
         train_idx, test_idx = source.splits
     else:
         order = torch.randperm(source.length, generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
         n_test = max(1, int(round(source.length * cfg.test_fraction))) if source.length > 1 else 0
         # the test split in shuffled order: its first images (the subset training reports on) mix all classes
         test_idx, train_idx = order[:n_test], sorted(order[n_test:])
-    bundle = DataBundle(ImageDataset(source, train_idx, channels, size), ImageDataset(source, test_idx, channels, size),
-                        source.class_names)
+    bundle = DataBundle(ImageDataset(source, train_idx, channels, size),
+                        ImageDataset(test_source, test_idx, channels, size), source.class_names)
     check_readable(bundle.train, "training")
     check_readable(bundle.test, "test")
     return bundle
-
-
 
 
 def _open_test_source(cfg: DataConfig, source: Source) -> Source:

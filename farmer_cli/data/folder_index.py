@@ -5,8 +5,8 @@ Walking 1.28M files takes minutes on network storage, and every process of a mul
 folder's absolute path and the modification times of its class folders; it also records the modification time of
 every sub-folder below them and is used only while all of those are unchanged (adding or removing a file changes
 its own folder's time, however deep; checking costs one stat per folder, not a walk). An index that is not what
-farmer writes (unreadable, wrong types, paths outside the folder, a path twice, a label that is not its class folder, or content
-that no longer matches its SHA-256 checksum) is ignored and rebuilt.
+farmer writes (unreadable, wrong types, paths outside the folder, a path twice, a label that is not its class
+folder, or content that no longer matches its SHA-256 checksum) is ignored and rebuilt.
 
 In a multi-process job the first process of each machine (``LOCAL_RANK`` 0) builds the index and the others wait
 for it, boundedly: rank 0 marks the build with ``<key>.building`` (holding its pid); another rank waits while that

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Iterator
 
 import torch
 from PIL import Image
@@ -32,15 +33,22 @@ def score_batch(model, u: torch.Tensor, y: torch.Tensor | None, draws: int,
     The draws run as batches of k·B images (:func:`draw_passes`); noise is drawn on the CPU from ``generator``
     (reproducible on any device) and moved to the model's device."""
     B = u.shape[0]
-    device = next(model.parameters()).device
-    nll = bpd = torch.zeros(B, device=device)
-    for k in draw_passes(draws, B):
-        x = dequantize(u.repeat(k, 1, 1, 1), "uniform", generator=generator).to(device)
-        labels = None if y is None else y.repeat(k).to(device)
+    nll = bpd = 0
+    for k, x, labels in _dequantized(model, u, y, draws, generator):
         out = model.nll_continuous(x, labels)
         nll = nll + out["nll"].float().view(k, B).sum(0)
         bpd = bpd + out["bpd"].float().view(k, B).sum(0)
     return (nll / draws).cpu(), (bpd / draws).cpu()
+
+
+def _dequantized(model, u: torch.Tensor, y: torch.Tensor | None, draws: int,
+                 generator: torch.Generator | None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """``draws`` uniform dequantisations of uint8 ``u`` (B, C, H, W) in passes (:func:`draw_passes`): yields
+    (k, x (k·B, C, H, W) on the model's device, labels (k·B,) or None). Noise comes from ``generator`` on the CPU."""
+    device = next(model.parameters()).device
+    for k in draw_passes(draws, u.shape[0]):
+        x = dequantize(u.repeat(k, 1, 1, 1), "uniform", generator=generator).to(device)
+        yield k, x, None if y is None else y.repeat(k).to(device)
 
 
 @torch.no_grad()
@@ -66,11 +74,8 @@ def patch_bits(model, u: torch.Tensor, y: torch.Tensor | None, draws: int,
     """uint8 (B, C, H, W) -> bits of each patch (B, H/p, W/p), averaged over ``draws`` uniform dequantisations
     (see ``Farmer.patch_bits``); summed over patches it is the image's NLL in bits."""
     B, p = u.shape[0], model.cfg.patch_size
-    device = next(model.parameters()).device
     bits = 0
-    for k in draw_passes(draws, B):
-        x = dequantize(u.repeat(k, 1, 1, 1), "uniform", generator=generator).to(device)
-        labels = None if y is None else y.repeat(k).to(device)
+    for k, x, labels in _dequantized(model, u, y, draws, generator):
         bits = bits + model.patch_bits(x, labels)["bits"].float().view(k, B, -1).sum(0)
     return (bits / draws).cpu().view(B, u.shape[-2] // p, u.shape[-1] // p)
 

@@ -107,12 +107,26 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def end_processes() -> None:
-    """Leave the process group (if any) before the process exits: a gloo/NCCL group left to interpreter shutdown
-    can abort ("terminate called without an active exception") and fail a finished multi-process run."""
+@contextlib.contextmanager
+def processes_ended():
+    """Run the block, then leave the process group (if any) before the process exits: a gloo/NCCL group left to
+    interpreter shutdown can abort ("terminate called without an active exception") and fail a finished
+    multi-process run. After a block that finished, every process first waits for the others: one that left while
+    the main process still worked alone (FID on the gathered features) aborted a finished evaluation. After an
+    error each leaves at once (the others may never reach the barrier)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    def joined() -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    try:
+        yield
+    except BaseException:
+        if joined():
+            dist.destroy_process_group()
+        raise
+    if joined():
+        dist.barrier()
         dist.destroy_process_group()
 
 

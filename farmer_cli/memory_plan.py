@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from farmer_cli.config.schema import Config, ModelConfig
+from farmer_cli.device import GiB, DeviceError, memory_per_process
 from farmer_cli.model import Farmer
 
-GiB = 1024**3
 WORKSPACE_FACTOR = 3.0
 CPU_RUNTIME_BYTES = int(1.0 * GiB)
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 matmul peaks
@@ -205,7 +205,6 @@ def require_training_memory(cfg: Config, device: torch.device, processes: int = 
     and EMA, and every transformer layer's input for each image. Only where it reaches a tenth of the free memory
     is the full plan (:func:`make_plan`, seconds) made, and a run refused when even the plan less its error does
     not fit."""
-    from farmer_cli.device import DeviceError, memory_per_process
 
     have = memory_per_process(device, processes)
     runtime = CPU_RUNTIME_BYTES if device.type == "cpu" else 0
@@ -232,7 +231,6 @@ def require_distill_memory(cfg: Config, flow_parameters: int, device: torch.devi
     """Before distilling: a DeviceError when a lower bound of one step cannot fit ``device``: the student (a copy
     of the flow, ``flow_parameters``) with gradients and AdamW, the teacher flow's weights, and every student
     layer's input for each image of ``distill.batch_size``."""
-    from farmer_cli.device import DeviceError, memory_per_process
 
     have = memory_per_process(device, processes)
     per_image = _flow_layer_inputs(cfg.model) * 4

@@ -15,7 +15,7 @@ from farmer_cli.config.files import load_preset
 from farmer_cli.data.dataset import load_data
 from farmer_cli.train.distributed import gather_module_state
 from farmer_cli.model.attention import TransformerLayer
-from farmer_cli.device import end_processes, make_accelerator
+from farmer_cli.device import make_accelerator
 
 out = Path(sys.argv[1])
 cfg = load_preset("tiny")
@@ -48,7 +48,7 @@ for name, result in (("whole", whole), ("split", split)):
         torch.save(state, out / f"{name}-weights.pt")
         print(name, "bpd", result.bpd_before, result.bpd_after)
 acc.wait_for_everyone()
-end_processes()
+torch.distributed.destroy_process_group()
 # Leave without interpreter teardown: gloo's worker threads can still hold tensors then and abort the process
 # ("terminate called without an active exception"), failing a run whose results are all written.
 sys.stdout.flush()

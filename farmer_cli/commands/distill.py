@@ -46,7 +46,7 @@ def run(
     from farmer_cli.train.distill import distill
     from farmer_cli.memory_plan import require_distill_memory
     from farmer_cli.rundir import claim_on_main, find_checkpoint, holds_distillation, remove_distillation
-    from farmer_cli.device import checked_on_every_process, end_processes, make_accelerator
+    from farmer_cli.device import checked_on_every_process, processes_ended, make_accelerator
     from farmer_cli.commands.ui import LoopProgress, console, escape
 
     run_dir = find_checkpoint(ckpt)
@@ -88,12 +88,10 @@ def run(
     acc.wait_for_everyone()
     if main:
         console.print(f"distilling the AF of {escape(str(run_dir))} (step {step}) for {cfg.distill.steps} steps")
-    try:
+    with processes_ended():
         with LoopProgress("distill", cfg.distill.steps, "loss", "loss", enabled=main,
                           resume_hint=f"farmer distill --ckpt {run_dir} --resume") as bar:
             result = distill(model, cfg, bundle, run_dir, acc, resume=resume, on_event=bar)
-    finally:
-        end_processes()
     if main:
         console.print(f"student inverse error (MSE vs the true inverse, {result.error_images} images): "
                       f"{result.error_before:.2e} -> [bold]{result.error_after:.2e}[/]")

@@ -96,7 +96,7 @@ def run(
     from farmer_cli.sample.generate import my_chunks
     from farmer_cli.eval.inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
     from farmer_cli.eval.ref_stats import StatsError, load_ref_stats, reference_resize
-    from farmer_cli.device import choose_device, end_processes, make_accelerator
+    from farmer_cli.device import choose_device, processes_ended, make_accelerator
     from farmer_cli.rundir import find_checkpoint, free_result_path
     from farmer_cli.commands.ui import console, escape, progress, stdout
 
@@ -140,7 +140,7 @@ def run(
     resize = resize or (reference_resize(stats) if stats is not None else "antialias")  # the file's own rule
     acc = make_accelerator("fp32", cpu=device == "cpu")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    try:
+    with processes_ended():
         dev = choose_device(device, acc)
         model, cfg, class_names, step = load_model(run_dir, dev)
         apply_options(cfg, {"data.source": ("--data", data), "sampling.cfg": ("--cfg", cfg_weight),
@@ -198,8 +198,6 @@ def run(
                               save_ref_stats=save_ref_stats, resize=resize, rank=rank, world=world,
                               on_stage=lambda name: console.print(f"{name} ...") if main else None,
                               on_samples=lambda k: bar.update(task, advance=k, visible=True))
-    finally:
-        end_processes()
     if not main:
         return
     result = {"checkpoint": str(run_dir), "step": step, **result, "seconds": round(time.time() - t0, 1)}

@@ -83,7 +83,7 @@ def run(
     from farmer_cli.sample.generate import generate_chunks, my_chunks
     from farmer_cli.device import resolve_precision
     from farmer_cli.model.steps import resolve_mode
-    from farmer_cli.device import choose_device, end_processes, process_state
+    from farmer_cli.device import choose_device, processes_ended, process_state
     from farmer_cli.rundir import find_checkpoint
     from farmer_cli.viz import class_blocks, grid, save_png
     from farmer_cli.commands.ui import console, escape, progress
@@ -105,7 +105,7 @@ def run(
     if world > 1 and out_dir is None:
         exit_with(f"{world} processes write their images to files: pass --out-dir DIR (the grid is built from it)")
     device = choose_device(device, state)
-    try:
+    with processes_ended():
         run_dir = find_checkpoint(ckpt)
         model, cfg, class_names, step = load_model(run_dir, device)
         s = sampling_config(cfg, preset_sampling, {
@@ -159,8 +159,6 @@ def run(
                       f"{f' x {world} processes' if world > 1 else ''}: {seconds:.1f} s "
                       f"({len(images) / seconds:.1f} img/s) -> [bold]{escape(str(out))}[/]"
                       + (f" and {escape(str(out_dir))}/" if out_dir else ""))
-    finally:
-        end_processes()
 
 
 def sampling_config(cfg, preset_sampling, options: dict, overrides):

@@ -84,7 +84,7 @@ def run(
     from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import layout_change, load_data
     from farmer_cli.rundir import claim_on_main, resume_conflicts
-    from farmer_cli.device import (checked_on_every_process, end_processes, make_accelerator, precision_name,
+    from farmer_cli.device import (checked_on_every_process, processes_ended, make_accelerator, precision_name,
                                    tracker_options)
     from farmer_cli.rundir import find_checkpoint, never_saved, new_run_dir, settings_digest
     from farmer_cli.memory_plan import require_training_memory
@@ -159,12 +159,10 @@ def run(
                       f"precision {precision_name(acc.mixed_precision)}, global batch {cfg.train.global_batch(acc.num_processes)} "
                       f"({cfg.train.batch_size} x {cfg.train.grad_accum_steps} accumulation x {acc.num_processes}), "
                       f"{total} steps")
-    try:
+    with processes_ended():
         with LoopProgress("train", total, "bpd", "bits/dim", enabled=main,
                           resume_hint=f"farmer train --out {run_dir} --resume") as bar:
             result = train(cfg, bundle, run_dir, acc, resume=resume, stop_after=stop_after, on_event=bar)
-    finally:
-        end_processes()
     if main:
         if result.skipped:
             console.print(f"[yellow]skipped {result.skipped} reads of unreadable images in total[/]")

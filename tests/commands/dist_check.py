@@ -12,7 +12,7 @@ from farmer_cli.checkpoint import load_model
 from farmer_cli.config.files import load_preset
 from farmer_cli.data.dataset import load_data
 from farmer_cli.train.distill import distill
-from farmer_cli.device import end_processes, make_accelerator
+from farmer_cli.device import make_accelerator
 from farmer_cli.train.trainer import train
 
 out = Path(sys.argv[1])
@@ -28,7 +28,7 @@ model, cfg, _, _ = load_model(out / "run", device=acc.device)
 student = distill(model, cfg, bundle, out / "run", acc).student
 torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, out / f"student{acc.process_index}.pt")
 acc.wait_for_everyone()
-end_processes()
+torch.distributed.destroy_process_group()
 # Leave without interpreter teardown: gloo's worker threads can still hold tensors then and abort the process
 # ("terminate called without an active exception"), failing a run whose results are all written.
 sys.stdout.flush()

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli_helpers import ENV
+from cli_helpers import ENV, run_command
 from farmer_cli.checkpoint import (CheckpointError, check_metrics, load_config, load_model, load_training_state,
                                    save_weights, stored_distill_settings)
 from farmer_cli.config.schema import ConfigError
@@ -29,8 +28,7 @@ ONE_THREAD = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def cli(*args, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "farmer_cli", *map(str, args)], capture_output=True, text=True,
-                          env={**ONE_THREAD, **(env or {})}, cwd=cwd, timeout=300)
+    return run_command(args, env={**ONE_THREAD, **(env or {})}, cwd=cwd, timeout=300)
 
 
 def refused(proc: subprocess.CompletedProcess, *named: str) -> str:

@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import ENV
+from cli_helpers import ENV, run_command
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_STEPS = 30  # tiny_run trains 30 steps
@@ -72,7 +72,10 @@ def cli(*args, cwd: Path | None = None, timeout: float = HANG_LIMIT, env: dict |
         argv = ["bash", "-c", f'ulimit -v {memory_kb} && exec "$0" "$@"', *argv]
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env or JOB_ENV, cwd=cwd, timeout=timeout)
+        if memory_kb:
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env or JOB_ENV, cwd=cwd, timeout=timeout)
+        else:
+            proc = run_command(args, env=env or JOB_ENV, cwd=cwd, timeout=timeout)
         return Result(args, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
     except subprocess.TimeoutExpired as err:
         return Result(args, None, _text(err.stdout), _text(err.stderr), time.monotonic() - t0)

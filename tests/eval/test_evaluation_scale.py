@@ -24,7 +24,7 @@ from farmer_cli.eval.inception import inception_features, logits_layer, resize_2
 from farmer_cli.eval.feature_metrics import feature_stats, frechet_distance, inception_score, pr_chunk, precision_recall
 from farmer_cli.eval.ref_stats import load_ref_stats, save_ref_stats
 
-from cli_helpers import ENV
+from cli_helpers import ENV, run_command
 
 
 class PooledPixels(torch.nn.Module):
@@ -65,8 +65,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def cli(*args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
     """`farmer ...` in a subprocess with its cache (reference statistics) under ``cache``."""
-    proc = subprocess.run([sys.executable, "-m", "farmer_cli", *map(str, args)], capture_output=True, text=True,
-                          env={**ENV, **ONE_THREAD, "XDG_CACHE_HOME": str(cache)}, timeout=300)
+    proc = run_command(args, env={**ENV, **ONE_THREAD, "XDG_CACHE_HOME": str(cache)}, timeout=300)
     if check and proc.returncode != 0:
         command = " ".join(map(str, args))
         raise AssertionError(f"farmer {command} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -29,16 +29,19 @@ def user_errors() -> Iterator[None]:
     from farmer_cli.storage import WriteError
     from farmer_cli.commands.ui import console, escape, show_library_messages
 
+    def refuse(message: str) -> None:
+        line = message.replace("\n", "\\n")  # a newline in a quoted name is shown, not obeyed: one line
+        console.print(f"[red]error:[/] {escape(line)}", highlight=False)
+        sys.exit(2)
+
     show_library_messages()
     try:
         yield
     except (ConfigError, DataError, CheckpointError, DeviceError, WeightsError, WriteError, UsageError) as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
-        sys.exit(2)
+        refuse(str(err))
     except OSError as err:  # what the file system refuses: a name too long, a link loop, a path through a file
         where = f"{err.filename}: " if err.filename else ""
-        console.print(f"[red]error:[/] {escape(where + (err.strerror or str(err)))}; check the path", highlight=False)
-        sys.exit(2)
+        refuse(f"{where}{err.strerror or err}; check the path")
 
 
 def command(implementation):

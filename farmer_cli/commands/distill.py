@@ -99,5 +99,6 @@ def run(
                   f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
         console.print(f"done in {result.seconds / 60:.1f} min: {losses}; student in "
                       f"[bold]{escape(str(run_dir))}/student.safetensors[/]")
-        console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --decoder student --class 3 --n 16")
+        console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --decoder student --class "
+                      f"{min(3, cfg.model.num_classes - 1)} --n 16")
 

@@ -31,12 +31,16 @@ def _killed_before_first_checkpoint(tiny_run: Path, run: Path) -> Path:
     return run
 
 
-def test_control_characters_in_names_are_shown_not_sent_to_the_terminal(tiny_run: Path, tmp_path: Path):
+def test_control_characters_in_names_are_shown_not_sent_to_the_terminal(tiny_run: Path, digit_png: Path,
+                                                                        tmp_path: Path):
     assert escape("\x1b[31mred\x07.png [b]x[/b]") == "\\x1b[31mred\\x07.png \\[b]x\\[/b]"
     assert escape("tab\tand\nnewline") == "tab\tand\nnewline"
     proc = farmer("score", "--ckpt", str(tiny_run), str(tmp_path / "\x1b[2J\x1b[31mgone.png"), check=False)
     assert proc.returncode == 2 and "\x1b" not in proc.stderr, proc.stderr
     assert "\\x1b[2J\\x1b[31mgone.png" in proc.stderr
+    proc = farmer("score", "--ckpt", str(tmp_path / "two\nlines"), str(digit_png), check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr  # a newline in a name: still one line
+    assert proc.stderr.startswith("error: ") and "two\\nlines" in proc.stderr
 
 
 def test_a_run_killed_before_its_first_checkpoint_is_started_again(tiny_run: Path, tmp_path: Path):

@@ -70,7 +70,11 @@ def run(
     check_draws("--samples", samples)
     check_output_image(figure, "--figure")
     device = choose_device(device)
-    model, cfg, _, _ = load_model(find_checkpoint(ckpt), device)
+    run_dir = find_checkpoint(ckpt)
+    if background is not None and background.is_dir() and background.resolve() == run_dir.resolve():
+        exit_with(f"--background {background} is the --ckpt run itself, so every ratio score would be 0; give a "
+                  "second run (a model of generic images at the same resolution)")
+    model, cfg, _, _ = load_model(run_dir, device)
     mc = cfg.model
     sides = {"in": inside} | ({"out": outside} if outside is not None else {})
     files = {side: image_files([path])[: limit or None] for side, path in sides.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -113,15 +114,17 @@ def test_ood_command_separates_noise_from_digits(tiny_run: Path, two_folders, tm
     assert result["separation"]["bpd"]["auroc"] > 0.9  # uniform noise is far less likely than digits
     assert len(result["scores"]["bpd"]["in"]) == len(result["scores"]["bpd"]["out"]) == 12
     assert (tmp_path / "h.png").exists()
+    twin = shutil.copytree(tiny_run, tmp_path / "twin")  # another run of the same weights: ratios carry no information
     ratio = farmer("ood", "--in", str(inside), "--out", str(outside), "--ckpt", str(tiny_run), "--score", "ratio",
-                   "--background", str(tiny_run), "--figure", str(tmp_path / "r.png"), "--json")
-    assert json.loads(ratio.stdout)["separation"]["ratio"]["auroc"] == 0.5  # the same model: no information
+                   "--background", str(twin), "--figure", str(tmp_path / "r.png"), "--json")
+    assert json.loads(ratio.stdout)["separation"]["ratio"]["auroc"] == 0.5
 
 
 @pytest.mark.parametrize("case, message", [
     ("empty", "holds no image files"),
     ("unreadable", "not a readable image"),
     ("ratio", "needs --background"),
+    ("same-run", "is the --ckpt run itself"),
 ])
 def test_ood_bad_sides_exit_2(case, message, tiny_run: Path, two_folders, tmp_path: Path):  # noqa: F811
     inside, outside = two_folders
@@ -131,6 +134,9 @@ def test_ood_bad_sides_exit_2(case, message, tiny_run: Path, two_folders, tmp_pa
         (bad / "x.png").write_text("not an image")
     args = ["ood", "--in", str(inside), "--out", str(outside if case == "ratio" else bad), "--ckpt", str(tiny_run),
             "--figure", str(tmp_path / "h.png")] + (["--score", "ratio"] if case == "ratio" else [])
+    if case == "same-run":
+        args[4] = str(outside)
+        args += ["--score", "ratio", "--background", str(tiny_run / ".")]
     proc = farmer(*args, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 

@@ -10,12 +10,13 @@ never truncated.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from farmer_cli.config.schema import Config, ConfigError
+from farmer_cli.config.schema import MAX_STEPS, Config, ConfigError
 from farmer_cli.storage import atomic_write, parse_json
 from farmer_cli.config.files import from_dict
 
@@ -25,6 +26,9 @@ TRAIN_STATE_FILE, DISTILL_STATE_FILE = "training_state.pt", "distill_state.pt"
 METRICS_FILE, DISTILL_METRICS_FILE = "metrics.jsonl", "distill_metrics.jsonl"
 SAMPLES_DIR = "samples"  # train.sample_every > 0: a grid every that many steps, samples/step-<step>.png
 STATE_WEIGHTS = {TRAIN_STATE_FILE: MODEL_FILE, DISTILL_STATE_FILE: STUDENT_FILE}  # written together at every save
+
+
+log = logging.getLogger("farmer")
 
 
 class CheckpointError(ValueError):
@@ -77,10 +81,42 @@ def load_training_state(run_dir: Path, name: str, modules: list[str]) -> dict[st
     missing = [k for k in [*modules, "optimizer", "scheduler", "step"] if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a farmer training state (missing {', '.join(missing)})")
-    if not isinstance(state["step"], int) or state["step"] < 0:
-        raise CheckpointError(f"{path}: not a farmer training state (step {state['step']!r})")
-    _check_state_shapes(state, modules, path, run_dir / STATE_WEIGHTS[name] if name in STATE_WEIGHTS else None)
+    if not isinstance(state["step"], int) or isinstance(state["step"], bool) or not 0 <= state["step"] <= MAX_STEPS:
+        raise CheckpointError(f"{path}: not a farmer training state (step {str(state['step'])[:40]!r})")
+    weights = run_dir / STATE_WEIGHTS[name] if name in STATE_WEIGHTS else None
+    _check_state_shapes(state, modules, path, weights)
+    if weights is not None:
+        _check_state_matches_weights(state, modules[0], path, weights)
     return state
+
+
+def _check_state_matches_weights(state: dict[str, Any], module: str, path: Path, weights: Path) -> None:
+    """A training state and its weights file (``module`` of the state: the EMA, or the student) are written
+    together at every save, the state first. At the weights' step the state must hold the weights' tensors (those
+    of up to 1M elements are compared: a state of another run, even of the same config, is refused); a later step
+    is a save cut short between the two files (resumed, with a warning); an earlier one is not this run's."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            step = _metadata_step(fh.metadata() or {}, weights)
+            if state["step"] == step:
+                small = [key for key in fh.keys() if state[module][key].numel() <= 1 << 20]
+                differs = next((key for key in small if not torch.equal(fh.get_tensor(key), state[module][key])), None)
+    except (SafetensorError, OSError, ValueError):
+        return  # no readable weights beside it: loading them reports that
+    fix = "restore this run's own files, or " + ("start a new run" if path.name == TRAIN_STATE_FILE else
+                                                  "start afresh with farmer distill --overwrite")
+    if state["step"] < step:
+        raise CheckpointError(f"{path}: step {state['step']}, older than {weights.name} (step {step}), which is "
+                              f"saved after it: it is not this run's state; {fix}")
+    if state["step"] > step:
+        log.warning("%s is at step %d but %s at step %d: the last save was cut short between the two; resuming "
+                    "from step %d (%s is written again at the next checkpoint)", path.name, state["step"],
+                    weights.name, step, state["step"], weights.name)
+    elif differs is not None:
+        raise CheckpointError(f"{path}: its {module} weights are not those of {weights.name} at the same step "
+                              f"({differs} differs): it is the state of another run; {fix}")
 
 
 def _check_state_shapes(state: dict[str, Any], modules: list[str], path: Path, weights: Path | None) -> None:
@@ -235,7 +271,12 @@ def load_weights(module: torch.nn.Module, path: Path) -> int:
 
     metadata = _check_header(module, path)
     step = _metadata_step(metadata, path)
-    module.load_state_dict(load_file(str(path)), strict=True)
+    tensors = load_file(str(path))
+    broken = next((key for key, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+    if broken is not None:
+        raise CheckpointError(f"{path}: {broken} holds NaN or infinite values (weights that diverged or were "
+                              "damaged); use an earlier checkpoint (checkpoints/step-*) or train again")
+    module.load_state_dict(tensors, strict=True)
     return step
 
 

@@ -117,16 +117,30 @@ def holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and bool(farmer_files(run_dir))
 
 
-def check_own_folders(run_dir: Path) -> None:
-    """``checkpoints/``, ``samples/`` and ``tensorboard/``, where farmer writes, prunes and deletes, must be folders
-    inside the run: a symbolic link (or a file) there is refused, so nothing outside the run is ever written or
-    deleted."""
-    for folder in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR):
-        path = run_dir / folder
-        if path.is_symlink() or (path.exists() and not path.is_dir()):
-            what = f"a symbolic link to {os.readlink(path)}" if path.is_symlink() else "not a folder"
-            raise CheckpointError(f"{path} is {what}: farmer writes and deletes its {folder} there, so it must be a "
-                                  "folder inside the run; remove it (or move it into the run) and start again")
+def check_own_paths(run_dir: Path) -> None:
+    """Where farmer writes, prunes and deletes must be the run's own: the run files (``config.json``,
+    ``metrics.jsonl``, ...) regular files and ``checkpoints/``, ``samples/`` and ``tensorboard/`` folders, none a
+    symbolic link (a link whose target does not exist yet included), so nothing outside the run is ever written or
+    deleted. The run is not the file system's root, the home folder, or a folder inside another run's
+    ``checkpoints/`` (its step checkpoints)."""
+    place = run_dir.resolve()
+    if place == Path(place.anchor) or place == Path.home().resolve():
+        raise CheckpointError(f"{run_dir} is {'the root folder' if place == Path(place.anchor) else 'your home folder'}"
+                              ": a run writes its files and folders there; choose a folder of its own with --out")
+    for parent in (place, *place.parents):
+        if parent.name == HISTORY_DIR and is_run(parent.parent):
+            raise CheckpointError(f"{run_dir} is in {parent}, the step checkpoints of the run in {parent.parent}; "
+                                  "farmer prunes and replaces them: choose another --out (copy a step out first to "
+                                  "continue from it)")
+    for name, kind in [(folder, "folder") for folder in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR)] + \
+                      [(file, "file") for file in RUN_FILES]:
+        path = run_dir / name
+        wrong_kind = path.exists() and not (path.is_dir() if kind == "folder" else path.is_file())
+        if path.is_symlink() or wrong_kind:
+            what = f"a symbolic link to {os.readlink(path)}" if path.is_symlink() else f"not a {kind}"
+            raise CheckpointError(f"{path} is {what}: farmer writes {'in' if kind == 'folder' else ''}to it, so it "
+                                  f"must be a {kind} inside the run; remove it (or move it into the run) and start "
+                                  "again")
 
 
 def never_saved(run_dir: Path) -> bool:
@@ -154,7 +168,7 @@ def farmer_files(run_dir: Path) -> list[Path]:
 def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
     """Check and lock ``run_dir`` for training (``resume``: an existing run; else a new one, replacing an
     existing run only with ``overwrite``). Call on the main process before any work."""
-    check_own_folders(run_dir)
+    check_own_paths(run_dir)
     if not resume and holds_run(run_dir):
         if not is_run(run_dir):
             names = ", ".join(sorted(str(p.relative_to(run_dir)) for p in farmer_files(run_dir))[:4])

@@ -26,6 +26,7 @@ def user_errors() -> Iterator[None]:
     from farmer_cli.data.sources import DataError
     from farmer_cli.eval.feature_metrics import WeightsError
     from farmer_cli.device import DeviceError
+    from farmer_cli.model.farmer import NonFiniteError
     from farmer_cli.storage import WriteError
     from farmer_cli.commands.ui import console, escape, show_library_messages
 
@@ -37,7 +38,8 @@ def user_errors() -> Iterator[None]:
     show_library_messages()
     try:
         yield
-    except (ConfigError, DataError, CheckpointError, DeviceError, WeightsError, WriteError, UsageError) as err:
+    except (ConfigError, DataError, CheckpointError, DeviceError, WeightsError, WriteError, UsageError,
+            NonFiniteError) as err:
         refuse(str(err))
     except OSError as err:  # what the file system refuses: a name too long, a link loop, a path through a file
         where = f"{err.filename}: " if err.filename else ""
@@ -61,11 +63,21 @@ def exit_with(message: str) -> None:
 def resolve_class(spec: str, class_names: list[str], num_classes: int) -> int:
     """A class given by name or index: a name from the checkpoint's label map wins (class folders named "1".."10"
     mean those folders), otherwise a whole number is an index 0..K-1."""
+    import unicodedata
+
     if spec in class_names:
         return class_names.index(spec)
-    lowered = [n.lower() for n in class_names]
-    if spec.lower() in lowered:
-        return lowered.index(spec.lower())
+
+    def folded(name: str) -> str:  # "Cat" is "cat"; a name typed decomposed (NFD) is the same name composed (NFC)
+        return unicodedata.normalize("NFC", name).casefold()
+
+    lowered = [folded(n) for n in class_names]
+    matches = [k for k, name in enumerate(lowered) if name == folded(spec)]
+    if len(matches) > 1:
+        raise UsageError(f"class '{spec}' could be any of {', '.join(repr(class_names[k]) for k in matches)} (they "
+                         f"differ only in case); give the exact name or an index ({', '.join(map(str, matches))})")
+    if matches:
+        return matches[0]
     text = spec.strip()
     if text.isascii() and text.lstrip("-").isdigit():
         index = int(text)
@@ -74,7 +86,7 @@ def resolve_class(spec: str, class_names: list[str], num_classes: int) -> int:
         return index
     import difflib
 
-    close = difflib.get_close_matches(spec.lower(), lowered, n=1)
+    close = difflib.get_close_matches(folded(spec), lowered, n=1)
     hint = f" (did you mean '{class_names[lowered.index(close[0])]}'?)" if close else ""
     raise UsageError(f"unknown class '{spec}'{hint}; give an index 0..{num_classes - 1} or a name from the label map")
 
@@ -88,9 +100,10 @@ DEVICE_HELP = ("auto (a GPU when there is one), cpu, cuda or cuda:N. Samples dra
 Option = typer.Option
 
 
-def check_output_image(path, option: str = "--out") -> None:
+def check_output_image(path, option: str = "--out", inputs=()) -> None:
     """Before any work: ``path`` must name an image format PIL writes and lie in a directory that exists (or can be
-    made) and is writable, so nothing computed is lost at the end."""
+    made) and is writable, so nothing computed is lost at the end; it must not be one of the ``inputs`` (files or
+    folders of images) or lie inside one, where it would replace an input or be read as one next time."""
     import os
 
     from PIL import Image
@@ -107,6 +120,13 @@ def check_output_image(path, option: str = "--out") -> None:
     check_output_dir(path.parent, option)
     if path.exists() and not os.access(path, os.W_OK):
         exit_with(f"{option} {path} exists and is not writable")
+    target = path.resolve()
+    for given in inputs:
+        source = given.resolve()
+        if target == source or (given.is_dir() and source in target.parents):
+            where = "is" if target == source else "is inside"
+            exit_with(f"{option} {path} {where} the input {given}: the figure would "
+                      f"{'replace it' if target == source else 'be read as an input next time'}; write it elsewhere")
 
 
 def check_output_dir(path, option: str = "--out-dir") -> None:

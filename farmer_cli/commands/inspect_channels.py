@@ -63,7 +63,7 @@ def run(
     from farmer_cli.commands.ui import console, escape, stdout
 
     out = out or Path("inspect.png" if mode == "interpolate" else "inspect-variance.png")
-    check_output_image(out)
+    check_output_image(out, inputs=[image] if image is not None else [])
     check_seed(seed)
     if not 1 <= columns <= 64:
         exit_with("--n must be between 1 and 64")

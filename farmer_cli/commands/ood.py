@@ -68,7 +68,7 @@ def run(
     if batch_size < 1 or limit < 0:
         exit_with("--batch-size must be at least 1, --limit at least 0")
     check_draws("--samples", samples)
-    check_output_image(figure, "--figure")
+    check_output_image(figure, "--figure", [p for p in (inside, outside) if p is not None])
     device = choose_device(device)
     run_dir = find_checkpoint(ckpt)
     if background is not None and background.is_dir() and background.resolve() == run_dir.resolve():

@@ -57,7 +57,7 @@ def run(
     check_draws("--samples", samples)
     files = image_files(images)
     if heatmap is not None:
-        check_output_image(heatmap, "--heatmap")
+        check_output_image(heatmap, "--heatmap", images)
     model, cfg, class_names, _ = load_model(find_checkpoint(ckpt), choose_device(device))
     mc = cfg.model
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)

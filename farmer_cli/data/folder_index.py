@@ -2,9 +2,11 @@
 
 Walking 1.28M files takes minutes on network storage, and every process of a multi-GPU job would do it. The index
 (class names, relative paths, labels) is written as JSON under ``<cache>/farmer/folder-index/``, keyed by the
-folder's absolute path and the modification times of its class folders; it also records the modification time of
-every sub-folder below them and is used only while all of those are unchanged (adding or removing a file changes
-its own folder's time, however deep; checking costs one stat per folder, not a walk). An index that is not what
+folder's absolute path and the modification times of its class folders; it also records the modification time and
+number of entries of every sub-folder below them and is used only while all of those are unchanged (adding or
+removing a file changes its own folder's time and count, however deep; a time set back by ``touch -r`` leaves the
+count; checking costs one stat and one listing per folder, not a stat per file). Hidden folders and files (a
+leading dot: ``.ipynb_checkpoints/``) are not images of the data set. An index that is not what
 farmer writes (unreadable, wrong types, paths outside the folder, a path twice, a label that is not its class
 folder, or content that no longer matches its SHA-256 checksum) is ignored and rebuilt.
 
@@ -31,6 +33,7 @@ log = logging.getLogger("farmer")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 WAIT_SECONDS = 3600  # the longest another process may take to build the index (1.28M files on network storage)
+INDEX_VERSION = "2"  # in the key: an index of an earlier layout (or rules) is rebuilt, not misread
 START_GRACE_SECONDS = 30.0  # how long rank 0 may take to start building before the others walk on their own
 
 
@@ -39,7 +42,7 @@ def class_folders(root: Path) -> list[str]:
 
 
 def _key(root: Path, classes: list[str]) -> str:
-    stamp = [str(root.resolve())] + [f"{c}:{(root / c).stat().st_mtime_ns}" for c in classes]
+    stamp = [INDEX_VERSION, str(root.resolve())] + [f"{c}:{(root / c).stat().st_mtime_ns}" for c in classes]
     return hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:24]
 
 
@@ -47,10 +50,11 @@ def _walk(root: Path, classes: list[str]) -> dict:
     paths, labels, folders = [], [], {}
     for k, name in enumerate(classes):
         found = []
-        for here, _, files in os.walk(root / name):  # symlinked folders are not entered
-            folders[os.path.relpath(here, root)] = Path(here).stat().st_mtime_ns
-            found += [os.path.join(here, f) for f in files
-                      if Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(here, f))]
+        for here, subfolders, files in os.walk(root / name):  # symlinked folders are not entered
+            folders[os.path.relpath(here, root)] = [Path(here).stat().st_mtime_ns, len(subfolders) + len(files)]
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # hidden, like hidden class folders
+            found += [os.path.join(here, f) for f in files if not f.startswith(".")
+                      and Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(here, f))]
         paths += sorted((os.path.relpath(f, root) for f in found), key=lambda p: Path(p).parts)
         labels += [k] * len(found)
     index = {"root": str(root.resolve()), "classes": classes, "paths": paths, "labels": labels, "folders": folders}
@@ -66,7 +70,8 @@ def _checksum(index: dict) -> str:
 
 def _current(index, root: Path, classes: list[str]) -> bool:
     """Whether a cached index is farmer's and still describes ``root``: the right shape and types, every path
-    inside the folder, and every folder it saw unchanged."""
+    inside the folder, and every folder it saw unchanged: the same modification time and number of entries (a
+    time set back by ``touch -r`` or a copying tool does not hide added or removed files)."""
     if not (isinstance(index, dict) and index.get("root") == str(root.resolve()) and index.get("classes") == classes
             and isinstance(index.get("paths"), list) and isinstance(index.get("labels"), list)
             and isinstance(index.get("folders"), dict) and len(index["paths"]) == len(index["labels"])):
@@ -80,8 +85,9 @@ def _current(index, root: Path, classes: list[str]) -> bool:
     if not all(Path(p).parts[0] == classes[y] for p, y in zip(index["paths"], index["labels"])):
         return False  # every image's label is its class folder
     try:
-        return all(isinstance(t, int) and ".." not in Path(f).parts and (root / f).stat().st_mtime_ns == t
-                   for f, t in index["folders"].items())
+        return all(isinstance(seen, list) and len(seen) == 2 and ".." not in Path(f).parts
+                   and [(root / f).stat().st_mtime_ns, len(os.listdir(root / f))] == seen
+                   for f, seen in index["folders"].items())
     except OSError:
         return False
 
@@ -150,7 +156,10 @@ def folder_index(root: Path) -> dict:
         return cached if cached is not None else _walk(root, classes)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(os.getpid()))
+        marker.unlink(missing_ok=True)  # a stale marker, or a link planted there: removed, never written through
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
     except OSError:
         marker = None  # a read-only cache: the other ranks see no marker and walk on their own
     try:

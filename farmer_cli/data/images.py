@@ -1,11 +1,14 @@
 """Image files and decoded images -> uint8 (C, S, S) tensors at the model's resolution.
 
-Every image is converted to the model's channel count (16-bit grey scaled, EXIF orientation applied), resized
-(shorter side, bicubic) and centre-cropped. :data:`IMAGE_ERRORS` is what an undecodable file raises.
+Every image is converted to the model's channel count (16-bit grey scaled to 8 bits, floating-point images in
+[0, 1] or 0..255 scaled, transparency composited onto black, EXIF orientation applied), resized (shorter side,
+bicubic) and centre-cropped. Images of more than PIL's limit of pixels (about 89 million) are refused: they would
+take gigabytes to decode. :data:`IMAGE_ERRORS` is what an undecodable file raises.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,24 +18,44 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from farmer_cli.data.folder_index import IMAGE_SUFFIXES
 from farmer_cli.data.sources import DataError
 
-# What a bad image file raises: truncated or unknown formats, and PIL's decompression-bomb guard (a tiny file that
-# claims 20000x20000 pixels).
-IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What a bad image file raises: truncated or unknown formats, and PIL's decompression-bomb guard (a small file that
+# claims more pixels than Image.MAX_IMAGE_PIXELS; PIL only warns up to twice that, farmer refuses).
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning)
 
 
 MAX_RESIZED = 64  # an image is resized whole only while that makes at most 64 x size² pixels
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """``Image.open`` with PIL's decompression-bomb warning raised as an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def _eight_bit(img: Image.Image) -> Image.Image:
-    """A 16- or 32-bit integer grey image scaled to 8 bits (PIL's own conversion clips every value above 255);
-    other modes as they are. 16-bit files keep their high byte; 32-bit ones ("I") are read as 16-bit data when any
-    value exceeds 255."""
-    if not img.mode.startswith("I"):
-        return img
-    arr = np.asarray(img).astype(np.int64)
-    if img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
-        arr = arr >> 8
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))  # a 2-D uint8 array is mode "L"
+    """An image as 8-bit data PIL can convert: a 16- or 32-bit integer grey image scaled to 8 bits (PIL's own
+    conversion clips every value above 255: 16-bit files keep their high byte, 32-bit ones ("I") are read as
+    16-bit data when any value exceeds 255); a floating-point one ("F") scaled from [0, 1], or read as 0..255 when
+    a value exceeds 1 (ValueError outside 0..255); transparency composited onto black (a transparent pixel gives
+    no light); other modes as they are."""
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high) and low >= 0 and high <= 255):
+            raise ValueError(f"a floating-point image with values from {low:g} to {high:g}; farmer reads float "
+                             "images in [0, 1] or 0..255")
+        return Image.fromarray(np.round(arr * (255 if high <= 1 else 1)).astype(np.uint8))
+    if img.mode.startswith("I"):
+        arr = np.asarray(img).astype(np.int64)
+        if img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            arr = arr >> 8
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))  # a 2-D uint8 array is mode "L"
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img
 
 
 def to_uint8(item, channels: int, size: int) -> torch.Tensor:
@@ -42,7 +65,7 @@ def to_uint8(item, channels: int, size: int) -> torch.Tensor:
     if isinstance(item, torch.Tensor):
         item = Image.fromarray(item.squeeze(0).numpy() if item.shape[0] == 1 else item.permute(1, 2, 0).numpy())
     elif not isinstance(item, Image.Image):
-        item = Image.open(item)
+        item = open_image(item)
     img = _eight_bit(ImageOps.exif_transpose(item)).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     scale = size / min(w, h)
@@ -66,7 +89,8 @@ def image_files(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))  # hidden: skipped
             if not found:
                 raise DataError(f"{p}: directory holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files += found
@@ -84,7 +108,7 @@ def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     try:
-        with Image.open(p) as img:
+        with open_image(p) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)  # the size as the image is shown
             return to_uint8(upright, channels, size), upright.size

@@ -12,7 +12,7 @@ from PIL import Image
 
 from farmer_cli.data.batching import iterate_batches
 from farmer_cli.data.dataset import ImageDataset
-from farmer_cli.model import dequantize
+from farmer_cli.model import check_finite, dequantize
 
 
 IMAGES_PER_PASS = 1024  # the draws of a batch run in forward passes of at most this many images (or one draw)
@@ -63,7 +63,7 @@ def bits_per_dim(model, dataset: ImageDataset, conditional: bool = True, draws: 
     values = [score_batch(model, u, y if conditional else None, draws, gen)[1]
               for u, y in iterate_batches(dataset, batch, limit)]
     model.train(was_training)
-    v = torch.cat(values).double() if values else torch.zeros(0, dtype=torch.float64)
+    v = check_finite(torch.cat(values).double(), "the bits/dim") if values else torch.zeros(0, dtype=torch.float64)
     return {"mean": v.mean().item() if len(v) else math.nan,
             "stderr": (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else math.nan, "n": len(v), "draws": draws}
 

@@ -13,7 +13,7 @@ from farmer_cli.data.batching import iterate_batches
 from farmer_cli.data.dataset import DataBundle, ImageDataset
 from farmer_cli.eval.fid import fid_metrics
 from farmer_cli.eval.inception import inception_features
-from farmer_cli.model import Farmer, dequantize
+from farmer_cli.model import Farmer, check_finite, dequantize
 from farmer_cli.eval.bits import bits_per_dim
 
 METRICS = ("fid", "pr", "bpd", "classify", "sample-acc")
@@ -41,7 +41,7 @@ def generative_classifier(model: Farmer, dataset: ImageDataset, max_classes: int
         if len(y) == 0:
             continue
         x = dequantize(u, "uniform", generator=gen).to(device)
-        pred = model.class_log_likelihoods(x, classes).argmax(1).cpu()
+        pred = check_finite(model.class_log_likelihoods(x, classes), "the class log-likelihoods").argmax(1).cpu()
         correct += (pred == y).sum().item()
         total += len(y)
     return {"accuracy": correct / max(1, total), "n": total, "classes": K, "capped": K < model.cfg.num_classes}

@@ -51,6 +51,18 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) * 128.0 - 0.5).round().clamp(0, 255).to(torch.uint8)
 
 
+class NonFiniteError(ValueError):
+    """A model output that should be a number is NaN or infinite: weights that diverged or were damaged."""
+
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` itself, or a NonFiniteError naming ``what`` (a host sync: for results on their way to the host)."""
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{what} are not finite (NaN or inf): the model's weights have diverged or were "
+                             "damaged; use an earlier checkpoint (checkpoints/step-*) or train again")
+    return t
+
+
 class InformativeSample(NamedTuple):
     """What the AR prior's token-by-token pass produces: informative tokens (B, n, d_I) and the shared redundant
     mixtures, conditional (B,) and, when guided, unconditional (B,); both None without a channel split."""
@@ -323,4 +335,5 @@ class Farmer(nn.Module):
         tokens = self.sample_tokens(y, s, rng, use_cache, on_token, runner, stats)
         x = self.decode(tokens, y, use_cache, student, on_block, s, stats, runner)
         del runner  # its KV caches and graphs are not needed for denoising
-        return quantize(self.denoise(x, y, self.denoise_sigma(s), denoise_batch, denoise_checkpoint))
+        x = self.denoise(x, y, self.denoise_sigma(s), denoise_batch, denoise_checkpoint)
+        return quantize(check_finite(x, "the sampled images"))

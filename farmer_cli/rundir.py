@@ -138,9 +138,9 @@ def check_own_paths(run_dir: Path) -> None:
         wrong_kind = path.exists() and not (path.is_dir() if kind == "folder" else path.is_file())
         if path.is_symlink() or wrong_kind:
             what = f"a symbolic link to {os.readlink(path)}" if path.is_symlink() else f"not a {kind}"
-            raise CheckpointError(f"{path} is {what}: farmer writes {'in' if kind == 'folder' else ''}to it, so it "
-                                  f"must be a {kind} inside the run; remove it (or move it into the run) and start "
-                                  "again")
+            does = f"writes and deletes its {name} there" if kind == "folder" else "writes it"
+            raise CheckpointError(f"{path} is {what}: farmer {does}, so it must be a {kind} inside the run; remove "
+                                  "it (or move it into the run) and start again")
 
 
 def never_saved(run_dir: Path) -> bool:

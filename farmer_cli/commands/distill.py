@@ -74,7 +74,7 @@ def run(
         if asked and given:
             exit_with(f"--resume keeps the distillation settings of {run_dir}, but this would change "
                       + "; ".join(f"distill.{k}: {stored.get(k)!r} -> {v!r}" for k, v in asked.items())
-                      + ". Start a new distillation (without --resume) to change them")
+                      + ". Start a new distillation with --overwrite (it replaces the student) to change them")
         apply_options(cfg, {f"distill.{k}": (f"{run_dir / STUDENT_FILE} (its distill metadata)", v)
                             for k, v in stored.items()})
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)

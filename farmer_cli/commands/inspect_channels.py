@@ -28,6 +28,7 @@ from farmer_cli.config.schema import MAX_SAMPLING_SCALE
 
 NAME = "inspect-channels"
 DEFAULT_FACTORS = "0,0.2,0.4,0.8,1.0,1.2,1.5,2.0,4.0"
+DEFAULT_LEVELS = "0,0.25,0.5,0.75,1.0"
 
 
 @command
@@ -37,12 +38,15 @@ def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
     mode: Literal["interpolate", "variance"] = Option("interpolate", "--mode", help="interpolate (noise on redundant vs all channels per AF block) "
                        "or variance (redundant-mixture variance sweep)."),
-    blocks: str = Option("all", "--blocks", help="AF blocks (1-based), e.g. 1,4,8, or 'all'."),
-    levels: str = Option("0,0.25,0.5,0.75,1.0", "--levels", help="Noise levels a in [0, 1]."),
-    factors: str = Option(DEFAULT_FACTORS, "--factors", help="Variance factors (variance mode)."),
-    class_: Optional[str] = Option(None, "--class", "-c", help="Class for variance mode. " + CLASS_HELP + " Default: "
+    blocks: Optional[str] = Option(None, "--blocks", help="Interpolate mode: AF blocks (1-based), e.g. 1,4,8, or "
+                                   "'all' (the default)."),
+    levels: Optional[str] = Option(None, "--levels", help=f"Interpolate mode: noise levels a in [0, 1] (default "
+                                   f"{DEFAULT_LEVELS})."),
+    factors: Optional[str] = Option(None, "--factors", help=f"Variance mode: variance factors (default "
+                                    f"{DEFAULT_FACTORS})."),
+    class_: Optional[str] = Option(None, "--class", "-c", help="Variance mode: the class. " + CLASS_HELP + " Default: "
                                    "the first class."),
-    columns: int = Option(6, "--n", help="Samples per row in variance mode."),
+    columns: Optional[int] = Option(None, "--n", help="Variance mode: samples per row (default 6)."),
     seed: int = Option(0, "--seed", help="Seed of the noise / samples."),
     decoder: InverseDecoder = Option("sequential", "--decoder", help="AF inverse: sequential (the exact inverse, "
                                      "KV cache) or student (the one-step student of farmer distill)."),
@@ -62,6 +66,15 @@ def run(
     from farmer_cli.viz import grid, labelled_figure, save_png
     from farmer_cli.commands.ui import console, escape, stdout
 
+    only = {"interpolate": {"IMAGE": image, "--blocks": blocks, "--levels": levels},
+            "variance": {"--factors": factors, "--class": class_, "--n": columns}}
+    other = "variance" if mode == "interpolate" else "interpolate"
+    unused = [name for name, value in only[other].items() if value is not None]
+    if unused:
+        exit_with(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for --mode {other}, and this is --mode "
+                  f"{mode}; leave {'it' if len(unused) == 1 else 'them'} out or switch --mode")
+    blocks, levels, factors = blocks or "all", levels or DEFAULT_LEVELS, factors or DEFAULT_FACTORS
+    columns = 6 if columns is None else columns
     out = out or Path("inspect.png" if mode == "interpolate" else "inspect-variance.png")
     check_output_image(out, inputs=[image] if image is not None else [])
     check_seed(seed)

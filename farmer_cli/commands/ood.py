@@ -65,6 +65,8 @@ def run(
             names.remove("ratio")
         else:
             exit_with("--score ratio needs --background CKPT (a second farmer run at the same resolution)")
+    if background is not None and "ratio" not in names:
+        exit_with(f"--background is used by the ratio score only; add --score ratio (or all), not --score {score}")
     if batch_size < 1 or limit < 0:
         exit_with("--batch-size must be at least 1, --limit at least 0")
     check_draws("--samples", samples)

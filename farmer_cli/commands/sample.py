@@ -114,6 +114,16 @@ def run(
             "sampling.cond_candidates": ("--candidates", candidates),
             "sampling.uncond_candidates": ("--candidates", candidates), "sampling.decoder": ("--decoder", decoder),
             "sampling.decode_steps": ("--decode-steps", decode_steps)}, overrides)
+        unused = ([o for o, v in (("--temperature", temperature), ("--var-scale", var_scale)) if v is not None]
+                  if s.cfg > 0 else [o for o, v in (("--candidates", candidates), ("--guidance", guidance)) if v is not None])
+        if s.cfg > 0 and s.guidance != "resample" and candidates is not None:
+            unused.append("--candidates")
+        if unused:
+            exit_with(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect here: " + (
+                "--temperature and --var-scale shape unguided sampling (--cfg 0), guided sampling draws at "
+                "sampling.t_pi / t_sigma (--set)" if s.cfg > 0 else "--candidates and --guidance shape guided "
+                "sampling (--cfg above 0)") + ("; --candidates is for --guidance resample" if s.cfg > 0 and
+                                                   "--candidates" in unused else ""))
         try:
             steps = resolve_mode(s.decode_steps, device)
         except ValueError as e:

@@ -64,19 +64,27 @@ def run(
                            "weight/gradient/optimiser/EMA memory, activations per image with and without "
                            "checkpointing, the largest micro-batch that fits, FLOPs, hours per epoch) and exit. "
                            "Nothing is allocated and no data is read."),
-    gpu_memory: float = Option(80.0, "--gpu-memory", help="With --dry-run: memory per GPU in GiB."),
-    gpus: int = Option(8, "--gpus", help="With --dry-run: GPUs for the time estimate and the DDP buckets."),
-    plan_device: Literal["gpu", "cpu"] = Option("gpu", "--plan-device", help="With --dry-run: gpu (fused attention, memory as "
-                              "max_memory_allocated) or cpu (this machine: matmul attention under bf16, process "
-                              "RSS)."),
+    gpu_memory: Optional[float] = Option(None, "--gpu-memory", help="With --dry-run: memory per GPU in GiB "
+                                         "(default 80)."),
+    gpus: Optional[int] = Option(None, "--gpus", help="With --dry-run: GPUs for the time estimate and the DDP "
+                                 "buckets (default 8)."),
+    plan_device: Optional[Literal["gpu", "cpu"]] = Option(None, "--plan-device", help="With --dry-run: gpu (the "
+                              "default: fused attention, memory as max_memory_allocated) or cpu (this machine: matmul "
+                              "attention under bf16, process RSS)."),
     as_json: bool = Option(False, "--json", help="With --dry-run: print the plan as one JSON object."),
     report_to: Literal["none", "tensorboard"] = Option("none", "--report-to", help="none | tensorboard: also log every record of "
                             "metrics.jsonl to TensorBoard files in the run directory (needs the tensorboard "
                             "package; view with: tensorboard --logdir RUN)."),
 ) -> None:
     if dry_run:
-        return _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides, gpu_memory, gpus,
-                        plan_device, as_json)
+        return _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides,
+                        80.0 if gpu_memory is None else gpu_memory, 8 if gpus is None else gpus, plan_device or "gpu",
+                        as_json)
+    planned = [name for name, value in (("--gpu-memory", gpu_memory), ("--gpus", gpus), ("--plan-device", plan_device),
+                                        ("--json", as_json or None)) if value is not None]
+    if planned:
+        exit_with(f"{', '.join(planned)} describe{'s' if len(planned) == 1 else ''} the plan of --dry-run; a run "
+                  "measures its own machine (on several GPUs: accelerate launch ... farmer train)")
     import copy
 
     from farmer_cli.checkpoint import METRICS_FILE, TRAIN_STATE_FILE, check_metrics, check_model_file, load_config
@@ -129,9 +137,10 @@ def run(
                       "Start a new run (another --out) to change them")
         recorded = check_model_file(cfg, out).get("settings")
         if recorded is not None and recorded != settings_digest(stored):
-            exit_with(f"--resume: {out}/config.json was edited since the last checkpoint (its model, data or "
-                      "training settings are not those the weights were trained with); restore it, or start a new "
-                      "run to change them")
+            exit_with(f"--resume: {out}/config.json and model.safetensors disagree (the model, data or training "
+                      "settings in config.json are not those the weights were trained with): one of them was edited "
+                      "or replaced since the last checkpoint; restore the run's own files, or start a new run to "
+                      "change settings")
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     changed = layout_change(payload.get("data"), bundle.layout) if resume else ""
     if changed:

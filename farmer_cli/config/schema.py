@@ -61,6 +61,7 @@ MAX_TOKENS = 1 << 20  # N, and the channels of an AR token
 MAX_CLASSES = 1 << 20
 MAX_MLP_RATIO = 64.0
 MAX_SAMPLING_SCALE = 1e3  # guidance weight and temperatures: far beyond any useful value, far within float32
+MAX_WORKERS = 256  # DataLoader processes per training process: more than any machine's cores
 MAX_STEPS = 2**31 - 1  # train.steps, train.epochs, distill.steps: more than any run could take
 MAX_SEED = 2**63 - 1  # data.split_seed (torch generators take 64 bits)
 MAX_TRAIN_SEED = 2**32 - 1  # train.seed: every step's seed is train.seed x 1,000,003 + step, within 64 bits
@@ -154,6 +155,10 @@ class ModelConfig:
                               f"{self.af_blocks * self.af_layers:,} flow layers; at most {MAX_LAYERS:,}")
         _at_most(self, "model", MAX_CLASSES, "num_classes")
         _at_most(self, "model", MAX_MLP_RATIO, "mlp_ratio")
+        for part in ("af", "ar"):  # the MLP's hidden width is int(width x mlp_ratio)
+            width = getattr(self, f"{part}_width")
+            _check(int(width * self.mlp_ratio) >= 1, "model.mlp_ratio", f"at least 1/{width} (model.{part}_width="
+                   f"{width}: the MLP needs a hidden unit)", self.mlp_ratio)
         _check(0 <= self.checkpoint_fraction <= 1, "model.checkpoint_fraction", "in [0, 1]",
                self.checkpoint_fraction)
         if self.image_size % self.patch_size:
@@ -196,6 +201,7 @@ class DataConfig:
         _check(bool(self.source.strip()), "data.source", "a data source name or path", self.source)
         _check(0 <= self.test_fraction < 1, "data.test_fraction", "in [0, 1)", self.test_fraction)
         _at_least(self, "data", 0, "num_workers", "split_seed")
+        _at_most(self, "data", MAX_WORKERS, "num_workers")
         _at_most(self, "data", MAX_SEED, "split_seed")
 
 

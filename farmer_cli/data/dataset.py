@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -136,7 +137,14 @@ def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
 
 def _open_test_source(cfg: DataConfig, source: Source) -> Source:
     """``cfg.test_source`` opened like the training source; its classes must be the training source's (a label is
-    an index into one list), unless labels are not used."""
+    an index into one list), unless labels are not used. It must not be the training source itself (the test
+    figures would be training figures)."""
+    same = cfg.test_source == cfg.source or (Path(cfg.test_source).exists() and Path(cfg.source).exists()
+                                            and Path(cfg.test_source).resolve() == Path(cfg.source).resolve())
+    if same:
+        raise DataError(f"data.test_source {cfg.test_source} is the training data (data.source {cfg.source}): its "
+                        "bits/dim would be measured on training images; give the official test or validation set, "
+                        "or leave it out to hold out part of the data")
     test = open_source(dataclasses.replace(cfg, source=cfg.test_source))
     if not cfg.use_labels:
         return Unlabelled(test)

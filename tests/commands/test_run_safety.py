@@ -353,7 +353,8 @@ def jobs(tiny_run: Path, tmp_path_factory, request):  # noqa: F811
     with safe_open(str(base / "model.safetensors"), "pt") as f:
         metadata = f.metadata() or {}
     metadata = {**metadata, "format_version": "1"}
-    weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+    # finite weights whose scores are not (weights holding NaN are refused on loading)
+    weights = {k: torch.full_like(v, 1e30) if v.is_floating_point() else v
                for k, v in load_file(base / "model.safetensors").items()}
     save_file(weights, str(c / "model.safetensors"), metadata=metadata)
     j["json-score-nan-weights"] = Job(["score", digit, "--ckpt", c, "--json"])

@@ -207,4 +207,4 @@ def test_a_config_json_edited_since_the_last_checkpoint_is_not_resumed(tiny_run:
     payload["config"]["train"]["lr"] = 0.5  # around the --resume guard, which compares with config.json
     (run / "config.json").write_text(json.dumps(payload))
     line = refused("train", "--out", run, "--resume")
-    assert "config.json was edited since the last checkpoint" in line
+    assert "config.json and model.safetensors disagree" in line

@@ -1,0 +1,232 @@
+"""Cases of the fourth hostile sweep (GitHub issue 24), each with the behaviour it now has: nothing outside a run
+is written through a link, a training state belongs to its weights, images are read as they are shown, non-finite
+weights and outputs are named, output figures never replace an input, and options that would do nothing are
+refused. Refusals are one "error:" line and exit status 2, before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_helpers import farmer
+from farmer_cli.checkpoint import CheckpointError, load_training_state
+from farmer_cli.commands import UsageError, resolve_class
+from farmer_cli.data.images import image_files, load_image
+from farmer_cli.data.sources import DataError
+from farmer_cli.rundir import check_own_paths
+
+
+def refused(*args) -> str:
+    """Exit 2, no traceback, the last stderr line an "error:" line; returns it."""
+    proc = farmer(*map(str, args), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), proc.stderr[-2000:]
+    return last
+
+
+@pytest.fixture
+def run(tiny_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+# ----- nothing outside the run is written -----
+def test_a_folder_index_marker_planted_as_a_link_is_not_written_through(tmp_path: Path, monkeypatch):
+    from farmer_cli.data import folder_index as fi
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    for c in "ab":
+        (root / c).mkdir(parents=True)
+        Image.new("L", (8, 8), 9).save(root / c / "0.png")
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    marker = fi.storage.cache_dir("folder-index", f"{fi._key(root, fi.class_folders(root))}.building")
+    marker.parent.mkdir(parents=True)
+    marker.symlink_to(victim)
+    assert fi.folder_index(root)["paths"] == ["a/0.png", "b/0.png"]
+    assert victim.read_text() == "keep me" and not marker.exists() and not marker.is_symlink()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "distill_metrics.jsonl", "model.safetensors"])
+def test_a_run_file_that_is_a_link_is_refused_even_a_dangling_one(name: str, run: Path, tmp_path: Path):
+    target = tmp_path / "outside" / "new.jsonl"  # does not exist: a dangling link
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(target)
+    with pytest.raises(CheckpointError, match=f"{name} is a symbolic link .*: farmer writes it, so it must be a file inside the run"):
+        check_own_paths(run)
+    if name == "metrics.jsonl":
+        line = refused("train", "--out", run, "--resume")
+        assert "symbolic link" in line
+    elif name == "distill_metrics.jsonl":
+        assert "symbolic link" in refused("distill", "--ckpt", run, "--steps", "2")
+    assert not target.exists() and not target.parent.exists()
+
+
+def test_runs_are_not_made_in_the_root_home_or_another_runs_checkpoints(run: Path):
+    for place, said in ((Path("/"), "the root folder"), (Path.home(), "your home folder"),
+                        (run / "checkpoints", "step checkpoints of the run"),
+                        (run / "checkpoints" / "step-00000020", "step checkpoints of the run")):
+        with pytest.raises(CheckpointError, match=said):
+            check_own_paths(place)
+    check_own_paths(run / "elsewhere")  # a new folder inside a run's folder (not its checkpoints) is its own
+
+
+# ----- a training state belongs to its weights -----
+def _edit_state(run: Path, change) -> None:
+    state = torch.load(run / "training_state.pt", weights_only=True)
+    change(state)
+    torch.save(state, run / "training_state.pt")
+
+
+def test_the_training_state_of_another_run_of_the_same_config_is_refused(run: Path):
+    def other_run(state):  # the same names and shapes, other values: another seed's run
+        state["ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["ema"].items()}
+    _edit_state(run, other_run)
+    with pytest.raises(CheckpointError, match="ema weights are not those of model.safetensors at the same step"):
+        load_training_state(run, "training_state.pt", ["ema", "model"])
+
+
+@pytest.mark.parametrize("step, outcome", [(10**12, "not a farmer training state"), (2**63, "not a farmer training state"),
+                                           (3, "older than model.safetensors"), (40, "cut short")])
+def test_a_training_state_step_is_checked_against_its_weights(step: int, outcome: str, run: Path, caplog):
+    _edit_state(run, lambda state: state.update(step=step))
+    if outcome == "cut short":  # a later step: a save cut between the two files, resumed with a warning
+        assert load_training_state(run, "training_state.pt", ["ema", "model"])["step"] == 40
+        assert "the last save was cut short" in caplog.text
+    else:
+        with pytest.raises(CheckpointError, match=outcome):
+            load_training_state(run, "training_state.pt", ["ema", "model"])
+
+
+# ----- images as they are shown -----
+def test_float_and_transparent_images_are_scaled_and_composited(tmp_path: Path):
+    square = np.zeros((8, 8), np.float32)
+    square[2:6, 2:6] = 1.0
+    Image.fromarray(square, "F").save(tmp_path / "unit.tiff")
+    assert load_image(tmp_path / "unit.tiff", 1, 8)[0][0, 3, 3] == 255  # [0, 1] floats scaled, not clipped to 0/1
+    Image.fromarray(square * 200, "F").save(tmp_path / "bytes.tiff")
+    assert load_image(tmp_path / "bytes.tiff", 1, 8)[0][0, 3, 3] == 200  # 0..255 floats read as they are
+    Image.fromarray(square * -3, "F").save(tmp_path / "bad.tiff")
+    with pytest.raises(DataError, match="floating-point image with values from -3"):
+        load_image(tmp_path / "bad.tiff", 1, 8)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[2:6, 2:6, 3] = 255  # a white square drawn in the alpha channel only
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    u = load_image(tmp_path / "alpha.png", 1, 8)[0][0]
+    assert u[3, 3] == 255 and u[0, 0] == 0  # composited onto black, not flattened to all white
+
+
+def test_images_over_pils_pixel_limit_are_refused_before_decoding(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL only warns between the limit and twice it
+    Image.new("L", (40, 40)).save(tmp_path / "big.png")  # 1,600 pixels
+    with pytest.raises(DataError, match="big.png: not a readable image .*decompression bomb"):
+        load_image(tmp_path / "big.png", 1, 8)
+
+
+def test_hidden_folders_hold_no_data_and_a_folder_time_set_back_does_not_hide_new_files(tmp_path: Path,
+                                                                                        monkeypatch):
+    from farmer_cli.data.folder_index import folder_index
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    (root / "a" / ".ipynb_checkpoints").mkdir(parents=True)
+    for name in ("0.png", ".ipynb_checkpoints/0-checkpoint.png"):
+        Image.new("L", (8, 8), 9).save(root / "a" / name)
+    assert folder_index(root)["paths"] == ["a/0.png"] and image_files([root]) == [root / "a" / "0.png"]
+    times = os.stat(root / "a")
+    Image.new("L", (8, 8), 9).save(root / "a" / "1.png")
+    os.utime(root / "a", ns=(times.st_atime_ns, times.st_mtime_ns))  # touch -r: the folder's time set back
+    assert folder_index(root)["paths"] == ["a/0.png", "a/1.png"]
+
+
+def test_the_test_data_must_not_be_the_training_data(tmp_path: Path):
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
+
+    for c in "ab":
+        (tmp_path / "d" / c).mkdir(parents=True)
+        Image.new("L", (8, 8), 9).save(tmp_path / "d" / c / "0.png")
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    with pytest.raises(DataError, match="is the training data"):
+        load_data(DataConfig(source=str(tmp_path / "d"), test_source=str(tmp_path / "link")), 1, 8)
+
+
+# ----- non-finite weights and outputs -----
+def test_non_finite_weights_are_refused_and_diverged_ones_named_when_sampling(run: Path, tmp_path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = run / "model.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(path))
+    broken = dict(tensors)
+    name = sorted(broken)[0]
+    broken[name] = broken[name].clone().fill_(float("nan"))
+    save_file(broken, str(path), metadata=metadata)
+    assert "holds NaN or infinite values" in refused("sample", "--ckpt", run, "--class", "1", "--n", "2", "--out",
+                                                     tmp_path / "s.png")
+    huge = {k: v * 1e30 if v.is_floating_point() else v for k, v in tensors.items()}  # finite, but every output is not
+    save_file(huge, str(path), metadata=metadata)
+    assert "the sampled images are not finite" in refused("sample", "--ckpt", run, "--class", "1", "--n", "2",
+                                                          "--out", tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()
+
+
+# ----- outputs never replace an input; options that would do nothing -----
+def test_a_figure_is_never_written_over_or_into_its_input(tiny_run: Path, digit_png: Path, tmp_path: Path):
+    image = Path(shutil.copy(digit_png, tmp_path / "in.png"))
+    before = image.read_bytes()
+    assert "is the input" in refused("score", "--ckpt", tiny_run, image, "--heatmap", image)
+    assert "is the input" in refused("inspect-channels", "--ckpt", tiny_run, image, "--out", image)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(digit_png, folder / "0.png")
+    assert "is inside the input" in refused("ood", "--ckpt", tiny_run, "--in", folder, "--figure", folder / "h.png")
+    assert image.read_bytes() == before and sorted(os.listdir(folder)) == ["0.png"]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["sample", "--class", "1", "--cfg", "2", "--temperature", "5"], "--temperature has no effect here"),
+    (["sample", "--class", "1", "--cfg", "0", "--candidates", "7"], "--candidates has no effect here"),
+    (["inspect-channels", "--factors", "0,1"], "--factors is for --mode variance"),
+    (["inspect-channels", "--mode", "variance", "--levels", "0,1"], "--levels is for --mode interpolate"),
+    (["ood", "--in", "IN", "--out", "IN", "--background", "RUN"], "--background is used by the ratio score only"),
+])
+def test_options_that_would_do_nothing_are_refused(args, said: str, tiny_run: Path, digit_png: Path):
+    args = [str(digit_png) if a == "IN" else str(tiny_run) if a == "RUN" else a for a in args]
+    assert said in refused(*args, "--ckpt", tiny_run)
+
+
+def test_dry_run_options_without_dry_run_are_refused(tmp_path: Path):
+    assert "--gpu-memory describes the plan of --dry-run" in refused("train", "--preset", "tiny", "--steps", "2",
+                                                                     "--gpu-memory", "10", "--out", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_class_names_that_differ_only_in_case_or_normalisation():
+    with pytest.raises(UsageError, match="could be any of 'Cat', 'cat'"):
+        resolve_class("CAT", ["Cat", "cat", "dog"], 3)
+    assert resolve_class("cat", ["Cat", "cat", "dog"], 3) == 1  # the exact name
+    assert resolve_class("DOG", ["Cat", "cat", "dog"], 3) == 2
+    assert resolve_class("do\u0308g", ["d\u00f6g"], 1) == 0  # typed decomposed (NFD), stored composed (NFC)
+
+
+def test_settings_that_build_nothing_are_refused():
+    from farmer_cli.config.files import apply_overrides, load_preset
+    from farmer_cli.config.schema import ConfigError
+
+    for override, said in (("model.mlp_ratio=1e-9", "needs a hidden unit"), ("data.num_workers=100000", "<= 256")):
+        with pytest.raises(ConfigError, match=said):
+            apply_overrides(load_preset("tiny"), [override])
+    line = json.dumps(refused("train", "--preset", "tiny", "--set", "model.mlp_ratio=1e-9", "--dry-run"))
+    assert "mlp_ratio" in line

@@ -114,16 +114,9 @@ def run(
             "sampling.cond_candidates": ("--candidates", candidates),
             "sampling.uncond_candidates": ("--candidates", candidates), "sampling.decoder": ("--decoder", decoder),
             "sampling.decode_steps": ("--decode-steps", decode_steps)}, overrides)
-        unused = ([o for o, v in (("--temperature", temperature), ("--var-scale", var_scale)) if v is not None]
-                  if s.cfg > 0 else [o for o, v in (("--candidates", candidates), ("--guidance", guidance)) if v is not None])
-        if s.cfg > 0 and s.guidance != "resample" and candidates is not None:
-            unused.append("--candidates")
-        if unused:
-            exit_with(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect here: " + (
-                "--temperature and --var-scale shape unguided sampling (--cfg 0), guided sampling draws at "
-                "sampling.t_pi / t_sigma (--set)" if s.cfg > 0 else "--candidates and --guidance shape guided "
-                "sampling (--cfg above 0)") + ("; --candidates is for --guidance resample" if s.cfg > 0 and
-                                                   "--candidates" in unused else ""))
+        refusal = _without_effect(s, temperature, var_scale, candidates, guidance)
+        if refusal:
+            exit_with(refusal)
         try:
             steps = resolve_mode(s.decode_steps, device)
         except ValueError as e:
@@ -169,6 +162,22 @@ def run(
                       f"{f' x {world} processes' if world > 1 else ''}: {seconds:.1f} s "
                       f"({len(images) / seconds:.1f} img/s) -> [bold]{escape(str(out))}[/]"
                       + (f" and {escape(str(out_dir))}/" if out_dir else ""))
+
+
+def _without_effect(s, temperature, var_scale, candidates, guidance) -> str:
+    """The refusal of sampling options given on the command line that would do nothing under the sampling settings
+    ``s`` ("" when each one acts): unguided sampling's temperature and variance scale under guidance, guidance's
+    options without it."""
+    if s.cfg > 0:
+        unused = [o for o, v in (("--temperature", temperature), ("--var-scale", var_scale)) if v is not None]
+        why = "--temperature and --var-scale shape unguided sampling (--cfg 0); guidance draws at sampling.t_pi / t_sigma"
+        if s.guidance != "resample" and candidates is not None:
+            unused.append("--candidates")
+            why += "; --candidates is for --guidance resample"
+    else:
+        unused = [o for o, v in (("--candidates", candidates), ("--guidance", guidance)) if v is not None]
+        why = "--candidates and --guidance shape guided sampling (--cfg above 0)"
+    return f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect here: {why}" if unused else ""
 
 
 def sampling_config(cfg, preset_sampling, options: dict, overrides):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,12 @@ def save_training_state(run_dir: Path, name: str, state: dict[str, Any]) -> None
     atomic_write(run_dir / name, lambda tmp: torch.save(state, tmp))
 
 
-def load_training_state(run_dir: Path, name: str, modules: list[str]) -> dict[str, Any]:
+def load_training_state(run_dir: Path, name: str, modules: list[str], identity: str = "",
+                        total: int = MAX_STEPS) -> dict[str, Any]:
     """Load ``name`` safely: ``torch.load(weights_only=True)`` unpickles tensors and plain containers only, so a
-    crafted file cannot run code. Checks that the state holds ``modules``, the optimiser, scheduler and step."""
+    crafted file cannot run code. Checks that the state holds ``modules``, the optimiser, scheduler and a step of
+    at most ``total``, that it was saved by the run of ``identity`` (a digest of the settings a run may not change;
+    a state that records none, from an older farmer, passes) and that it belongs with its weights file."""
     path = run_dir / name
     if not path.exists():
         raise CheckpointError(f"{run_dir}: no {name} to resume from (was the run started with this version?)")
@@ -83,11 +87,24 @@ def load_training_state(run_dir: Path, name: str, modules: list[str]) -> dict[st
         raise CheckpointError(f"{path}: not a farmer training state (missing {', '.join(missing)})")
     if not isinstance(state["step"], int) or isinstance(state["step"], bool) or not 0 <= state["step"] <= MAX_STEPS:
         raise CheckpointError(f"{path}: not a farmer training state (step {str(state['step'])[:40]!r})")
+    fix = _start_over(name)
+    if state["step"] > total:
+        raise CheckpointError(f"{path}: step {state['step']}, beyond the run's {total} steps: it is not this run's "
+                              f"state; {fix}")
+    if identity and state.get("identity", identity) != identity:
+        raise CheckpointError(f"{path}: saved by a run with other settings (another seed, data or model) than "
+                              f"config.json records: it is not this run's state; {fix}")
     weights = run_dir / STATE_WEIGHTS[name] if name in STATE_WEIGHTS else None
     _check_state_shapes(state, modules, path, weights)
     if weights is not None:
         _check_state_matches_weights(state, modules[0], path, weights)
     return state
+
+
+def _start_over(name: str) -> str:
+    """What to do about a training state file ``name`` that is not this run's."""
+    return "restore this run's own files, or " + ("start a new run" if name == TRAIN_STATE_FILE else
+                                                  "start afresh with farmer distill --overwrite")
 
 
 def _check_state_matches_weights(state: dict[str, Any], module: str, path: Path, weights: Path) -> None:
@@ -105,8 +122,7 @@ def _check_state_matches_weights(state: dict[str, Any], module: str, path: Path,
                 differs = next((key for key in small if not torch.equal(fh.get_tensor(key), state[module][key])), None)
     except (SafetensorError, OSError, ValueError):
         return  # no readable weights beside it: loading them reports that
-    fix = "restore this run's own files, or " + ("start a new run" if path.name == TRAIN_STATE_FILE else
-                                                  "start afresh with farmer distill --overwrite")
+    fix = _start_over(path.name)
     if state["step"] < step:
         raise CheckpointError(f"{path}: step {state['step']}, older than {weights.name} (step {step}), which is "
                               f"saved after it: it is not this run's state; {fix}")
@@ -144,9 +160,7 @@ def _check_state_shapes(state: dict[str, Any], modules: list[str], path: Path, w
             key = wrong[0]
             raise CheckpointError(f"{path}: its {module} state does not fit {weights.name} beside it ({key}: state "
                                   f"{shapes.get(key, 'absent')}, weights {expected.get(key, 'absent')}); it is "
-                                  f"the state of another run or config: restore this run's {path.name}, or "
-                                  + ("start a new run" if path.name == TRAIN_STATE_FILE else
-                                     "start afresh with farmer distill --overwrite"))
+                                  f"the state of another run or config: {_start_over(path.name)}")
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
@@ -166,6 +180,9 @@ def check_metrics(run_dir: Path, name: str) -> None:
     else (a record cut short by a crash, which resuming drops). Anything other (an edited file) is refused here,
     naming the line, before any work."""
     path = Path(run_dir) / name
+    if path.is_symlink():  # never read (or later appended) through a link: see rundir.check_own_paths
+        raise CheckpointError(f"{path} is a symbolic link to {os.readlink(path)}: farmer writes it, so it must be a "
+                              "file inside the run; remove it (or move it into the run) and start again")
     if not path.exists():
         return
     try:
@@ -243,6 +260,8 @@ def _check_header(module: torch.nn.Module, path: Path) -> dict[str, str]:
 
     if not path.exists():
         raise CheckpointError(f"{path}: missing")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a weights file; restore the run's own file")
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}

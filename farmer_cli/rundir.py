@@ -37,6 +37,7 @@ RUN_FILES = (CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, METRICS_FILE, STUDENT_FI
              DISTILL_METRICS_FILE)
 LOCK_FILE = ".lock"
 TRACKER_DIR = "tensorboard"  # --report-to tensorboard: the run's event files
+TRACKER_NAMES = re.compile(r"events\.out\.tfevents\.")  # TensorBoard's event file names
 HISTORY_DIR = "checkpoints"  # checkpoints/<prefix>-<step>/: the kept step checkpoints (:func:`snapshot`)
 
 # What a resumed run may change: how it reports and loads, not what it trains.
@@ -122,16 +123,16 @@ def check_own_paths(run_dir: Path) -> None:
     ``metrics.jsonl``, ...) regular files and ``checkpoints/``, ``samples/`` and ``tensorboard/`` folders, none a
     symbolic link (a link whose target does not exist yet included), so nothing outside the run is ever written or
     deleted. The run is not the file system's root, the home folder, or a folder inside another run's
-    ``checkpoints/`` (its step checkpoints)."""
+    ``checkpoints/``, ``samples/`` or ``tensorboard/``."""
     place = run_dir.resolve()
     if place == Path(place.anchor) or place == Path.home().resolve():
         raise CheckpointError(f"{run_dir} is {'the root folder' if place == Path(place.anchor) else 'your home folder'}"
                               ": a run writes its files and folders there; choose a folder of its own with --out")
     for parent in (place, *place.parents):
-        if parent.name == HISTORY_DIR and is_run(parent.parent):
-            raise CheckpointError(f"{run_dir} is in {parent}, the step checkpoints of the run in {parent.parent}; "
-                                  "farmer prunes and replaces them: choose another --out (copy a step out first to "
-                                  "continue from it)")
+        if parent.name in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR) and is_run(parent.parent):
+            raise CheckpointError(f"{run_dir} is in {parent}, a folder of the run in {parent.parent} where farmer "
+                                  "writes, prunes and deletes: choose another --out (copy a step checkpoint out "
+                                  "first to continue from it)")
     for name, kind in [(folder, "folder") for folder in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR)] + \
                       [(file, "file") for file in RUN_FILES]:
         path = run_dir / name
@@ -153,11 +154,13 @@ def never_saved(run_dir: Path) -> bool:
 
 def farmer_files(run_dir: Path) -> list[Path]:
     """What ``overwrite`` deletes in a run: the run files, ``eval-<step>.json`` results, the step checkpoints
-    ``checkpoints/step-<8 digits>/``, ``samples/step-<8 digits>.png`` grids and a run's ``tensorboard/`` events;
-    nothing else, whatever it is called."""
+    ``checkpoints/step-<8 digits>/``, ``samples/step-<8 digits>.png`` grids and a run's TensorBoard event files
+    (``tensorboard/**/events.out.tfevents.*``); nothing else, whatever it is called."""
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
-    if is_run(run_dir) and (run_dir / TRACKER_DIR).is_dir() and not (run_dir / TRACKER_DIR).is_symlink():
-        found.append(run_dir / TRACKER_DIR)  # a run's TensorBoard events (--report-to): a new run must not mix in
+    tracker = run_dir / TRACKER_DIR
+    if is_run(run_dir) and tracker.is_dir() and not tracker.is_symlink():  # a new run's events must not mix in
+        found += [Path(here, name) for here, _, files in os.walk(tracker) for name in files  # links not entered
+                  if TRACKER_NAMES.match(name) and not Path(here, name).is_symlink()]
     found += [p for p in run_dir.glob("eval-*.json") if FARMER_NAMES.fullmatch(p.name)]
     for folder, names in ((HISTORY_DIR, HISTORY_NAMES), (SAMPLES_DIR, SAMPLE_NAMES)):
         if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink():  # never look through a link
@@ -186,9 +189,11 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
     if not resume and overwrite:
         for path in farmer_files(run_dir):
             remove(path)
-        for folder in (SAMPLES_DIR, HISTORY_DIR):  # gone if it held only farmer's files
+        tracker = run_dir / TRACKER_DIR
+        emptied = [Path(here) for here, _, _ in os.walk(tracker, topdown=False)] if not tracker.is_symlink() else []
+        for folder in [*emptied, run_dir / SAMPLES_DIR, run_dir / HISTORY_DIR]:  # gone if it held only farmer's files
             try:
-                (run_dir / folder).rmdir()
+                folder.rmdir()
             except OSError:
                 pass
     return lock

@@ -23,6 +23,12 @@ from farmer_cli.commands import CKPT_HELP, Option, exit_with, command
 NAME = "distill"
 
 
+# the train.* settings distillation reads (the rest are the teacher's training's), and those a resume may not change
+TRAIN_SETTINGS_READ = {"mixed_precision", "beta1", "beta2", "grad_clip", "seed", "log_every", "ckpt_every",
+                       "keep_checkpoints"}
+RESUME_FIXED = {"beta1", "beta2", "grad_clip", "seed"}
+
+
 @command
 def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
@@ -55,6 +61,16 @@ def run(
     if not resume and not overwrite and holds_distillation(run_dir):
         exit_with(f"{run_dir} already holds a student: continue its distillation with --resume, replace it with "
                   "--overwrite, or distil a copy of the run")
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    unread = [k for k in keys if k.startswith("train.") and k[len("train."):] not in TRAIN_SETTINGS_READ]
+    if unread:
+        exit_with(f"--set {', '.join(unread)}: distillation does not read {'it' if len(unread) == 1 else 'them'}; it "
+                  f"reads distill.* (--steps, --lr, --batch-size) and train.{', train.'.join(sorted(TRAIN_SETTINGS_READ))}")
+    fixed = (["--data"] if data is not None else []) + [k for k in keys if k.startswith("data.") or
+                                                        k[len("train."):] in RESUME_FIXED]
+    if resume and fixed:
+        exit_with(f"--resume continues the distillation on its data and optimiser settings, but {', '.join(fixed)} "
+                  "would change them; start a new distillation with --overwrite to change them")
     model, cfg, _, step = load_model(run_dir)
     apply_options(cfg, {"data.source": ("--data", data), "distill.steps": ("--steps", steps),
                         "distill.batch_size": ("--batch-size", batch_size), "distill.lr": ("--lr", lr),

@@ -135,7 +135,8 @@ def _rounded(value, digits: int):
 def _heatmap_paths(files: list, heatmap: Path) -> list[Path]:
     """One heatmap per image, no two the same: ``heatmap`` itself for one image, else ``<heatmap stem>_<image
     stem>.png``, with the image's folders (below the folders all images share) where stems repeat
-    (d/a/0.png, d/b/0.png -> heat_a_0.png, heat_b_0.png), and its position where even that repeats."""
+    (d/a/0.png, d/b/0.png -> heat_a_0.png, heat_b_0.png), and its position where even that repeats (again where
+    that makes another image's name: d/a/0.png beside d/a_0_0.png)."""
     import os
     from collections import Counter
 
@@ -147,6 +148,12 @@ def _heatmap_paths(files: list, heatmap: Path) -> list[Path]:
     repeated = {s for s, k in Counter(stems).items() if k > 1}
     names = ["_".join(p.resolve().relative_to(root).with_suffix("").parts) if s in repeated else s
              for p, s in zip(paths, stems)]
-    clashes = {n for n, k in Counter(names).items() if k > 1}
-    names = [f"{n}_{i}" if n in clashes else n for i, n in enumerate(names)]
+    clashes, given, used = {n for n, k in Counter(names).items() if k > 1}, set(names), set()
+    for i, name in enumerate(names):
+        if name in clashes:  # its position, then again, until no other image has or takes the name
+            name = f"{name}_{i}"
+            while name in given or name in used:
+                name = f"{name}_{i}"
+        used.add(name)
+        names[i] = name
     return [heatmap.with_name(f"{heatmap.stem}_{name}.png") for name in names]

@@ -77,6 +77,15 @@ def run(
                             "package; view with: tensorboard --logdir RUN)."),
 ) -> None:
     if dry_run:
+        unplanned = [name for name, value in (("--data", data), ("--test-data", test_data), ("--steps", steps),
+                                              ("--epochs", epochs), ("--lr", lr), ("--seed", seed),
+                                              ("--overwrite", overwrite or None), ("--stop-after", stop_after or None),
+                                              ("--workers", workers), ("--report-to", None if report_to == "none"
+                                                                       else report_to)) if value is not None]
+        if unplanned:
+            exit_with(f"--dry-run plans memory and time from the model and batch settings and reads no data; "
+                      f"{', '.join(unplanned)} would not change the plan: leave {'it' if len(unplanned) == 1 else 'them'}"
+                      " out")
         return _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides,
                         80.0 if gpu_memory is None else gpu_memory, 8 if gpus is None else gpus, plan_device or "gpu",
                         as_json)
@@ -94,7 +103,7 @@ def run(
     from farmer_cli.rundir import claim_on_main, resume_conflicts
     from farmer_cli.device import (checked_on_every_process, processes_ended, make_accelerator, precision_name,
                                    tracker_options)
-    from farmer_cli.rundir import find_checkpoint, never_saved, new_run_dir, settings_digest
+    from farmer_cli.rundir import RUNS_DIR, find_checkpoint, never_saved, new_run_dir, settings_digest
     from farmer_cli.memory_plan import require_training_memory
     from farmer_cli.train.trainer import total_steps, train
     from farmer_cli.commands.ui import LoopProgress, console, escape
@@ -141,7 +150,17 @@ def run(
                       "settings in config.json are not those the weights were trained with): one of them was edited "
                       "or replaced since the last checkpoint; restore the run's own files, or start a new run to "
                       "change settings")
+    place = (out or RUNS_DIR).resolve()
+    for option, source in (("--data", cfg.data.source), ("--test-data", cfg.data.test_source)):
+        folder = Path(source).resolve() if source and Path(source).is_dir() else None
+        if folder is not None and (place == folder or folder in place.parents):
+            exit_with(f"--out {out or RUNS_DIR} is inside {option} {source}: the run's sample grids would be read as "
+                      "images of the data set; put the run outside it")
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
+    accumulated = cfg.train.batch_size * cfg.train.grad_accum_steps
+    if accumulated > max(cfg.train.batch_size, len(bundle.train)):
+        exit_with(f"--grad-accum {cfg.train.grad_accum_steps}: one step would take {accumulated:,} images, more than "
+                  f"the {len(bundle.train):,} training images; lower it (or --batch-size)")
     changed = layout_change(payload.get("data"), bundle.layout) if resume else ""
     if changed:
         exit_with(f"--resume: the data of {out} changed since the run started ({changed}): resuming would change "
@@ -207,8 +226,8 @@ def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overr
     from farmer_cli.rundir import find_checkpoint
     from farmer_cli.commands.render_plan import print_plan
 
-    if not 0 < gpu_memory < 1e6 or gpus < 1:  # not NaN, not inf
-        exit_with("--gpu-memory must be a number of GiB between 0 and 1,000,000 and --gpus at least 1")
+    if not 0 < gpu_memory < 1e6 or not 1 <= gpus <= 1e6:  # not NaN, not inf
+        exit_with("--gpu-memory must be a number of GiB between 0 and 1,000,000 and --gpus between 1 and 1,000,000")
     cfg = load_config(find_checkpoint(out, None))[0] if resume else load_preset("quickstart" if preset is None else preset)
     apply_options(cfg, {"train.batch_size": ("--batch-size", batch_size), "train.grad_accum_steps": ("--grad-accum", grad_accum),
                         "train.mixed_precision": ("--mixed-precision", mixed_precision)}, overrides)

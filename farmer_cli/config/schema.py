@@ -61,6 +61,7 @@ MAX_TOKENS = 1 << 20  # N, and the channels of an AR token
 MAX_CLASSES = 1 << 20
 MAX_MLP_RATIO = 64.0
 MAX_SAMPLING_SCALE = 1e3  # guidance weight and temperatures: far beyond any useful value, far within float32
+MAX_LR = 1.0  # AdamW moves each weight by about the learning rate per step: above 1 nothing trains
 MAX_WORKERS = 256  # DataLoader processes per training process: more than any machine's cores
 MAX_STEPS = 2**31 - 1  # train.steps, train.epochs, distill.steps: more than any run could take
 MAX_SEED = 2**63 - 1  # data.split_seed (torch generators take 64 bits)
@@ -242,6 +243,7 @@ class TrainConfig:
         _at_most(self, "train", MAX_TRAIN_SEED, "seed")
         _at_most(self, "train", MAX_STEPS, "steps", "epochs", "batch_size", "grad_accum_steps")
         _positive(self, "train", "lr", "grad_clip")
+        _at_most(self, "train", MAX_LR, "lr")
         _check(self.min_lr <= self.lr, "train.min_lr", f"<= train.lr ({self.lr:g})", self.min_lr)
         for name in ("beta1", "beta2", "ema_decay", "label_dropout"):
             _check(0 <= getattr(self, name) < 1, f"train.{name}", "in [0, 1)", getattr(self, name))
@@ -304,6 +306,7 @@ class DistillConfig:
         _at_most(self, "distill", MAX_STEPS, "steps", "batch_size")
         _at_least(self, "distill", 0, "warmup_steps", "latent_noise_max")
         _positive(self, "distill", "lr")
+        _at_most(self, "distill", MAX_LR, "lr")
 
 
 SECTIONS = ("model", "data", "train", "sampling", "distill")

@@ -81,7 +81,7 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
     tc = cfg.train
     schedule = Schedule(dc.steps, dc.warmup_steps, STUDENT_LR_FLOOR, tc.grad_clip, tc.seed, tc.log_every, tc.ckpt_every)
     files = RunFiles(run_dir, DISTILL_STATE_FILE, DISTILL_METRICS_FILE, (STUDENT_FILE,), "distill-step",
-                     tc.keep_checkpoints)
+                     tc.keep_checkpoints, identity=json.dumps(teacher_id, sort_keys=True))
     loop = Loop(accelerator, student, opt, optimized=raw, state={"student": ModuleState(raw)}, schedule=schedule,
                 files=files, on_event=on_event,
                 on_save=lambda step, states: save_weights(run_dir / STUDENT_FILE, states["student"], step, teacher_id))

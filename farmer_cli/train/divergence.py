@@ -40,5 +40,5 @@ class FiniteWatch:
         terms = [name for name, when in bad.items() if when == step]
         what = "non-finite gradient norm" if terms == ["grad_norm"] else (
             f"the loss became non-finite ({', '.join(t for t in terms if t != 'loss') or 'loss'} blew up)")
-        raise TrainingDiverged(f"step {step}: {what}. The last good checkpoint is kept. Try a lower --lr, a smaller "
+        raise TrainingDiverged(f"step {step}: {what}. No checkpoint holds the diverged weights. Try a lower --lr, a smaller "
                                "model.af_max_log_scale, or --mixed-precision fp32.")

@@ -90,6 +90,8 @@ class RunFiles:
     kept_files: tuple[str, ...] = ()
     history_prefix: str = "step"
     keep: int = 3
+    identity: str = ""  # what the run may not change (a digest of its settings), saved in the state and checked on
+    # resume: the state (or step checkpoint) of another run is refused
 
 
 class Loop:
@@ -122,6 +124,7 @@ class Loop:
         self.metrics_path = files.run_dir / files.metrics_file
         self.keep, self.kept_files, self.history_prefix = files.keep, (files.state_file, *files.kept_files), \
             files.history_prefix
+        self.identity = files.identity
         self.on_save, self.after_step = on_save, after_step
         self.on_event = on_event or (lambda event: None)
         self.step = 0
@@ -149,11 +152,11 @@ class Loop:
         """The main process reads the state file (memory-mapped), or the newest readable step checkpoint."""
         names = list(self.state)
         try:
-            return load_training_state(self.run_dir, self.state_file, names)
+            return load_training_state(self.run_dir, self.state_file, names, self.identity, self.total)
         except CheckpointError as err:
             for older in history(self.run_dir, self.history_prefix):
                 try:
-                    state = load_training_state(older, self.state_file, names)
+                    state = load_training_state(older, self.state_file, names, self.identity, self.total)
                 except CheckpointError:
                     continue
                 log.warning("%s; resuming from the step checkpoint %s instead", err, older)
@@ -168,7 +171,8 @@ class Loop:
         states = {name: part.gather() for name, part in self.state.items()}
         optimizer = gather_optimizer(self.optimized, self.inner_optimizer)
         if self.acc.is_main_process:
-            payload = {**states, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": step}
+            payload = {**states, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "step": step,
+                       "identity": self.identity}
             save_training_state(self.run_dir, self.state_file, payload)
             self.on_save(step, states)
             snapshot(self.run_dir, self.kept_files, step, self.history_prefix, self.keep)

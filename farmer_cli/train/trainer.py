@@ -123,7 +123,8 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
 
     schedule = Schedule(total, tc.warmup_steps, tc.min_lr / tc.lr, tc.grad_clip, tc.seed, tc.log_every, tc.ckpt_every,
                         tc.grad_accum_steps)
-    files = RunFiles(run_dir, TRAIN_STATE_FILE, METRICS_FILE, (MODEL_FILE, CONFIG_FILE), keep=tc.keep_checkpoints)
+    files = RunFiles(run_dir, TRAIN_STATE_FILE, METRICS_FILE, (MODEL_FILE, CONFIG_FILE), keep=tc.keep_checkpoints,
+                     identity=settings_digest(cfg))
     loop = Loop(accelerator, model, opt, optimized=raw, state={"ema": ema, "model": ModuleState(raw)},
                 schedule=schedule, files=files, on_save=on_save, after_step=after_step, on_event=on_event)
     start = loop.resume() if resume else 0

@@ -72,8 +72,8 @@ def test_a_run_file_that_is_a_link_is_refused_even_a_dangling_one(name: str, run
 
 def test_runs_are_not_made_in_the_root_home_or_another_runs_checkpoints(run: Path):
     for place, said in ((Path("/"), "the root folder"), (Path.home(), "your home folder"),
-                        (run / "checkpoints", "step checkpoints of the run"),
-                        (run / "checkpoints" / "step-00000020", "step checkpoints of the run")):
+                        (run / "checkpoints", "a folder of the run"),
+                        (run / "checkpoints" / "step-00000020", "a folder of the run")):
         with pytest.raises(CheckpointError, match=said):
             check_own_paths(place)
     check_own_paths(run / "elsewhere")  # a new folder inside a run's folder (not its checkpoints) is its own
@@ -230,3 +230,83 @@ def test_settings_that_build_nothing_are_refused():
             apply_overrides(load_preset("tiny"), [override])
     line = json.dumps(refused("train", "--preset", "tiny", "--set", "model.mlp_ratio=1e-9", "--dry-run"))
     assert "mlp_ratio" in line
+
+
+# ----- the sweep's re-run on these fixes -----
+def test_a_run_inside_another_runs_folders_is_refused_and_overwrite_keeps_a_users_files(run: Path):
+    from farmer_cli.rundir import claim
+
+    for folder in ("tensorboard", "samples"):
+        with pytest.raises(CheckpointError, match=f"is in .*{folder}, a folder of the run"):
+            check_own_paths(run / folder / "inner")
+    events = run / "tensorboard" / "run"
+    events.mkdir(parents=True)
+    (events / "events.out.tfevents.1.host").write_text("old run")
+    (run / "tensorboard" / "NOTES.txt").write_text("mine")
+    claim(run, resume=False, overwrite=True).release()
+    assert not events.exists() and (run / "tensorboard" / "NOTES.txt").read_text() == "mine"
+
+
+def test_a_state_saved_by_another_run_or_past_the_runs_end_is_refused(run: Path):
+    from farmer_cli.config.files import from_dict
+    from farmer_cli.rundir import settings_digest
+
+    identity = settings_digest(from_dict(json.loads((run / "config.json").read_text())["config"]))
+    assert load_training_state(run, "training_state.pt", ["ema", "model"], identity, 30)["identity"] == identity
+    with pytest.raises(CheckpointError, match="beyond the run's 20 steps"):
+        load_training_state(run, "training_state.pt", ["ema", "model"], identity, 20)
+    _edit_state(run, lambda state: state.update(identity="another run's settings", step=40))
+    with pytest.raises(CheckpointError, match="saved by a run with other settings"):
+        load_training_state(run, "training_state.pt", ["ema", "model"], identity, 60)
+
+
+def test_heatmap_names_stay_unique_when_a_suffix_meets_another_images_name(tmp_path: Path):
+    from farmer_cli.commands.score import _heatmap_paths
+
+    files = [tmp_path / name for name in ("in/a/0.png", "in/a_0_0.png", "in/b/0.png", "in/a_0.png")]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    paths = _heatmap_paths(files, tmp_path / "h.png")
+    assert len(set(paths)) == len(files)
+
+
+def test_a_run_inside_its_data_and_an_accumulation_past_the_data_are_refused(tmp_path: Path):
+    data = tmp_path / "data"
+    for c in "ab":
+        (data / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(data / c / f"{i}.png")
+    assert "is inside --data" in refused("train", "--preset", "tiny", "--data", data, "--out", data / "a" / "run")
+    assert "more than the" in refused("train", "--preset", "tiny", "--steps", "2", "--grad-accum", "1000000000",
+                                      "--out", tmp_path / "r")
+    assert not (data / "a" / "run").exists() and not (tmp_path / "r").exists()
+
+
+def test_distill_refuses_training_settings_it_does_not_read_and_resumes_on_its_own(run: Path):
+    line = refused("distill", "--ckpt", run, "--steps", "2", "--set", "train.lr=0.5", "--set", "train.log_every=1")
+    assert "--set train.lr: distillation does not read it" in line
+    assert "--data would change them" in refused("distill", "--ckpt", run, "--resume", "--data", "mnist5k")
+
+
+def test_dry_run_refuses_what_it_does_not_plan_with():
+    assert "--steps, --seed would not change the plan" in refused("train", "--preset", "tiny", "--dry-run", "--steps",
+                                                                  "3", "--seed", "7")
+    assert "--gpus between 1 and 1,000,000" in refused("train", "--preset", "tiny", "--dry-run", "--gpus", str(10**21))
+
+
+def test_a_learning_rate_above_one_and_odd_run_files_are_named(run: Path):
+    from farmer_cli.checkpoint import check_metrics, load_model
+    from farmer_cli.config.files import apply_overrides, load_preset
+    from farmer_cli.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr must be <= 1"):
+        apply_overrides(load_preset("tiny"), ["train.lr=1e300"])
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(run / "config.json")
+    with pytest.raises(CheckpointError, match="metrics.jsonl is a symbolic link"):
+        check_metrics(run, "metrics.jsonl")
+    (run / "model.safetensors").unlink()
+    (run / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="is a directory, not a weights file"):
+        load_model(run)

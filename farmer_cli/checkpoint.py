@@ -323,6 +323,23 @@ def check_model_file(cfg: Config, run_dir: Path) -> dict[str, str]:
         return _check_header(Farmer(cfg.model), run_dir / MODEL_FILE)
 
 
+def label_map_digest(class_names: list[str]) -> str:
+    """What the weights record of the label map they were trained with (class index -> name)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(class_names).encode()).hexdigest()[:16]
+
+
+def check_label_map(metadata: dict[str, str], class_names: list[str], run_dir: Path) -> None:
+    """``config.json``'s class names must be those the weights were trained with (weights from before the record
+    pass): an edited order would silently turn ``--class 3`` into another class."""
+    recorded = metadata.get("classes")
+    if recorded is not None and recorded != label_map_digest(class_names):
+        raise CheckpointError(f"{run_dir}/{CONFIG_FILE}: its class_names are not the label map {MODEL_FILE} was "
+                              "trained with (the file was edited: a class index would name another class); restore "
+                              "the run's own config.json")
+
+
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     """-> (Farmer in eval mode with the EMA weights on ``device``, config, class names, step).
 
@@ -331,7 +348,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
 
     run_dir = Path(run_dir)
     cfg, class_names, payload = load_config(run_dir)
-    check_model_file(cfg, run_dir)
+    check_label_map(check_model_file(cfg, run_dir), class_names, run_dir)
     model = Farmer(cfg.model, trained_noise_sigma=cfg.train.final_noise_sigma())
     step = load_weights(model, run_dir / MODEL_FILE)
     recorded = payload.get("step")  # both are written at every checkpoint; results are named by the step

@@ -96,7 +96,8 @@ def run(
                   "measures its own machine (on several GPUs: accelerate launch ... farmer train)")
     import copy
 
-    from farmer_cli.checkpoint import METRICS_FILE, TRAIN_STATE_FILE, check_metrics, check_model_file, load_config
+    from farmer_cli.checkpoint import (METRICS_FILE, TRAIN_STATE_FILE, check_label_map, check_metrics, check_model_file,
+                                       load_config)
     from farmer_cli.config.schema import MAX_TRAIN_SEED
     from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import layout_change, load_data
@@ -144,7 +145,9 @@ def run(
         if conflicts:
             exit_with(f"--resume keeps the settings of {out}, but this would change {'; '.join(conflicts)}. "
                       "Start a new run (another --out) to change them")
-        recorded = check_model_file(cfg, out).get("settings")
+        metadata = check_model_file(cfg, out)
+        check_label_map(metadata, payload.get("class_names", []), out)
+        recorded = metadata.get("settings")
         if recorded is not None and recorded != settings_digest(stored):
             exit_with(f"--resume: {out}/config.json and model.safetensors disagree (the model, data or training "
                       "settings in config.json are not those the weights were trained with): one of them was edited "

@@ -310,3 +310,13 @@ def test_a_learning_rate_above_one_and_odd_run_files_are_named(run: Path):
     (run / "model.safetensors").mkdir()
     with pytest.raises(CheckpointError, match="is a directory, not a weights file"):
         load_model(run)
+
+
+def test_an_edited_label_map_is_refused(run: Path, tmp_path: Path):
+    payload = json.loads((run / "config.json").read_text())
+    names = payload["class_names"]
+    names[3], names[4] = names[4], names[3]  # --class 3 would draw class 4
+    (run / "config.json").write_text(json.dumps(payload))
+    said = "class_names are not the label map model.safetensors was trained with"
+    assert said in refused("sample", "--ckpt", run, "--class", "3", "--n", "1", "--out", tmp_path / "s.png")
+    assert said in refused("train", "--out", run, "--resume")

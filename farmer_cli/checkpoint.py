@@ -330,14 +330,25 @@ def label_map_digest(class_names: list[str]) -> str:
     return hashlib.sha256(json.dumps(class_names).encode()).hexdigest()[:16]
 
 
-def check_label_map(metadata: dict[str, str], class_names: list[str], run_dir: Path) -> None:
-    """``config.json``'s class names must be those the weights were trained with (weights from before the record
-    pass): an edited order would silently turn ``--class 3`` into another class."""
-    recorded = metadata.get("classes")
-    if recorded is not None and recorded != label_map_digest(class_names):
-        raise CheckpointError(f"{run_dir}/{CONFIG_FILE}: its class_names are not the label map {MODEL_FILE} was "
-                              "trained with (the file was edited: a class index would name another class); restore "
-                              "the run's own config.json")
+def model_digest(cfg: Config) -> str:
+    """What the weights record of the model they are (``model.*`` and the final training noise, which sets the
+    denoising step): an edited config.json would otherwise build another model around them."""
+    import dataclasses
+    import hashlib
+
+    fixed = {"model": dataclasses.asdict(cfg.model), "noise": cfg.train.final_noise_sigma()}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_trained_with(metadata: dict[str, str], cfg: Config, class_names: list[str], run_dir: Path) -> None:
+    """``config.json``'s model settings and class names must be those the weights were trained with (weights from
+    before the record pass): an edited file would build another model around them, or turn ``--class 3`` into
+    another class."""
+    for key, digest, what in (("model", model_digest(cfg), "model settings (model.*, train.noise_*)"),
+                              ("classes", label_map_digest(class_names), "class_names (the label map)")):
+        if metadata.get(key, digest) != digest:
+            raise CheckpointError(f"{run_dir}/{CONFIG_FILE}: its {what} are not those {MODEL_FILE} was trained "
+                                  "with (the file was edited); restore the run's own config.json")
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
@@ -348,7 +359,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
 
     run_dir = Path(run_dir)
     cfg, class_names, payload = load_config(run_dir)
-    check_label_map(check_model_file(cfg, run_dir), class_names, run_dir)
+    check_trained_with(check_model_file(cfg, run_dir), cfg, class_names, run_dir)
     model = Farmer(cfg.model, trained_noise_sigma=cfg.train.final_noise_sigma())
     step = load_weights(model, run_dir / MODEL_FILE)
     recorded = payload.get("step")  # both are written at every checkpoint; results are named by the step

@@ -200,12 +200,21 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
 
 
 def remove(path: Path) -> None:
-    """Delete what is at ``path`` under one of farmer's names: a folder with its contents; a symbolic link itself,
+    """Delete what is at ``path`` under one of farmer's names: a folder (a step checkpoint) by its run files, then
+    itself when nothing else is left in it (a file of the user's keeps it, with a warning); a symbolic link itself,
     never what it points to; nothing if there is nothing."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
+    if not path.is_dir() or path.is_symlink():
         path.unlink(missing_ok=True)
+        return
+    removed = [path / name for name in RUN_FILES if (path / name).is_file() or (path / name).is_symlink()]
+    for file in removed:
+        file.unlink()
+    try:
+        path.rmdir()
+    except OSError:
+        if removed:
+            others = ", ".join(sorted(p.name for p in path.iterdir())[:3])
+            log.warning("%s: farmer's files removed; the folder is kept because it holds others (%s)", path, others)
 
 
 def remove_stale_writes(run_dir: Path) -> None:
@@ -328,14 +337,15 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
     remove(target)  # an older checkpoint of this step, or something else under farmer's name
     partial.rename(target)  # a directory without ".partial" is complete
     for old in history(run_dir, prefix)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
 
 
 def history(run_dir: Path, prefix: str) -> list[Path]:
-    """Complete step checkpoints ``checkpoints/<prefix>-<step>/``, newest first."""
+    """Complete step checkpoints ``checkpoints/<prefix>-<step>/`` (holding farmer's files), newest first."""
     name = re.compile(rf"{re.escape(prefix)}-\d{{8}}")  # as :func:`snapshot` names them
     found = (run_dir / HISTORY_DIR).glob(f"{prefix}-*")
-    return sorted((p for p in found if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()), reverse=True)
+    return sorted((p for p in found if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+                   and any((p / file).is_file() for file in RUN_FILES)), reverse=True)
 
 
 def free_result_path(run_dir: Path, stem: str) -> Path:

@@ -104,6 +104,7 @@ def check_output_image(path, option: str = "--out", inputs=()) -> None:
     """Before any work: ``path`` must name an image format PIL writes and lie in a directory that exists (or can be
     made) and is writable, so nothing computed is lost at the end; it must not be one of the ``inputs`` (files or
     folders of images) or lie inside one, where it would replace an input or be read as one next time."""
+    import io
     import os
 
     from PIL import Image
@@ -115,6 +116,12 @@ def check_output_image(path, option: str = "--out", inputs=()) -> None:
         exit_with(f"{option} {path}: give a file name with an image extension, e.g. {path.with_suffix('.png')}")
     if kind not in Image.SAVE:  # PIL reads it but cannot write it (.psd): say so now, not after the work
         exit_with(f"{option} {path}: {kind} images can be read but not written; use e.g. {path.with_suffix('.png')}")
+    for mode in ("L", "RGB"):  # farmer writes grey and colour pictures: some formats take neither (XBM, BLP)
+        try:
+            Image.new(mode, (8, 8)).save(io.BytesIO(), format=kind)
+        except Exception:  # noqa: BLE001 - whatever the writer raises, it cannot write this picture
+            exit_with(f"{option} {path}: PIL cannot write {'grey' if mode == 'L' else 'colour'} {kind} images; use "
+                      f"e.g. {path.with_suffix('.png')}")
     if path.is_dir():
         exit_with(f"{option} {path} is a directory; give a file name such as {path / 'figure.png'}")
     check_output_dir(path.parent, option)

@@ -147,7 +147,9 @@ def run(
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
-        own_data = data is None and not any(o.startswith("data.") for o in sampling_overrides)
+        other_data = ("data.source", "data.test_source", "data.image_column", "data.label_column", "data.use_labels",
+                      "data.test_fraction", "data.split_seed")  # what names other images (data.num_workers does not)
+        own_data = data is None and not any(o.split("=", 1)[0].strip() in other_data for o in sampling_overrides)
         recorded = load_config(run_dir)[2].get("data")
         if own_data and recorded is None and main:
             console.print(f"[yellow]warning:[/] {escape(str(run_dir))}/config.json records no data layout (a run "

@@ -78,6 +78,12 @@ def run(
                   "second run (a model of generic images at the same resolution)")
     model, cfg, _, _ = load_model(run_dir, device)
     mc = cfg.model
+    other = None
+    if background is not None:  # loaded and checked before any scoring
+        other, other_cfg, _, _ = load_model(background, device)
+        if (other_cfg.model.image_size, other_cfg.model.channels) != (mc.image_size, mc.channels):
+            exit_with(f"--background {background} models {other_cfg.model.image_size}px x "
+                      f"{other_cfg.model.channels} channels, not {mc.image_size}px x {mc.channels} like --ckpt")
     sides = {"in": inside} | ({"out": outside} if outside is not None else {})
     files = {side: image_files([path])[: limit or None] for side, path in sides.items()}
     images = {side: torch.stack([load_image(f, mc.channels, mc.image_size)[0] for f in files[side]]) for side in sides}
@@ -85,11 +91,7 @@ def run(
     train = ood.training_statistics(model, load_data(cfg.data, mc.channels, mc.image_size).train) \
         if {"typicality", "combined"} & set(names) else None
     background_bpd = None
-    if background is not None:
-        other, other_cfg, _, _ = load_model(background, device)
-        if (other_cfg.model.image_size, other_cfg.model.channels) != (mc.image_size, mc.channels):
-            exit_with(f"--background {background} models {other_cfg.model.image_size}px x "
-                      f"{other_cfg.model.channels} channels, not {mc.image_size}px x {mc.channels} like --ckpt")
+    if other is not None:
         background_bpd = {s: ood.bits_per_dim_of(other, images[s], batch_size, samples) for s in sides}
     result = {"scores": {}, "separation": {}, "files": {s: [str(f) for f in files[s]] for s in sides},
               "bpd": {s: bpd[s].round(5).tolist() for s in sides}}

@@ -192,14 +192,15 @@ def sampling_config(cfg, preset_sampling, options: dict, overrides):
 
 
 def _labels(classes: list[str], num_classes: int, class_names: list[str], seed: int) -> list[int]:
-    """The classes asked for (names, indices or 'random'), or every class (at most 10; else 8 random ones).
-    Random picks use a CPU generator, so every process of a launch picks the same."""
+    """The classes asked for (names, indices or 'random'; a class named "random" is that class), or every class
+    (at most 10; else 8 random ones). Random picks use a CPU generator, so every process of a launch picks the
+    same."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     if not classes:
         return list(range(num_classes)) if num_classes <= 10 else torch.randperm(num_classes, generator=gen)[:8].tolist()
-    return [int(torch.randint(num_classes, (1,), generator=gen)) if c == "random"
+    return [int(torch.randint(num_classes, (1,), generator=gen)) if c == "random" and c not in class_names
             else resolve_class(c, class_names, num_classes) for c in classes]
 
 

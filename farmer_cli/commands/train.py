@@ -96,7 +96,7 @@ def run(
                   "measures its own machine (on several GPUs: accelerate launch ... farmer train)")
     import copy
 
-    from farmer_cli.checkpoint import (METRICS_FILE, TRAIN_STATE_FILE, check_label_map, check_metrics, check_model_file,
+    from farmer_cli.checkpoint import (METRICS_FILE, TRAIN_STATE_FILE, check_trained_with, check_metrics, check_model_file,
                                        load_config)
     from farmer_cli.config.schema import MAX_TRAIN_SEED
     from farmer_cli.config.files import apply_options, load_preset
@@ -134,6 +134,7 @@ def run(
         cfg, payload = load_config(out)[0], {}
     else:
         cfg, payload = load_preset("quickstart" if preset is None else preset), {}
+    data, test_data = _absolute(data), _absolute(test_data)  # a resume from another directory reads the same data
     length = {"train.steps": ("--steps", steps), "train.epochs": ("--steps", 0)} if steps is not None else \
         {"train.epochs": ("--epochs", epochs)}
     apply_options(cfg, {"data.source": ("--data", data), "data.test_source": ("--test-data", test_data), **length, "train.batch_size": ("--batch-size", batch_size),
@@ -146,7 +147,7 @@ def run(
             exit_with(f"--resume keeps the settings of {out}, but this would change {'; '.join(conflicts)}. "
                       "Start a new run (another --out) to change them")
         metadata = check_model_file(cfg, out)
-        check_label_map(metadata, payload.get("class_names", []), out)
+        check_trained_with(metadata, stored, payload.get("class_names", []), out)
         recorded = metadata.get("settings")
         if recorded is not None and recorded != settings_digest(stored):
             exit_with(f"--resume: {out}/config.json and model.safetensors disagree (the model, data or training "
@@ -217,6 +218,15 @@ def _count_params(cfg) -> int:
 
     with torch.device("meta"):
         return sum(p.numel() for p in Farmer(cfg.model).parameters())
+
+
+def _absolute(source: str | None) -> str | None:
+    """A data folder given on the command line as the absolute path config.json records; names as they are."""
+    from farmer_cli.data.sources import BUILTIN_SOURCES
+
+    if source is None or source in BUILTIN_SOURCES or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides, gpu_memory, gpus, plan_device,

@@ -167,11 +167,12 @@ def _read_preset(path: Path) -> str:
 
 
 def load_preset(name_or_path: str) -> Config:
-    """Load a preset by name (``quickstart``) or from a TOML file path."""
+    """Load a preset by name (``quickstart``; a built-in name wins over a file of that name here) or from a TOML
+    file path."""
     if not name_or_path.strip():
         raise ConfigError(f"the preset name is empty; give one of {', '.join(preset_names())} or a .toml file")
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    if name_or_path not in preset_names() and (path.suffix == ".toml" or path.exists()):
         text, origin = _read_preset(path), str(path)
     else:
         names = preset_names()

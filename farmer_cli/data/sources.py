@@ -257,7 +257,11 @@ class HFSource(Source):
 
 
 def open_source(cfg: DataConfig) -> Source:
-    """Resolve ``cfg.source`` to a :class:`Source` (raises DataError with a clear message)."""
+    """Resolve ``cfg.source`` to a :class:`Source` (raises DataError with a clear message). A built-in name that
+    is also a folder here is refused: ``./digits`` names the folder."""
+    if cfg.source in BUILTIN_SOURCES and Path(cfg.source).exists():
+        raise DataError(f"data source '{cfg.source}' is both a built-in data set and a folder here: write "
+                        f"./{cfg.source} for the folder (or run from another directory for the built-in one)")
     builtin = builtin_source(cfg.source)
     if builtin is not None:
         return builtin

@@ -65,6 +65,8 @@ def load_ref_stats(path: Path, feature_dim: int | None = None) -> dict:
                          "features")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise StatsError(f"--ref-stats {path}: mu or sigma holds NaN or infinity")
+    if act is not None and not bool(torch.isfinite(act).all()):
+        raise StatsError(f"--ref-stats {path}: act (the reference features) holds NaN or infinity")
     scale = max(float(np.abs(sigma).max()), 1e-300)
     if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-8 * scale) or np.linalg.eigvalsh(sigma).min() < -1e-6 * scale:
         raise StatsError(f"--ref-stats {path}: sigma is not a covariance matrix (symmetric, no negative "

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from farmer_cli.checkpoint import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, TRAIN_STATE_FILE, label_map_digest,
-                                   save_config, save_weights)
+                                   model_digest, save_config, save_weights)
 from farmer_cli.config.schema import Config
 from farmer_cli.data.batching import make_loader
 from farmer_cli.data.dataset import DataBundle
@@ -114,6 +114,7 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
 
     def on_save(step: int, states: dict) -> None:
         save_weights(run_dir / MODEL_FILE, states["ema"], step, {"settings": settings_digest(cfg),
+                                                                  "model": model_digest(cfg),
                                                                   "classes": label_map_digest(data.class_names)})
         save_config(run_dir, cfg, data.class_names, {"step": step, "global_batch": global_batch, "data": layout})
 

@@ -317,6 +317,68 @@ def test_an_edited_label_map_is_refused(run: Path, tmp_path: Path):
     names = payload["class_names"]
     names[3], names[4] = names[4], names[3]  # --class 3 would draw class 4
     (run / "config.json").write_text(json.dumps(payload))
-    said = "class_names are not the label map model.safetensors was trained with"
+    said = "class_names (the label map) are not those model.safetensors was trained with"
     assert said in refused("sample", "--ckpt", run, "--class", "3", "--n", "1", "--out", tmp_path / "s.png")
     assert said in refused("train", "--out", run, "--resume")
+
+
+# ----- the sweep's second re-run -----
+def test_a_users_files_in_a_step_checkpoint_survive_overwrite_and_pruning(run: Path, caplog):
+    from farmer_cli.rundir import claim, history, remove
+
+    step = run / "checkpoints" / "step-00000030"
+    (step / "NOTES.txt").write_text("mine")
+    remove(step)  # what pruning and --overwrite do with a step checkpoint
+    assert sorted(os.listdir(step)) == ["NOTES.txt"] and "the folder is kept" in caplog.text
+    assert step not in history(run, "step")  # no longer a checkpoint: nothing of farmer's left in it
+    claim(run, resume=False, overwrite=True).release()
+    assert (step / "NOTES.txt").read_text() == "mine"
+
+
+def test_ambiguous_names_a_relative_data_folder_and_an_edited_model_setting(run: Path, digit_png: Path,
+                                                                             tmp_path: Path, monkeypatch):
+    from farmer_cli.config.files import load_preset
+
+    here = tmp_path / "here"
+    for c in "ab":
+        (here / "digits" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(here / "digits" / c / f"{i}.png")
+    proc = farmer("train", "--preset", "tiny", "--data", "digits", "--out", str(tmp_path / "r"), cwd=here,
+                  check=False)
+    assert proc.returncode == 2 and "both a built-in data set and a folder here" in proc.stderr, proc.stderr
+    farmer("train", "--preset", "tiny", "--steps", "1", "--data", "./digits", "--out", str(tmp_path / "r"), cwd=here)
+    recorded = json.loads((tmp_path / "r" / "config.json").read_text())["config"]["data"]["source"]
+    assert recorded == str((here / "digits").resolve())  # resumed from anywhere, it reads the same folder
+    (here / "tiny").write_text('[train]\nsteps = 7\n')
+    monkeypatch.chdir(here)
+    assert load_preset("tiny").train.steps != 7  # the built-in preset, not a file that happens to share its name
+    payload = json.loads((run / "config.json").read_text())
+    payload["config"]["model"]["gelu"] = "tanh"  # another model around the same weights
+    (run / "config.json").write_text(json.dumps(payload))
+    assert "model settings (model.*, train.noise_*) are not those" in refused("score", "--ckpt", run, digit_png)
+
+
+def test_outputs_pil_cannot_write_and_a_class_named_random(tiny_run: Path, tmp_path: Path):
+    from farmer_cli.commands.sample import _labels
+
+    for name in ("grid.xbm", "grid.blp"):
+        assert "PIL cannot write" in refused("sample", "--ckpt", tiny_run, "--class", "1", "--n", "1", "--out",
+                                             tmp_path / name)
+    assert _labels(["random"], 2, ["other", "random"], seed=0) == [1]
+
+
+def test_reference_features_must_be_finite_and_a_loader_setting_does_not_bypass_the_split_check(run: Path,
+                                                                                                tmp_path: Path):
+    from farmer_cli.eval.ref_stats import StatsError, load_ref_stats
+
+    act = np.random.RandomState(0).rand(10, 4)
+    act[0, 0] = np.nan
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4), act=act)
+    with pytest.raises(StatsError, match="act .* holds NaN"):
+        load_ref_stats(tmp_path / "ref.npz")
+    payload = json.loads((run / "config.json").read_text())
+    payload["config"]["data"]["test_fraction"] = 0.5  # the recorded split no longer holds
+    (run / "config.json").write_text(json.dumps(payload))
+    line = refused("evaluate", "--ckpt", run, "--metrics", "bpd", "--set", "data.num_workers=0")
+    assert "its data no longer splits as when the run trained" in line

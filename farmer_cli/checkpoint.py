@@ -417,6 +417,6 @@ def load_student(run_dir: Path, model):
     metadata = _check_header(student, path)
     if metadata.get("teacher") != weights_fingerprint(run_dir / MODEL_FILE):
         raise CheckpointError(f"{path} was distilled from other weights than {run_dir / MODEL_FILE} (the run was "
-                              f"retrained or replaced); run `farmer distill --ckpt {run_dir}` again")
+                              f"retrained or replaced); run `farmer distill --ckpt {run_dir} --overwrite` again")
     load_weights(student, path)
     return student.eval().requires_grad_(False)

@@ -160,6 +160,12 @@ def test_runs_from_before_model_gelu_keep_their_tanh_gelu(tiny_run: Path, tmp_pa
     payload = json.loads((old / "config.json").read_text())
     del payload["config"]["model"]["gelu"]
     (old / "config.json").write_text(json.dumps(payload))
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(old / "model.safetensors"), "pt") as fh:  # weights of then: no record of their model settings
+        metadata = {k: v for k, v in fh.metadata().items() if k != "model"}
+    save_file(load_file(str(old / "model.safetensors")), str(old / "model.safetensors"), metadata=metadata)
     old_model, old_cfg, _, _ = load_model(old, device="cpu")
     assert old_cfg.model.gelu == "tanh"
     assert all(m.approximate == "tanh" for m in old_model.modules() if isinstance(m, torch.nn.GELU))

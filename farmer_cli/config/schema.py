@@ -61,6 +61,7 @@ MAX_TOKENS = 1 << 20  # N, and the channels of an AR token
 MAX_CLASSES = 1 << 20
 MAX_MLP_RATIO = 64.0
 MAX_SAMPLING_SCALE = 1e3  # guidance weight and temperatures: far beyond any useful value, far within float32
+MAX_NOISE = 2.0  # dequantisation noise sigma on pixels in [-1, 1]: 2 already drowns every image
 MAX_LR = 1.0  # AdamW moves each weight by about the learning rate per step: above 1 nothing trains
 MAX_WORKERS = 256  # DataLoader processes per training process: more than any machine's cores
 MAX_STEPS = 2**31 - 1  # train.steps, train.epochs, distill.steps: more than any run could take
@@ -238,7 +239,8 @@ class TrainConfig:
     def validate(self) -> None:
         _check(self.steps > 0 or self.epochs > 0, "train.steps", "> 0 (or train.epochs > 0)", self.steps)
         _at_least(self, "train", 0, "epochs", "warmup_steps", "weight_decay", "min_lr", "noise_end", "sample_every")
-        _at_least(self, "train", 1, "batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_checkpoints")
+        _at_least(self, "train", 1, "batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_checkpoints",
+                  "eval_batches")
         _at_least(self, "train", 0, "seed")
         _at_most(self, "train", MAX_TRAIN_SEED, "seed")
         _at_most(self, "train", MAX_STEPS, "steps", "epochs", "batch_size", "grad_accum_steps")
@@ -249,6 +251,7 @@ class TrainConfig:
             _check(0 <= getattr(self, name) < 1, f"train.{name}", "in [0, 1)", getattr(self, name))
         _check(self.noise_start >= self.noise_end, "train.noise_start", f">= train.noise_end ({self.noise_end:g})",
                self.noise_start)
+        _at_most(self, "train", MAX_NOISE, "noise_start")
 
     def global_batch(self, processes: int) -> int:
         """Images per optimiser step over all processes."""

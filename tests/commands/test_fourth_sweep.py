@@ -225,7 +225,9 @@ def test_settings_that_build_nothing_are_refused():
     from farmer_cli.config.files import apply_overrides, load_preset
     from farmer_cli.config.schema import ConfigError
 
-    for override, said in (("model.mlp_ratio=1e-9", "needs a hidden unit"), ("data.num_workers=100000", "<= 256")):
+    for override, said in (("model.mlp_ratio=1e-9", "needs a hidden unit"), ("data.num_workers=100000", "<= 256"),
+                           ("train.eval_batches=0", "train.eval_batches must be >= 1"),
+                           ("train.noise_start=1e300", "train.noise_start must be <= 2")):
         with pytest.raises(ConfigError, match=said):
             apply_overrides(load_preset("tiny"), [override])
     line = json.dumps(refused("train", "--preset", "tiny", "--set", "model.mlp_ratio=1e-9", "--dry-run"))

@@ -134,6 +134,9 @@ def run(
                           "with one of them")
             console.print(f"[yellow]skipping pr:[/] {escape(str(ref_stats))} {why}")
             chosen = [m for m in chosen if m != "pr"]
+        if stats["act"] is not None and len(stats["act"]) <= 3 and "pr" in chosen:
+            exit_with(f"--ref-stats {ref_stats}: {len(stats['act'])} reference feature rows ('act'), but pr (k = 3 "
+                      "nearest neighbours) needs at least 4; leave pr out of --metrics or give more reference images")
     run_dir = find_checkpoint(ckpt)
     if not os.access(run_dir, os.W_OK):
         exit_with(f"{run_dir} is not writable: evaluate writes eval-<step>.json there; copy the run or fix permissions")

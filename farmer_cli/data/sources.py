@@ -195,10 +195,20 @@ def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
 
     image = cfg.image_column or next((k for k, f in features.items() if isinstance(f, HFImage)), "")
     label = cfg.label_column or next((k for k, f in features.items() if isinstance(f, ClassLabel)), "")
+    from datasets import Value
+
     if not image or image not in features:
         raise DataError(f"no image column found among {list(features)}; name it with --set data.image_column=...")
+    if not isinstance(features[image], HFImage):
+        raise DataError(f"data.image_column '{image}' holds {features[image]}, not images; name the image column "
+                        f"among {list(features)}")
     if label and label not in features:
         raise DataError(f"label column '{label}' not among {list(features)}")
+    kind = features[label] if label else None
+    whole = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "string", "large_string", "bool")
+    if label and not isinstance(kind, ClassLabel) and not (isinstance(kind, Value) and kind.dtype in whole):
+        raise DataError(f"data.label_column '{label}' holds {kind}; labels are a ClassLabel, whole numbers or "
+                        "strings")
     return image, label
 
 
@@ -225,7 +235,10 @@ def _hf(source: str, cfg: DataConfig) -> Source:
     if label_col and hasattr(feature, "names"):
         names = list(feature.names)
     elif label_col:
-        names = [str(v) for v in sorted(set(ds[label_col]))]
+        values = set(ds[label_col])
+        if None in values:
+            raise DataError(f"{source}: the label column '{label_col}' has missing values; drop or label those rows")
+        names = [str(v) for v in sorted(values)]
     else:
         names = ["all"]
     return HFSource(source, names, ds, image_col, label_col, splits)

@@ -379,8 +379,28 @@ def test_reference_features_must_be_finite_and_a_loader_setting_does_not_bypass_
     np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4), act=act)
     with pytest.raises(StatsError, match="act .* holds NaN"):
         load_ref_stats(tmp_path / "ref.npz")
+    np.savez(tmp_path / "two.npz", mu=np.zeros(4), sigma=np.eye(4), act=np.zeros((2, 4)))
+    assert "needs at least 4" in refused("evaluate", "--ckpt", run, "--metrics", "pr", "-n", "20", "--ref-stats",
+                                         tmp_path / "two.npz")
     payload = json.loads((run / "config.json").read_text())
     payload["config"]["data"]["test_fraction"] = 0.5  # the recorded split no longer holds
     (run / "config.json").write_text(json.dumps(payload))
     line = refused("evaluate", "--ckpt", run, "--metrics", "bpd", "--set", "data.num_workers=0")
     assert "its data no longer splits as when the run trained" in line
+
+
+def test_dataset_columns_that_are_not_images_or_labels_are_named(tmp_path: Path):
+    import datasets
+
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
+
+    images = [Image.new("L", (8, 8), 40 * i) for i in range(4)]
+    features = datasets.Features({"img": datasets.Image(), "score": datasets.Value("float32"),
+                                  "tag": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"img": images, "score": [0.5, 1.0, float("nan"), 2.0], "tag": [0, 1, None, 1]},
+                               features=features).save_to_disk(tmp_path / "ds")
+    for column, said in ((dict(image_column="score"), "holds Value"), (dict(label_column="score"), "labels are a"),
+                         (dict(label_column="tag"), "has missing values")):
+        with pytest.raises(DataError, match=said):
+            load_data(DataConfig(source=str(tmp_path / "ds"), **column), 1, 8)

@@ -92,8 +92,9 @@ def load_training_state(run_dir: Path, name: str, modules: list[str], identity: 
         raise CheckpointError(f"{path}: step {state['step']}, beyond the run's {total} steps: it is not this run's "
                               f"state; {fix}")
     if identity and state.get("identity", identity) != identity:
-        raise CheckpointError(f"{path}: saved by a run with other settings (another seed, data or model) than "
-                              f"config.json records: it is not this run's state; {fix}")
+        other = ("a run with other settings (another seed, data or model) than config.json records"
+                 if name == TRAIN_STATE_FILE else "the distillation of other teacher weights or distill settings")
+        raise CheckpointError(f"{path}: saved by {other}: it is not this run's state; {fix}")
     weights = run_dir / STATE_WEIGHTS[name] if name in STATE_WEIGHTS else None
     _check_state_shapes(state, modules, path, weights)
     if weights is not None:

@@ -308,14 +308,15 @@ def new_run_dir(preset: str) -> Path:
 
 
 def find_checkpoint(ckpt: Path | None, what: str | None = None, option: str = "--ckpt") -> Path:
-    """``--ckpt DIR`` or, without it, the newest run under ./runs/ holding ``what`` (default: the model weights;
-    logs which it took)."""
+    """``--ckpt DIR`` or, without it, the run under ./runs/ whose ``what`` (default: the model weights) was written
+    last (not the folder changed last: an evaluation's result does not make a run newer); logs which it took."""
     what = what or MODEL_FILE
     if ckpt is not None:
         if not ckpt.is_dir():
             raise CheckpointError(f"{ckpt}: no such checkpoint directory")
         return ckpt
-    candidates = sorted((p for p in RUNS_DIR.glob("*/") if (p / what).exists()), key=lambda p: p.stat().st_mtime)
+    candidates = sorted((p for p in RUNS_DIR.glob("*/") if (p / what).is_file()),
+                        key=lambda p: (p / what).stat().st_mtime)
     if not candidates:
         raise CheckpointError(f"no checkpoint given and none found under ./runs/: train one with `farmer train` "
                               f"or pass {option} DIR")

@@ -404,3 +404,15 @@ def test_dataset_columns_that_are_not_images_or_labels_are_named(tmp_path: Path)
                          (dict(label_column="tag"), "has missing values")):
         with pytest.raises(DataError, match=said):
             load_data(DataConfig(source=str(tmp_path / "ds"), **column), 1, 8)
+
+
+def test_the_newest_run_is_the_one_whose_weights_were_written_last(tmp_path: Path, monkeypatch):
+    from farmer_cli.rundir import find_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    for name, when in (("a", 100), ("b", 200)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "model.safetensors").write_text("weights")
+        os.utime(tmp_path / "runs" / name / "model.safetensors", (when, when))
+    (tmp_path / "runs" / "a" / "eval-30.json").write_text("{}")  # the folder of a changed after b's weights
+    assert find_checkpoint(None) == Path("runs/b")

@@ -157,11 +157,13 @@ def parse_blocks(text: str, n: int) -> list[int]:
     if text == "all":
         return list(range(1, n + 1))
     try:
-        chosen = [int(v) for v in text.split(",") if v.strip()]
+        chosen = [int(v) for v in text.split(",")]
     except ValueError:
         exit_with(f"--blocks must be 'all' or comma-separated block numbers, got '{text}'")
     bad = [b for b in chosen if not 1 <= b <= n]
     if bad or not chosen:
         exit_with(f"--blocks {text}: this model has AF blocks 1..{n}")
+    if len(set(chosen)) < len(chosen):
+        exit_with(f"--blocks {text}: a block is named twice; name each once")
     return chosen
 

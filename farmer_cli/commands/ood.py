@@ -65,6 +65,9 @@ def run(
             names.remove("ratio")
         else:
             exit_with("--score ratio needs --background CKPT (a second farmer run at the same resolution)")
+    if outside is not None and inside.resolve() == outside.resolve():
+        exit_with(f"--in and --out are the same images ({inside}): there is nothing to tell apart; give other "
+                  "images to --out (or leave it out to score --in alone)")
     if background is not None and "ratio" not in names:
         exit_with(f"--background is used by the ratio score only; add --score ratio (or all), not --score {score}")
     if batch_size < 1 or limit < 0:

@@ -61,7 +61,7 @@ MAX_TOKENS = 1 << 20  # N, and the channels of an AR token
 MAX_CLASSES = 1 << 20
 MAX_MLP_RATIO = 64.0
 MAX_SAMPLING_SCALE = 1e3  # guidance weight and temperatures: far beyond any useful value, far within float32
-MAX_NOISE = 2.0  # dequantisation noise sigma on pixels in [-1, 1]: 2 already drowns every image
+MAX_NOISE = 2.0  # a noise sigma on pixels in [-1, 1] (or unit-scale latents): 2 already drowns every image
 MAX_LR = 1.0  # AdamW moves each weight by about the learning rate per step: above 1 nothing trains
 MAX_WORKERS = 256  # DataLoader processes per training process: more than any machine's cores
 MAX_STEPS = 2**31 - 1  # train.steps, train.epochs, distill.steps: more than any run could take
@@ -308,6 +308,7 @@ class DistillConfig:
         _at_least(self, "distill", 1, "steps", "batch_size")
         _at_most(self, "distill", MAX_STEPS, "steps", "batch_size")
         _at_least(self, "distill", 0, "warmup_steps", "latent_noise_max")
+        _at_most(self, "distill", MAX_NOISE, "latent_noise_max")
         _positive(self, "distill", "lr")
         _at_most(self, "distill", MAX_LR, "lr")
 

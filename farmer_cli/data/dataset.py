@@ -68,21 +68,25 @@ class DataBundle:
         classes, the examples (files or labels, :meth:`Source.layout`) and which of them the split put in train and
         test. Another count would change the epoch schedule; other files or another split would mix test images
         into training."""
-        sources = [self.train.source.layout()] + ([self.test.source.layout()]
-                                                   if self.test.source is not self.train.source else [])
-        return {"train": len(self.train), "test": len(self.test),
-                "digest": digest([self.class_names, *sources, self.train.indices, self.test.indices])}
+        both = [self.train.source] + ([self.test.source] if self.test.source is not self.train.source else [])
+        layout = {"train": len(self.train), "test": len(self.test),
+                  "digest": digest([self.class_names, *[s.layout() for s in both], self.train.indices,
+                                    self.test.indices])}
+        sizes = [s.sizes() for s in both]
+        return layout | ({"sizes": digest(sizes)} if any(sizes) else {})  # image files: their sizes too
 
 
 def layout_change(recorded, now: dict) -> str:
     """How the data ``now`` (:attr:`DataBundle.layout`) differs from the layout a run ``recorded`` in its
     config.json: "" when it is the same (or nothing was recorded), else e.g. "1617 train / 180 test images then,
     898 / 898 now"."""
-    if not isinstance(recorded, dict) or recorded == now:
-        return ""
+    if not isinstance(recorded, dict) or recorded == {k: v for k, v in now.items() if k in recorded or k != "sizes"}:
+        return ""  # runs of an earlier farmer recorded no file sizes
     counts = (recorded.get("train"), recorded.get("test"))
     if not all(isinstance(c, int) for c in counts):
         return "the recorded layout is not one farmer wrote: config.json was edited"
+    if counts == (now["train"], now["test"]) and recorded.get("digest") == now["digest"]:
+        return "the same file names, but files of other sizes: images replaced, or class folders swapped"
     return (f"{counts[0]} train / {counts[1]} test images then, {now['train']} / {now['test']} now"
             + (", or other files or split" if counts == (now["train"], now["test"]) else ""))
 
@@ -126,6 +130,9 @@ def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
     else:
         order = torch.randperm(source.length, generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
         n_test = max(1, int(round(source.length * cfg.test_fraction))) if source.length > 1 else 0
+        if n_test >= source.length > 1:
+            raise DataError(f"data.test_fraction={cfg.test_fraction:g} holds out all {source.length} images of "
+                            f"{cfg.source}, leaving none to train on; lower it")
         # the test split in shuffled order: its first images (the subset training reports on) mix all classes
         test_idx, train_idx = order[:n_test], sorted(order[n_test:])
     bundle = DataBundle(ImageDataset(source, train_idx, channels, size),

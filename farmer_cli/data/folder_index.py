@@ -33,7 +33,7 @@ log = logging.getLogger("farmer")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 WAIT_SECONDS = 3600  # the longest another process may take to build the index (1.28M files on network storage)
-INDEX_VERSION = "2"  # in the key: an index of an earlier layout (or rules) is rebuilt, not misread
+INDEX_VERSION = "3"  # in the key: an index of an earlier layout (or rules) is rebuilt, not misread
 START_GRACE_SECONDS = 30.0  # how long rank 0 may take to start building before the others walk on their own
 
 
@@ -47,24 +47,29 @@ def _key(root: Path, classes: list[str]) -> str:
 
 
 def _walk(root: Path, classes: list[str]) -> dict:
-    paths, labels, folders = [], [], {}
+    paths, labels, sizes, folders = [], [], [], {}
     for k, name in enumerate(classes):
-        found = []
+        found = {}  # relative path -> size (the stat that tells a file from a folder gives it)
         for here, subfolders, files in os.walk(root / name):  # symlinked folders are not entered
             folders[os.path.relpath(here, root)] = [Path(here).stat().st_mtime_ns, len(subfolders) + len(files)]
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # hidden, like hidden class folders
-            found += [os.path.join(here, f) for f in files if not f.startswith(".")
-                      and Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(here, f))]
-        paths += sorted((os.path.relpath(f, root) for f in found), key=lambda p: Path(p).parts)
+            for f in files:
+                full = os.path.join(here, f)
+                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(full):
+                    found[os.path.relpath(full, root)] = os.stat(full).st_size
+        ordered = sorted(found, key=lambda p: Path(p).parts)
+        paths += ordered
+        sizes += [found[p] for p in ordered]
         labels += [k] * len(found)
-    index = {"root": str(root.resolve()), "classes": classes, "paths": paths, "labels": labels, "folders": folders}
+    index = {"root": str(root.resolve()), "classes": classes, "paths": paths, "labels": labels, "sizes": sizes,
+             "folders": folders}
     return index | {"checksum": _checksum(index)}
 
 
 def _checksum(index: dict) -> str:
     """SHA-256 of what the index says (its classes, files, labels and folder times): an index edited or cut after
     it was written no longer matches and is rebuilt."""
-    content = [index.get(k) for k in ("root", "classes", "paths", "labels", "folders")]
+    content = [index.get(k) for k in ("root", "classes", "paths", "labels", "sizes", "folders")]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -74,7 +79,8 @@ def _current(index, root: Path, classes: list[str]) -> bool:
     time set back by ``touch -r`` or a copying tool does not hide added or removed files)."""
     if not (isinstance(index, dict) and index.get("root") == str(root.resolve()) and index.get("classes") == classes
             and isinstance(index.get("paths"), list) and isinstance(index.get("labels"), list)
-            and isinstance(index.get("folders"), dict) and len(index["paths"]) == len(index["labels"])):
+            and isinstance(index.get("folders"), dict) and len(index["paths"]) == len(index["labels"])
+            and isinstance(index.get("sizes"), list) and len(index["sizes"]) == len(index["paths"])):
         return False
     if not all(isinstance(p, str) and not os.path.isabs(p) and ".." not in Path(p).parts for p in index["paths"]):
         return False

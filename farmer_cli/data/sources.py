@@ -52,6 +52,11 @@ class Source:
         tensor sources say more."""
         return digest([self.length])
 
+    def sizes(self) -> str | None:
+        """A digest of the examples' file sizes where the source is files (None here): two class folders with the
+        same file names swapped, or an image replaced, change it."""
+        return None
+
     def fingerprint(self, indices: list[int]) -> str:
         """A digest of what examples ``indices`` hold, for caches of what was computed from them (reference
         statistics): it changes when their content changes. Here only the name, size and indices; every source
@@ -85,9 +90,10 @@ class TensorSource(Source):
 class FileSource(Source):
     """Image files with class indices (an ImageNet-style folder)."""
 
-    def __init__(self, name: str, class_names: list[str], paths: list[Path], labels: list[int]) -> None:
+    def __init__(self, name: str, class_names: list[str], paths: list[Path], labels: list[int],
+                 file_sizes: list[int] | None = None) -> None:
         super().__init__(name, class_names, len(paths))
-        self.paths, self.labels = paths, labels
+        self.paths, self.labels, self.file_sizes = paths, labels, file_sizes
 
     def get(self, i: int):
         return self.paths[i], self.labels[i]
@@ -95,6 +101,9 @@ class FileSource(Source):
     def layout(self) -> str:
         """The files (paths) and their labels, in order."""
         return digest([[str(p) for p in self.paths], list(self.labels)])
+
+    def sizes(self) -> str | None:
+        return None if self.file_sizes is None else digest(list(self.file_sizes))
 
     def fingerprint(self, indices: list[int]) -> str:
         """The selected files' resolved paths, sizes and modification times, and their labels."""
@@ -186,7 +195,8 @@ def _folder(root: Path) -> Source:
     index = folder_index.folder_index(root)
     if not index["paths"]:
         raise DataError(f"{root}: the class folders hold no image files ({', '.join(sorted(folder_index.IMAGE_SUFFIXES))})")
-    return FileSource(str(root), index["classes"], [root / p for p in index["paths"]], index["labels"])
+    return FileSource(str(root), index["classes"], [root / p for p in index["paths"]], index["labels"],
+                      index["sizes"])
 
 
 def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:

@@ -277,7 +277,8 @@ def test_ood_json_with_nan_scores_is_valid_json(run: Path, tmp_path: Path):
     images = tmp_path / "images"
     for i in range(3):
         png(images / f"{i}.png", i)
-    proc = cli("ood", "--ckpt", run, "--in", images, "--out", images, "--score", "bpd", "--json",
+    shutil.copytree(images, tmp_path / "others")
+    proc = cli("ood", "--ckpt", run, "--in", images, "--out", tmp_path / "others", "--score", "bpd", "--json",
                "--figure", tmp_path / "ood.png")
     worked(proc)
 

@@ -200,7 +200,9 @@ def test_a_figure_is_never_written_over_or_into_its_input(tiny_run: Path, digit_
     (["sample", "--class", "1", "--cfg", "0", "--candidates", "7"], "--candidates has no effect here"),
     (["inspect-channels", "--factors", "0,1"], "--factors is for --mode variance"),
     (["inspect-channels", "--mode", "variance", "--levels", "0,1"], "--levels is for --mode interpolate"),
-    (["ood", "--in", "IN", "--out", "IN", "--background", "RUN"], "--background is used by the ratio score only"),
+    (["ood", "--in", "IN", "--background", "RUN"], "--background is used by the ratio score only"),
+    (["ood", "--in", "IN", "--out", "IN"], "--in and --out are the same images"),
+    (["inspect-channels", "--blocks", "1,1"], "a block is named twice"),
 ])
 def test_options_that_would_do_nothing_are_refused(args, said: str, tiny_run: Path, digit_png: Path):
     args = [str(digit_png) if a == "IN" else str(tiny_run) if a == "RUN" else a for a in args]
@@ -227,7 +229,8 @@ def test_settings_that_build_nothing_are_refused():
 
     for override, said in (("model.mlp_ratio=1e-9", "needs a hidden unit"), ("data.num_workers=100000", "<= 256"),
                            ("train.eval_batches=0", "train.eval_batches must be >= 1"),
-                           ("train.noise_start=1e300", "train.noise_start must be <= 2")):
+                           ("train.noise_start=1e300", "train.noise_start must be <= 2"),
+                           ("distill.latent_noise_max=1e9", "distill.latent_noise_max must be <= 2")):
         with pytest.raises(ConfigError, match=said):
             apply_overrides(load_preset("tiny"), [override])
     line = json.dumps(refused("train", "--preset", "tiny", "--set", "model.mlp_ratio=1e-9", "--dry-run"))
@@ -416,3 +419,26 @@ def test_the_newest_run_is_the_one_whose_weights_were_written_last(tmp_path: Pat
         os.utime(tmp_path / "runs" / name / "model.safetensors", (when, when))
     (tmp_path / "runs" / "a" / "eval-30.json").write_text("{}")  # the folder of a changed after b's weights
     assert find_checkpoint(None) == Path("runs/b")
+
+
+# ----- the fourth sweep's re-run -----
+def test_class_folders_swapped_under_the_same_file_names_are_noticed(tmp_path: Path, monkeypatch):
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import layout_change, load_data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    for c, size in (("cat", 8), ("dog", 12)):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray((np.random.RandomState(i).rand(size, size) * 255).astype(np.uint8)).save(root / c / f"{i}.png")
+    cfg = DataConfig(source=str(root))
+    before = load_data(cfg, 1, 8).layout
+    (root / "cat").rename(root / "x")
+    (root / "dog").rename(root / "cat")
+    (root / "x").rename(root / "dog")
+    assert "files of other sizes" in layout_change(before, load_data(cfg, 1, 8).layout)
+    older = {k: v for k, v in before.items() if k != "sizes"}  # a run of an earlier farmer recorded no sizes
+    assert layout_change(older, load_data(cfg, 1, 8).layout) == ""
+    with pytest.raises(DataError, match="leaving none to train on"):
+        load_data(DataConfig(source=str(root), test_fraction=0.9999), 1, 8)

@@ -111,7 +111,7 @@ def test_dequantisation_draws_run_in_bounded_passes(tiny_cfg):
 
 
 @pytest.mark.parametrize("command", [["score", "--samples"], ["evaluate", "--metrics", "bpd", "--bpd-draws"],
-                                     ["ood", "--in", "x.png", "--out", "x.png", "--samples"]])
+                                     ["ood", "--in", "x.png", "--out", "y.png", "--samples"]])
 def test_draws_per_image_are_bounded(tiny_run: Path, command: list[str]):
     *head, option = command
     args = [head[0], "--ckpt", str(tiny_run), *head[1:], option, str(MAX_DRAWS + 1)]

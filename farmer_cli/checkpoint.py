@@ -269,7 +269,8 @@ def _check_header(module: torch.nn.Module, path: Path) -> dict[str, str]:
             shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
             dtypes = {key: fh.get_slice(key).get_dtype() for key in fh.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable weights ({err})") from None
+        raise CheckpointError(f"{path}: unreadable weights ({err}); restore it (a run keeps copies of its last "
+                              "checkpoints in checkpoints/step-*/)") from None
     # farmer writes float32 (and reads bf16/fp16 exports); integers would load silently as rounded weights
     cast = sorted(key for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
     if cast:

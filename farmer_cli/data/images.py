@@ -105,6 +105,8 @@ def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor
     """One file -> (uint8 (C, S, S), its original (width, height)); raises DataError naming the file when it is
     missing or not an image."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p} is a folder; give one image file")
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     try:

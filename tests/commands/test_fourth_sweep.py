@@ -442,3 +442,10 @@ def test_class_folders_swapped_under_the_same_file_names_are_noticed(tmp_path: P
     assert layout_change(older, load_data(cfg, 1, 8).layout) == ""
     with pytest.raises(DataError, match="leaving none to train on"):
         load_data(DataConfig(source=str(root), test_fraction=0.9999), 1, 8)
+
+
+def test_a_folder_given_as_an_image_and_damaged_weights_point_at_what_to_do(run: Path, tmp_path: Path):
+    with pytest.raises(DataError, match="is a folder; give one image file"):
+        load_image(tmp_path, 1, 8)
+    (run / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:100])
+    assert "checkpoints/step-*/" in refused("train", "--out", run, "--resume")

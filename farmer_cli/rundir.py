@@ -336,6 +336,10 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, partial / name)
     remove(target)  # an older checkpoint of this step, or something else under farmer's name
+    if target.exists():  # a folder of the user's files under this step's name: this step keeps no copy
+        log.warning("%s holds files that are not farmer's: no step checkpoint is kept there", target)
+        remove(partial)
+        return
     partial.rename(target)  # a directory without ".partial" is complete
     for old in history(run_dir, prefix)[keep:]:
         remove(old)

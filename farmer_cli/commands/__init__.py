@@ -100,6 +100,19 @@ DEVICE_HELP = ("auto (a GPU when there is one), cpu, cuda or cuda:N. Samples dra
 Option = typer.Option
 
 
+def default_output(given, name: str):
+    """The output file a command writes: the one the user named, else ``name`` in the current folder, or
+    ``<stem>-2<suffix>``, ``-3`` ... where that exists (a file farmer names itself never replaces one)."""
+    from pathlib import Path
+
+    if given is not None:
+        return given
+    path, k = Path(name), 2
+    while path.exists() or path.is_symlink():
+        path, k = Path(f"{Path(name).stem}-{k}{Path(name).suffix}"), k + 1
+    return path
+
+
 def check_output_image(path, option: str = "--out", inputs=()) -> None:
     """Before any work: ``path`` must name an image format PIL writes and lie in a directory that exists (or can be
     made) and is writable, so nothing computed is lost at the end; it must not be one of the ``inputs`` (files or

@@ -146,7 +146,8 @@ def run(
     with processes_ended():
         dev = choose_device(device, acc)
         model, cfg, class_names, step = load_model(run_dir, dev)
-        apply_options(cfg, {"data.source": ("--data", data), "sampling.cfg": ("--cfg", cfg_weight),
+        other = {"data.test_source": ("--data", "")} if data is not None else {}  # --data replaces a test set too
+        apply_options(cfg, {"data.source": ("--data", data), **other, "sampling.cfg": ("--cfg", cfg_weight),
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)

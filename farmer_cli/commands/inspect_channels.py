@@ -23,7 +23,7 @@ import typer
 
 InverseDecoder = Literal["sequential", "student"]  # the inverses that decode part of the flow (upto a block)
 
-from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, check_seed, exit_with, resolve_class, command
+from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, check_seed, default_output, exit_with, resolve_class, command
 from farmer_cli.config.schema import MAX_SAMPLING_SCALE
 
 NAME = "inspect-channels"
@@ -75,7 +75,7 @@ def run(
                   f"{mode}; leave {'it' if len(unused) == 1 else 'them'} out or switch --mode")
     blocks, levels, factors = blocks or "all", levels or DEFAULT_LEVELS, factors or DEFAULT_FACTORS
     columns = 6 if columns is None else columns
-    out = out or Path("inspect.png" if mode == "interpolate" else "inspect-variance.png")
+    out = default_output(out, "inspect.png" if mode == "interpolate" else "inspect-variance.png")
     check_output_image(out, inputs=[image] if image is not None else [])
     check_seed(seed)
     if not 1 <= columns <= 64:

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_draws, check_output_image, exit_with, command
+from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_draws, check_output_image, default_output, exit_with, command
 
 NAME = "ood"
 # farmer_cli.eval.ood.SCORES and "all" (spelled out so that --help needs no torch; tests/test_library.py checks them)
@@ -40,7 +40,8 @@ def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
     score: ScoreChoice = Option("combined", "--score", help="combined | complexity | bpd | typicality | ratio | all."),
     background: Optional[Path] = Option(None, "--background", help="Background run for the ratio score."),
-    figure: Path = Option(Path("ood.png"), "--figure", help="Histogram of the scores of both sets (PNG)."),
+    figure: Optional[Path] = Option(None, "--figure", help="Histogram of the scores (PNG). Default: ood.png, or "
+                                    "ood-2.png ... where that exists."),
     samples: int = Option(1, "--samples", "-k", help="Dequantisation draws averaged per image."),
     batch_size: int = Option(256, "--batch-size", "-b", help="Images per forward pass."),
     limit: int = Option(0, "--limit", help="Score at most this many images per side (0: all)."),
@@ -65,14 +66,17 @@ def run(
             names.remove("ratio")
         else:
             exit_with("--score ratio needs --background CKPT (a second farmer run at the same resolution)")
-    if outside is not None and inside.resolve() == outside.resolve():
-        exit_with(f"--in and --out are the same images ({inside}): there is nothing to tell apart; give other "
-                  "images to --out (or leave it out to score --in alone)")
+    if outside is not None:
+        a, b = inside.resolve(), outside.resolve()
+        if a == b or (inside.is_dir() and a in b.parents) or (outside.is_dir() and b in a.parents):
+            exit_with(f"--in {inside} and --out {outside} share images (one is, or holds, the other; folders are read "
+                      "recursively): there is nothing to tell apart; give separate images")
     if background is not None and "ratio" not in names:
         exit_with(f"--background is used by the ratio score only; add --score ratio (or all), not --score {score}")
     if batch_size < 1 or limit < 0:
         exit_with("--batch-size must be at least 1, --limit at least 0")
     check_draws("--samples", samples)
+    figure = default_output(figure, "ood.png")
     check_output_image(figure, "--figure", [p for p in (inside, outside) if p is not None])
     device = choose_device(device)
     run_dir = find_checkpoint(ckpt)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from farmer_cli.config.schema import Decoder, DecodeSteps, Guidance, Precision
-from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, exit_with,
+from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, default_output, exit_with,
                resolve_class, command)
 
 NAME = "sample"
@@ -51,8 +51,9 @@ def run(
                        "the same seed and --batch-size give byte-identical images on 1 or N processes."),
     batch_size: int = Option(64, "--batch-size", "-b", help="Images sampled at once (micro-batch): memory depends "
                              "on it, not on --n."),
-    out: Path = Option(Path("samples.png"), "--out", "-o", help="Grid PNG: one row per class (with --n above 16, "
-                       "a block of rows of 16 per class)."),
+    out: Optional[Path] = Option(None, "--out", "-o", help="Grid PNG: one row per class (with --n above 16, a "
+                                 "block of rows of 16 per class). Default: samples.png, or samples-2.png ... where "
+                                 "that exists."),
     out_dir: Optional[Path] = Option(None, "--out-dir", help="Also write every image as <class>-<name>_<index>.png here."),
     scale: int = Option(0, "--scale", help="Enlarge grid cells this many times (0: auto, to at least 64 px)."),
     decoder: Optional[Decoder] = Option(None, "--decoder", help="AF inverse: sequential (token by token, KV cache), "
@@ -96,6 +97,7 @@ def run(
     _check_image_count(n, max(1, len(classes)))  # again below with the model's classes when --class is not given
     if not 0 <= scale <= 64:
         exit_with("--scale must be between 0 (auto) and 64")
+    out = default_output(out, "samples.png")
     check_output_image(out)
     if out_dir is not None:
         check_output_dir(out_dir)

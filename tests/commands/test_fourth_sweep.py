@@ -449,3 +449,43 @@ def test_a_folder_given_as_an_image_and_damaged_weights_point_at_what_to_do(run:
         load_image(tmp_path, 1, 8)
     (run / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:100])
     assert "checkpoints/step-*/" in refused("train", "--out", run, "--resume")
+
+
+# ----- the fifth sweep -----
+def test_default_outputs_never_replace_a_file_and_ood_sides_may_not_nest(tiny_run: Path, digit_png: Path,
+                                                                         tmp_path: Path):
+    (tmp_path / "samples.png").write_text("my notes")
+    farmer("sample", "--ckpt", str(tiny_run), "--class", "1", "--n", "1", cwd=tmp_path)
+    assert (tmp_path / "samples.png").read_text() == "my notes" and (tmp_path / "samples-2.png").exists()
+    inner = tmp_path / "in" / "sub"
+    inner.mkdir(parents=True)
+    shutil.copy(digit_png, tmp_path / "in" / "a.png")
+    shutil.copy(digit_png, inner / "b.png")
+    assert "share images" in refused("ood", "--ckpt", tiny_run, "--in", tmp_path / "in", "--out", inner)
+
+
+def test_a_step_checkpoint_name_holding_a_users_folder_is_skipped_not_fatal(tmp_path: Path, caplog):
+    from farmer_cli.rundir import snapshot
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000030").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000030" / "notes.txt").write_text("mine")
+    (run / "model.safetensors").write_text("weights")
+    snapshot(run, ("model.safetensors",), 30, "step", 3)
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-00000030"] and "no step checkpoint is kept" in caplog.text
+    assert sorted(os.listdir(run / "checkpoints" / "step-00000030")) == ["notes.txt"]
+
+
+def test_evaluate_data_replaces_a_recorded_test_set(tmp_path: Path):
+    def folder(name: str, per_class: int) -> Path:
+        for c in "ab":
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("L", (8, 8), 20 * i + (c == "b") * 100).save(tmp_path / name / c / f"{i}.png")
+        return tmp_path / name
+    train, test, other = folder("train", 6), folder("test", 2), folder("other", 10)
+    farmer("train", "--preset", "tiny", "--steps", "2", "--data", str(train), "--test-data", str(test), "--out",
+           str(tmp_path / "run"))
+    result = json.loads(farmer("evaluate", "--ckpt", str(tmp_path / "run"), "--metrics", "bpd", "--data", str(other),
+                               "--json").stdout)
+    assert result["metrics"]["bpd_conditional"]["n"] == 2  # the held-out tenth of --data's 20 images, not test/'s 4

@@ -201,7 +201,7 @@ def test_a_figure_is_never_written_over_or_into_its_input(tiny_run: Path, digit_
     (["inspect-channels", "--factors", "0,1"], "--factors is for --mode variance"),
     (["inspect-channels", "--mode", "variance", "--levels", "0,1"], "--levels is for --mode interpolate"),
     (["ood", "--in", "IN", "--background", "RUN"], "--background is used by the ratio score only"),
-    (["ood", "--in", "IN", "--out", "IN"], "--in and --out are the same images"),
+    (["ood", "--in", "IN", "--out", "IN"], "share images (one is, or holds, the other"),
     (["inspect-channels", "--blocks", "1,1"], "a block is named twice"),
 ])
 def test_options_that_would_do_nothing_are_refused(args, said: str, tiny_run: Path, digit_png: Path):

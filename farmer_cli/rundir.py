@@ -29,7 +29,7 @@ from pathlib import Path
 
 from farmer_cli.checkpoint import CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError
 from farmer_cli.config.schema import Config
-from farmer_cli.storage import parse_json
+from farmer_cli.storage import free_name, parse_json
 
 log = logging.getLogger("farmer")
 
@@ -355,7 +355,4 @@ def history(run_dir: Path, prefix: str) -> list[Path]:
 
 def free_result_path(run_dir: Path, stem: str) -> Path:
     """``<stem>.json``, or ``<stem>-2.json``, ``-3`` ... where it exists: an earlier evaluation is never overwritten."""
-    path, k = run_dir / f"{stem}.json", 2
-    while path.exists():
-        path, k = run_dir / f"{stem}-{k}.json", k + 1
-    return path
+    return free_name(run_dir / f"{stem}.json")

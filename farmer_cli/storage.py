@@ -25,6 +25,22 @@ def cache_dir(*parts: str) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "farmer", *parts)
 
 
+def within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder``, or lies inside it when ``folder`` is a directory (both resolved, links
+    followed)."""
+    place, outer = Path(path).resolve(), Path(folder).resolve()
+    return place == outer or (Path(folder).is_dir() and outer in place.parents)
+
+
+def free_name(path: Path) -> Path:
+    """``path``, or ``<stem>-2<suffix>``, ``-3`` ... where it exists (a link included): a file farmer names itself
+    never replaces one that is there."""
+    free, k = path, 2
+    while free.exists() or free.is_symlink():
+        free, k = path.with_name(f"{path.stem}-{k}{path.suffix}"), k + 1
+    return free
+
+
 def parse_json(text: str | bytes):
     """``json.loads``, where text nested too deeply for the decoder (it recurses, and would end in a RecursionError)
     is malformed JSON like any other: a :class:`json.JSONDecodeError` (a ValueError)."""

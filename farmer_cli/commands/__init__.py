@@ -102,15 +102,12 @@ Option = typer.Option
 
 def default_output(given, name: str):
     """The output file a command writes: the one the user named, else ``name`` in the current folder, or
-    ``<stem>-2<suffix>``, ``-3`` ... where that exists (a file farmer names itself never replaces one)."""
+    ``<stem>-2<suffix>``, ``-3`` ... where that exists (:func:`farmer_cli.storage.free_name`)."""
     from pathlib import Path
 
-    if given is not None:
-        return given
-    path, k = Path(name), 2
-    while path.exists() or path.is_symlink():
-        path, k = Path(f"{Path(name).stem}-{k}{Path(name).suffix}"), k + 1
-    return path
+    from farmer_cli.storage import free_name
+
+    return given if given is not None else free_name(Path(name))
 
 
 def check_output_image(path, option: str = "--out", inputs=()) -> None:
@@ -140,13 +137,13 @@ def check_output_image(path, option: str = "--out", inputs=()) -> None:
     check_output_dir(path.parent, option)
     if path.exists() and not os.access(path, os.W_OK):
         exit_with(f"{option} {path} exists and is not writable")
-    target = path.resolve()
+    from farmer_cli.storage import within
+
     for given in inputs:
-        source = given.resolve()
-        if target == source or (given.is_dir() and source in target.parents):
-            where = "is" if target == source else "is inside"
-            exit_with(f"{option} {path} {where} the input {given}: the figure would "
-                      f"{'replace it' if target == source else 'be read as an input next time'}; write it elsewhere")
+        if within(path, given):
+            same = path.resolve() == given.resolve()
+            exit_with(f"{option} {path} {'is' if same else 'is inside'} the input {given}: the figure would "
+                      f"{'replace it' if same else 'be read as an input next time'}; write it elsewhere")
 
 
 def check_output_dir(path, option: str = "--out-dir") -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_draws, check_output_image, default_output, exit_with, command
+from farmer_cli.storage import within
 
 NAME = "ood"
 # farmer_cli.eval.ood.SCORES and "all" (spelled out so that --help needs no torch; tests/test_library.py checks them)
@@ -66,11 +67,9 @@ def run(
             names.remove("ratio")
         else:
             exit_with("--score ratio needs --background CKPT (a second farmer run at the same resolution)")
-    if outside is not None:
-        a, b = inside.resolve(), outside.resolve()
-        if a == b or (inside.is_dir() and a in b.parents) or (outside.is_dir() and b in a.parents):
-            exit_with(f"--in {inside} and --out {outside} share images (one is, or holds, the other; folders are read "
-                      "recursively): there is nothing to tell apart; give separate images")
+    if outside is not None and (within(outside, inside) or within(inside, outside)):
+        exit_with(f"--in {inside} and --out {outside} share images (one is, or holds, the other; folders are read "
+                  "recursively): there is nothing to tell apart; give separate images")
     if background is not None and "ratio" not in names:
         exit_with(f"--background is used by the ratio score only; add --score ratio (or all), not --score {score}")
     if batch_size < 1 or limit < 0:

@@ -105,6 +105,7 @@ def run(
     from farmer_cli.device import (checked_on_every_process, processes_ended, make_accelerator, precision_name,
                                    tracker_options)
     from farmer_cli.rundir import RUNS_DIR, find_checkpoint, never_saved, new_run_dir, settings_digest
+    from farmer_cli.storage import within
     from farmer_cli.memory_plan import require_training_memory
     from farmer_cli.train.trainer import total_steps, train
     from farmer_cli.commands.ui import LoopProgress, console, escape
@@ -154,10 +155,8 @@ def run(
                       "settings in config.json are not those the weights were trained with): one of them was edited "
                       "or replaced since the last checkpoint; restore the run's own files, or start a new run to "
                       "change settings")
-    place = (out or RUNS_DIR).resolve()
     for option, source in (("--data", cfg.data.source), ("--test-data", cfg.data.test_source)):
-        folder = Path(source).resolve() if source and Path(source).is_dir() else None
-        if folder is not None and (place == folder or folder in place.parents):
+        if source and Path(source).is_dir() and within(out or RUNS_DIR, Path(source)):
             exit_with(f"--out {out or RUNS_DIR} is inside {option} {source}: the run's sample grids would be read as "
                       "images of the data set; put the run outside it")
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)

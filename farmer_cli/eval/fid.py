@@ -113,7 +113,21 @@ def _read_cached_stats(path: Path):
     F = feats.shape[-1] if feats.ndim == 2 else -1
     if feats.dtype.kind != "f" or mu.shape != (F,) or cov.shape != (F, F):
         return None
+    if not (np.isfinite(feats).all() and np.isfinite(mu).all() and np.isfinite(cov).all()):
+        return None
     return torch.from_numpy(feats), mu, cov
+
+
+def _read_cached_features(path: Path) -> torch.Tensor | None:
+    """Features (n, F) float64 from a cache file written by :func:`ref_file_features`, or None when it is missing,
+    damaged or not such a file (then they are computed again and the file rewritten)."""
+    try:
+        feats = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(feats, np.ndarray) or feats.ndim != 2 or feats.dtype.kind != "f" or not np.isfinite(feats).all():
+        return None
+    return torch.from_numpy(feats).double()
 
 
 def ref_file_features(net, stats: dict, weights_sha: str, batch: int, resize: str = "antialias"):
@@ -121,8 +135,9 @@ def ref_file_features(net, stats: dict, weights_sha: str, batch: int, resize: st
     streamed from the archive and cached like :func:`reference_stats` (keyed by the file's and the weights'
     sha256 and the resize rule). -> (features (n, F) float64, cached?)"""
     key, path = _ref_file_cache_path(stats, weights_sha, resize)
-    if path.exists():
-        return torch.from_numpy(np.load(path)).double(), True
+    cached = _read_cached_features(path)
+    if cached is not None:
+        return cached, True
     feats = _features(net, iter_npz_images(stats["path"], batch=batch), batch, resize)
     atomic_write(path, lambda tmp: write_arrays(tmp, {"": feats.numpy()}))
     return feats.double(), False

@@ -72,6 +72,8 @@ def test_a_corrupt_reference_cache_is_recomputed(tmp_path: Path):
     assert _read_cached_stats(bad) is None
     np.savez(tmp_path / "wrong.npz", features=np.zeros((3, 4)), mu=np.zeros(5), cov=np.zeros((4, 4)))
     assert _read_cached_stats(tmp_path / "wrong.npz") is None
+    np.savez(tmp_path / "nan.npz", features=np.full((3, 4), np.nan), mu=np.zeros(4), cov=np.eye(4))
+    assert _read_cached_stats(tmp_path / "nan.npz") is None
     np.savez(tmp_path / "good.npz", features=np.zeros((3, 4)), mu=np.zeros(4), cov=np.eye(4))
     assert _read_cached_stats(tmp_path / "good.npz") is not None
 

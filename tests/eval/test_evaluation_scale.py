@@ -265,6 +265,11 @@ def test_adm_layout_reference_images_are_streamed_for_pr(compressed: bool, tmp_p
     assert not cached and torch.equal(feats, expected)
     again, cached = ref_file_features(net, stats, "weights-sha", batch=32)
     assert cached and torch.equal(again, expected)
+    cache_file, = (tmp_path / "cache").rglob("ref-*.npy")
+    for damage in (b"\x93NUMPY damaged", np.lib.format.MAGIC_PREFIX + b"\x01\x00{'descr': '<f8'}"):
+        cache_file.write_bytes(damage)  # a damaged cache is computed again and rewritten, not a traceback
+        again, cached = ref_file_features(net, stats, "weights-sha", batch=32)
+        assert not cached and torch.equal(again, expected)
     np.savez(tmp_path / "floats.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32), mu=np.zeros(48), sigma=np.eye(48))
     with pytest.raises(ValueError, match="expected reference images"):
         load_ref_stats(tmp_path / "floats.npz")

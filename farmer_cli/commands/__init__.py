@@ -60,6 +60,16 @@ def exit_with(message: str) -> None:
     raise UsageError(message)
 
 
+def refuse_unused(options, where: str, why: str) -> None:
+    """Exit 2 when any of ``options`` ((name, value) pairs; None means not given) was given although it would do
+    nothing ``where`` ("with --dry-run"): one line naming them and ``why``."""
+    given = [name for name, value in options if value is not None]
+    if given:
+        one = len(given) == 1
+        exit_with(f"{', '.join(given)} {'has' if one else 'have'} no effect {where} ({why}); leave "
+                  f"{'it' if one else 'them'} out")
+
+
 def resolve_class(spec: str, class_names: list[str], num_classes: int) -> int:
     """A class given by name or index: a name from the checkpoint's label map wins (class folders named "1".."10"
     mean those folders), otherwise a whole number is an index 0..K-1."""

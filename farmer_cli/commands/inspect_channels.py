@@ -23,7 +23,7 @@ import typer
 
 InverseDecoder = Literal["sequential", "student"]  # the inverses that decode part of the flow (upto a block)
 
-from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, check_seed, default_output, exit_with, resolve_class, command
+from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, check_seed, default_output, exit_with, refuse_unused, resolve_class, command
 from farmer_cli.config.schema import MAX_SAMPLING_SCALE
 
 NAME = "inspect-channels"
@@ -69,10 +69,7 @@ def run(
     only = {"interpolate": {"IMAGE": image, "--blocks": blocks, "--levels": levels},
             "variance": {"--factors": factors, "--class": class_, "--n": columns}}
     other = "variance" if mode == "interpolate" else "interpolate"
-    unused = [name for name, value in only[other].items() if value is not None]
-    if unused:
-        exit_with(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for --mode {other}, and this is --mode "
-                  f"{mode}; leave {'it' if len(unused) == 1 else 'them'} out or switch --mode")
+    refuse_unused(only[other].items(), f"in --mode {mode}", f"for --mode {other}")
     blocks, levels, factors = blocks or "all", levels or DEFAULT_LEVELS, factors or DEFAULT_FACTORS
     columns = 6 if columns is None else columns
     out = default_output(out, "inspect.png" if mode == "interpolate" else "inspect-variance.png")

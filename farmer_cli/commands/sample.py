@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from farmer_cli.config.schema import Decoder, DecodeSteps, Guidance, Precision
-from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, default_output, exit_with,
+from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, default_output, exit_with, refuse_unused,
                resolve_class, command)
 
 NAME = "sample"
@@ -116,9 +116,7 @@ def run(
             "sampling.cond_candidates": ("--candidates", candidates),
             "sampling.uncond_candidates": ("--candidates", candidates), "sampling.decoder": ("--decoder", decoder),
             "sampling.decode_steps": ("--decode-steps", decode_steps)}, overrides)
-        refusal = _without_effect(s, temperature, var_scale, candidates, guidance)
-        if refusal:
-            exit_with(refusal)
+        refuse_unused(*_without_effect(s, temperature, var_scale, candidates, guidance))
         try:
             steps = resolve_mode(s.decode_steps, device)
         except ValueError as e:
@@ -166,20 +164,18 @@ def run(
                       + (f" and {escape(str(out_dir))}/" if out_dir else ""))
 
 
-def _without_effect(s, temperature, var_scale, candidates, guidance) -> str:
-    """The refusal of sampling options given on the command line that would do nothing under the sampling settings
-    ``s`` ("" when each one acts): unguided sampling's temperature and variance scale under guidance, guidance's
-    options without it."""
+def _without_effect(s, temperature, var_scale, candidates, guidance) -> tuple:
+    """(options, where, why) for :func:`refuse_unused`: the sampling options that do nothing under the sampling
+    settings ``s``: unguided sampling's temperature and variance scale under guidance, guidance's options without
+    it, and --candidates with a guidance other than resampling."""
     if s.cfg > 0:
-        unused = [o for o, v in (("--temperature", temperature), ("--var-scale", var_scale)) if v is not None]
-        why = "--temperature and --var-scale shape unguided sampling (--cfg 0); guidance draws at sampling.t_pi / t_sigma"
-        if s.guidance != "resample" and candidates is not None:
-            unused.append("--candidates")
+        options = [("--temperature", temperature), ("--var-scale", var_scale)]
+        why = "--temperature and --var-scale shape unguided sampling; guidance draws at sampling.t_pi / t_sigma"
+        if s.guidance != "resample":
+            options.append(("--candidates", candidates))
             why += "; --candidates is for --guidance resample"
-    else:
-        unused = [o for o, v in (("--candidates", candidates), ("--guidance", guidance)) if v is not None]
-        why = "--candidates and --guidance shape guided sampling (--cfg above 0)"
-    return f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect here: {why}" if unused else ""
+        return options, "with --cfg above 0", why
+    return [("--candidates", candidates), ("--guidance", guidance)], "with --cfg 0", "they shape guided sampling"
 
 
 def sampling_config(cfg, preset_sampling, options: dict, overrides):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 from farmer_cli.config.schema import Precision
-from farmer_cli.commands import SET_HELP, Option, check_seed, command, exit_with
+from farmer_cli.commands import SET_HELP, Option, check_seed, command, exit_with, refuse_unused
 
 NAME = "train"
 
@@ -77,23 +77,17 @@ def run(
                             "package; view with: tensorboard --logdir RUN)."),
 ) -> None:
     if dry_run:
-        unplanned = [name for name, value in (("--data", data), ("--test-data", test_data), ("--steps", steps),
-                                              ("--epochs", epochs), ("--lr", lr), ("--seed", seed),
-                                              ("--overwrite", overwrite or None), ("--stop-after", stop_after or None),
-                                              ("--workers", workers), ("--report-to", None if report_to == "none"
-                                                                       else report_to)) if value is not None]
-        if unplanned:
-            exit_with(f"--dry-run plans memory and time from the model and batch settings and reads no data; "
-                      f"{', '.join(unplanned)} would not change the plan: leave {'it' if len(unplanned) == 1 else 'them'}"
-                      " out")
+        refuse_unused((("--data", data), ("--test-data", test_data), ("--steps", steps), ("--epochs", epochs),
+                       ("--lr", lr), ("--seed", seed), ("--overwrite", overwrite or None),
+                       ("--stop-after", stop_after or None), ("--workers", workers),
+                       ("--report-to", None if report_to == "none" else report_to)),
+                      "with --dry-run", "it plans memory and time from the model and batch settings and reads no data")
         return _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides,
                         80.0 if gpu_memory is None else gpu_memory, 8 if gpus is None else gpus, plan_device or "gpu",
                         as_json)
-    planned = [name for name, value in (("--gpu-memory", gpu_memory), ("--gpus", gpus), ("--plan-device", plan_device),
-                                        ("--json", as_json or None)) if value is not None]
-    if planned:
-        exit_with(f"{', '.join(planned)} describe{'s' if len(planned) == 1 else ''} the plan of --dry-run; a run "
-                  "measures its own machine (on several GPUs: accelerate launch ... farmer train)")
+    refuse_unused((("--gpu-memory", gpu_memory), ("--gpus", gpus), ("--plan-device", plan_device),
+                   ("--json", as_json or None)), "without --dry-run",
+                  "they describe its plan; a run measures its own machine, on several GPUs under accelerate launch")
     import copy
 
     from farmer_cli.checkpoint import (METRICS_FILE, TRAIN_STATE_FILE, check_trained_with, check_metrics, check_model_file,

@@ -196,10 +196,10 @@ def test_a_figure_is_never_written_over_or_into_its_input(tiny_run: Path, digit_
 
 
 @pytest.mark.parametrize("args, said", [
-    (["sample", "--class", "1", "--cfg", "2", "--temperature", "5"], "--temperature has no effect here"),
-    (["sample", "--class", "1", "--cfg", "0", "--candidates", "7"], "--candidates has no effect here"),
-    (["inspect-channels", "--factors", "0,1"], "--factors is for --mode variance"),
-    (["inspect-channels", "--mode", "variance", "--levels", "0,1"], "--levels is for --mode interpolate"),
+    (["sample", "--class", "1", "--cfg", "2", "--temperature", "5"], "--temperature has no effect with --cfg above 0"),
+    (["sample", "--class", "1", "--cfg", "0", "--candidates", "7"], "--candidates has no effect with --cfg 0"),
+    (["inspect-channels", "--factors", "0,1"], "--factors has no effect in --mode interpolate (for --mode variance)"),
+    (["inspect-channels", "--mode", "variance", "--levels", "0,1"], "--levels has no effect in --mode variance (for --mode interpolate)"),
     (["ood", "--in", "IN", "--background", "RUN"], "--background is used by the ratio score only"),
     (["ood", "--in", "IN", "--out", "IN"], "share images (one is, or holds, the other"),
     (["inspect-channels", "--blocks", "1,1"], "a block is named twice"),
@@ -210,8 +210,8 @@ def test_options_that_would_do_nothing_are_refused(args, said: str, tiny_run: Pa
 
 
 def test_dry_run_options_without_dry_run_are_refused(tmp_path: Path):
-    assert "--gpu-memory describes the plan of --dry-run" in refused("train", "--preset", "tiny", "--steps", "2",
-                                                                     "--gpu-memory", "10", "--out", tmp_path / "r")
+    said = refused("train", "--preset", "tiny", "--steps", "2", "--gpu-memory", "10", "--out", tmp_path / "r")
+    assert "--gpu-memory has no effect without --dry-run" in said
     assert not (tmp_path / "r").exists()
 
 
@@ -295,8 +295,8 @@ def test_distill_refuses_training_settings_it_does_not_read_and_resumes_on_its_o
 
 
 def test_dry_run_refuses_what_it_does_not_plan_with():
-    assert "--steps, --seed would not change the plan" in refused("train", "--preset", "tiny", "--dry-run", "--steps",
-                                                                  "3", "--seed", "7")
+    said = refused("train", "--preset", "tiny", "--dry-run", "--steps", "3", "--seed", "7")
+    assert "--steps, --seed have no effect with --dry-run" in said
     assert "--gpus between 1 and 1,000,000" in refused("train", "--preset", "tiny", "--dry-run", "--gpus", str(10**21))
 
 

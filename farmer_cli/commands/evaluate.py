@@ -146,6 +146,11 @@ def run(
     with processes_ended():
         dev = choose_device(device, acc)
         model, cfg, class_names, step = load_model(run_dir, dev)
+        if "classify" in chosen and cfg.model.num_classes < 2:  # argmax over one class is always right
+            if metrics:
+                exit_with(f"{run_dir} models one class, so classify (argmax over classes) would always be right; "
+                          "leave classify out of --metrics")
+            chosen = [m for m in chosen if m != "classify"]
         other = {"data.test_source": ("--data", "")} if data is not None else {}  # --data replaces a test set too
         apply_options(cfg, {"data.source": ("--data", data), **other, "sampling.cfg": ("--cfg", cfg_weight),
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,

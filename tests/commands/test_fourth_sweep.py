@@ -489,3 +489,13 @@ def test_evaluate_data_replaces_a_recorded_test_set(tmp_path: Path):
     result = json.loads(farmer("evaluate", "--ckpt", str(tmp_path / "run"), "--metrics", "bpd", "--data", str(other),
                                "--json").stdout)
     assert result["metrics"]["bpd_conditional"]["n"] == 2  # the held-out tenth of --data's 20 images, not test/'s 4
+
+
+def test_classify_on_a_one_class_model_is_refused(tmp_path: Path):
+    for i in range(6):
+        (tmp_path / "data" / "only").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (8, 8), dtype=np.uint8)).save(
+            tmp_path / "data" / "only" / f"{i}.png")
+    farmer("train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--steps", "1", "--out", str(tmp_path / "r"))
+    said = refused("evaluate", "--ckpt", tmp_path / "r", "--metrics", "classify")
+    assert "models one class, so classify" in said

@@ -7,9 +7,10 @@ One writer at a time, no silent overwrite, no silent change of settings on resum
   picked up later), and takes the directory's lock. A run is recognised by farmer's own ``config.json`` (its
   ``format_version`` and ``config`` keys); a directory holding files with farmer's names that are not a run's is
   refused, never written over, and ``overwrite`` deletes only what farmer names (:func:`farmer_files`).
-* :class:`RunLock` is an exclusive ``flock`` on ``<run>/.lock``, opened without following a symbolic link: a second
-  process training or distilling into the same directory is refused with the holder's pid. The kernel releases
-  the lock when its process ends, however it ends, so a lock is never stale.
+* :class:`RunLock` is an exclusive ``flock`` on ``<run>/.lock``, opened without following a symbolic link and
+  written only when it is farmer's own file: a second process training or distilling into the same directory is
+  refused with the holder's pid. The kernel releases the lock when its process ends, however it ends, so a lock
+  is never stale.
 * :func:`resume_conflicts` lists the settings a resumed run may not change.
 * :func:`new_run_dir` names a new run (``runs/<preset>-<timestamp>``), :func:`find_checkpoint` finds one,
   :func:`snapshot` / :func:`history` keep step checkpoints under ``checkpoints/``, :func:`free_result_path` names
@@ -45,8 +46,16 @@ RESUMABLE = {"data.num_workers", "train.log_every", "train.ckpt_every", "train.e
              "train.mixed_precision", "train.keep_checkpoints", "train.sample_every"}
 
 
+LOCK_TEXT = re.compile(r"farmer pid \d+")  # what farmer writes into its lock file
+OLD_LOCK_TEXT = re.compile(r"\d+")  # earlier releases wrote the pid alone (recognised only inside a run)
+
+
 class RunLock:
-    """Exclusive lock on a run directory for this process's lifetime (or until :meth:`release`)."""
+    """Exclusive lock on a run directory for this process's lifetime (or until :meth:`release`).
+
+    A new lock file is created (``O_EXCL``) and holds ``farmer pid N``. An existing one is locked and written only
+    when it is farmer's: a regular file of one name (not a hard link to anyone's file), empty or holding what
+    farmer writes there; anything else is refused, never truncated."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK_FILE
@@ -57,26 +66,43 @@ class RunLock:
             import fcntl
         except ImportError:  # not POSIX: no locking
             return self
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK
         try:  # never through a link (its target may be anyone's file); never a directory, FIFO or device
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            try:
+                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                fd = os.open(self.path, flags)
+                self._check_farmers(fd)
         except OSError as err:
             raise CheckpointError(f"{self.path}: cannot be used as the run's lock file ({err.strerror}; a symbolic "
                                   "link or a directory?): remove it and start again") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CheckpointError(f"{self.path}: not a regular file, so not the run's lock file: remove it and "
-                                  "start again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            holder = re.sub(r"\D", "", os.read(fd, 32).decode(errors="replace")) or "unknown"
             os.close(fd)
             raise CheckpointError(f"{self.path.parent} is in use by another farmer process (pid {holder}); wait for "
                                   "it to finish, or stop it") from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"farmer pid {os.getpid()}".encode())
         self.fd = fd
         return self
+
+    def _check_farmers(self, fd: int) -> None:
+        """CheckpointError (closing ``fd``) unless the existing lock file is one farmer may lock and rewrite."""
+        info = os.fstat(fd)
+        text = os.read(fd, 64).decode(errors="replace").strip() if stat.S_ISREG(info.st_mode) else ""
+        os.lseek(fd, 0, os.SEEK_SET)
+        why = ("not a regular file" if not stat.S_ISREG(info.st_mode) else
+               f"a hard link ({info.st_nlink} names for one file, so writing it would write another file)"
+               if info.st_nlink != 1 else
+               "a file farmer did not write (its lock file holds 'farmer pid N')"
+               if text and not (LOCK_TEXT.fullmatch(text) or (OLD_LOCK_TEXT.fullmatch(text) and is_run(self.path.parent)))
+               else "")
+        if why:
+            os.close(fd)
+            raise CheckpointError(f"{self.path}: {why}, so not the run's lock file; farmer will not write it: remove "
+                                  "it, or choose another --out")
 
     def release(self) -> None:
         if self.fd is not None:

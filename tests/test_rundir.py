@@ -68,6 +68,33 @@ def test_a_lock_that_is_a_link_directory_or_fifo_is_refused(tmp_path: Path):
     assert victim.read_text() == "keep me"
 
 
+def test_a_lock_that_is_a_hard_link_or_another_tools_file_is_never_written(tmp_path: Path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("VICTIM DATA 99999")
+    run = _farmer_run(tmp_path / "linked")
+    os.link(victim, run / ".lock")
+    with pytest.raises(CheckpointError, match=r"\.lock: a hard link .*remove it"):
+        claim(run, resume=True)
+    assert victim.read_text() == "VICTIM DATA 99999"
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / ".lock").write_text("owned by another tool")
+    with pytest.raises(CheckpointError, match="a file farmer did not write"):
+        claim(user, resume=False)
+    assert (user / ".lock").read_text() == "owned by another tool"
+    (user / ".lock").write_text("4242")  # a bare pid is farmer's only inside a run (earlier releases wrote that)
+    with pytest.raises(CheckpointError, match="a file farmer did not write"):
+        claim(user, resume=False)
+    old = _farmer_run(tmp_path / "old")
+    (old / ".lock").write_text("12345")  # an earlier release's lock inside a run is taken over
+    claim(old, resume=True).release()
+    assert (old / ".lock").read_text() == f"farmer pid {os.getpid()}"
+    fresh = claim(tmp_path / "fresh", resume=False)
+    assert (tmp_path / "fresh" / ".lock").read_text() == f"farmer pid {os.getpid()}"
+    fresh.release()
+    claim(tmp_path / "fresh", resume=False).release()  # farmer's own lock, left behind, is taken again
+
+
 def test_weights_cast_to_integers_are_refused(tiny_run: Path, tmp_path: Path):  # noqa: F811
     import shutil
 

@@ -60,6 +60,18 @@ def exit_with(message: str) -> None:
     raise UsageError(message)
 
 
+def check_data_unchanged(run_dir, recorded, bundle, consequence: str, remedy: str = "") -> None:
+    """Exit 2 when the run's own data ``bundle`` no longer has the layout the run ``recorded`` in its config.json
+    (images added, removed, replaced or moved between classes; an edited file): one line saying so, what it would
+    cause (``consequence``) and what to do."""
+    from farmer_cli.data.dataset import layout_change
+
+    changed = layout_change(recorded, bundle.layout)
+    if changed:
+        exit_with(f"{run_dir}: its data no longer splits as when the run trained ({changed}), so {consequence}; "
+                  f"restore the data (or config.json){', ' + remedy if remedy else ''}")
+
+
 def refuse_unused(options, where: str, why: str) -> None:
     """Exit 2 when any of ``options`` ((name, value) pairs; None means not given) was given although it would do
     nothing ``where`` ("with --dry-run"): one line naming them and ``why``."""

@@ -35,6 +35,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -42,7 +43,8 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 from farmer_cli.config.schema import Decoder
-from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_draws, check_seed, exit_with, command
+from farmer_cli.commands import (CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws, check_seed,
+                                 exit_with, command)
 
 NAME = "evaluate"
 # farmer_cli.eval.inception.RESIZE_RULES (spelled out so that --help needs no torch; tests/test_library.py checks it)
@@ -91,7 +93,7 @@ def run(
     from farmer_cli.checkpoint import load_config, load_model, load_student
     from farmer_cli.storage import atomic_write
     from farmer_cli.config.files import apply_options
-    from farmer_cli.data.dataset import layout_change, load_data
+    from farmer_cli.data.dataset import load_data, relation_to_training
     from farmer_cli.eval.protocol import METRICS, evaluate
     from farmer_cli.sample.generate import my_chunks
     from farmer_cli.eval.inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
@@ -151,14 +153,16 @@ def run(
                 exit_with(f"{run_dir} models one class, so classify (argmax over classes) would always be right; "
                           "leave classify out of --metrics")
             chosen = [m for m in chosen if m != "classify"]
+        trained = dataclasses.replace(cfg.data)
         other = {"data.test_source": ("--data", "")} if data is not None else {}  # --data replaces a test set too
         apply_options(cfg, {"data.source": ("--data", data), **other, "sampling.cfg": ("--cfg", cfg_weight),
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
+        relation = relation_to_training(trained, cfg.data)
+        if split == "test" and relation != "own" and relation != "other":
+            exit_with(_trained_on(relation, run_dir, trained))
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
-        other_data = ("data.source", "data.test_source", "data.image_column", "data.label_column", "data.use_labels",
-                      "data.test_fraction", "data.split_seed")  # what names other images (data.num_workers does not)
-        own_data = data is None and not any(o.split("=", 1)[0].strip() in other_data for o in sampling_overrides)
+        own_data = relation == "own"
         recorded = load_config(run_dir)[2].get("data")
         if own_data and recorded is None and main:
             console.print(f"[yellow]warning:[/] {escape(str(run_dir))}/config.json records no data layout (a run "
@@ -170,11 +174,9 @@ def run(
                       f"{', ...' if len(bundle.class_names) > 4 else ''}) are not the model's ({', '.join(class_names[:4])}"
                       f"{', ...' if len(class_names) > 4 else ''}), so {', '.join(labelled)} would compare other "
                       "classes; give data with the model's class folders, or --metrics fid,pr")
-        changed = layout_change(recorded, bundle.layout) if own_data else ""
-        if changed:  # an edited config.json or changed files: the "test" split may hold training images
-            exit_with(f"{run_dir}: its data no longer splits as when the run trained ({changed}), so its test "
-                      "split may hold training images; restore the data (or config.json), or name other data with "
-                      "--data")
+        if own_data:  # an edited config.json or changed files: the "test" split may hold training images
+            check_data_unchanged(run_dir, recorded, bundle, "its test split may hold training images",
+                                 "or name other data with --data")
         student_flow = load_student(run_dir, model) if cfg.sampling.decoder == "student" else None
 
         inception = None
@@ -221,6 +223,18 @@ def run(
     for line in protocol_lines(result):
         stdout.print(escape(line), highlight=False)
     console.print(f"written to {escape(str(path))}")
+
+
+def _trained_on(relation: str, run_dir, trained) -> str:
+    """The refusal of data settings whose test split would hold images the run trained on (see
+    :func:`~farmer_cli.data.dataset.relation_to_training`)."""
+    if relation == "resplit":
+        return (f"--set data.split_seed / data.test_fraction split the training data of {run_dir} another way than "
+                f"it trained (seed {trained.split_seed}, test fraction {trained.test_fraction:g}), so the test split "
+                "would hold training images; leave them out")
+    return (f"{run_dir} trained on all of {trained.source} (its test set is "
+            f"{trained.test_source or 'none'}), so a test split from it would hold training images; leave --data out "
+            "to use the run's test set, or name images it did not train on")
 
 
 def _check_stats_options(ref_stats, save_ref_stats, resize: str | None, chosen: list[str]) -> None:

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_draws, check_output_image, default_output, exit_with, command
+from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws, check_output_image, default_output, exit_with, command
 from farmer_cli.storage import within
 
 NAME = "ood"
@@ -53,7 +53,7 @@ def run(
     import torch
 
     from farmer_cli.eval import ood
-    from farmer_cli.checkpoint import load_model
+    from farmer_cli.checkpoint import load_config, load_model
     from farmer_cli.data.dataset import load_data
     from farmer_cli.data.images import image_files, load_image
     from farmer_cli.device import choose_device
@@ -90,12 +90,17 @@ def run(
         if (other_cfg.model.image_size, other_cfg.model.channels) != (mc.image_size, mc.channels):
             exit_with(f"--background {background} models {other_cfg.model.image_size}px x "
                       f"{other_cfg.model.channels} channels, not {mc.image_size}px x {mc.channels} like --ckpt")
+    train = None
+    if {"typicality", "combined"} & set(names):  # statistics of the run's training images, as they were
+        bundle = load_data(cfg.data, mc.channels, mc.image_size)
+        check_data_unchanged(run_dir, load_config(run_dir)[2].get("data"), bundle,
+                             "the typicality statistics would come from other images than the model learned")
+        train = bundle.train
     sides = {"in": inside} | ({"out": outside} if outside is not None else {})
     files = {side: image_files([path])[: limit or None] for side, path in sides.items()}
     images = {side: torch.stack([load_image(f, mc.channels, mc.image_size)[0] for f in files[side]]) for side in sides}
     bpd = {s: ood.bits_per_dim_of(model, images[s], batch_size, samples) for s in sides}
-    train = ood.training_statistics(model, load_data(cfg.data, mc.channels, mc.image_size).train) \
-        if {"typicality", "combined"} & set(names) else None
+    train = ood.training_statistics(model, train) if train is not None else None
     background_bpd = None
     if other is not None:
         background_bpd = {s: ood.bits_per_dim_of(other, images[s], batch_size, samples) for s in sides}

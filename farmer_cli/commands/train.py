@@ -95,6 +95,7 @@ def run(
     from farmer_cli.config.schema import MAX_TRAIN_SEED
     from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import layout_change, load_data
+    from farmer_cli.data.sources import canonical_source
     from farmer_cli.rundir import claim_on_main, resume_conflicts
     from farmer_cli.device import (checked_on_every_process, processes_ended, make_accelerator, precision_name,
                                    tracker_options)
@@ -129,7 +130,7 @@ def run(
         cfg, payload = load_config(out)[0], {}
     else:
         cfg, payload = load_preset("quickstart" if preset is None else preset), {}
-    data, test_data = _absolute(data), _absolute(test_data)  # a resume from another directory reads the same data
+    data, test_data = canonical_source(data), canonical_source(test_data)  # a resume from another directory reads the same data
     length = {"train.steps": ("--steps", steps), "train.epochs": ("--steps", 0)} if steps is not None else \
         {"train.epochs": ("--epochs", epochs)}
     apply_options(cfg, {"data.source": ("--data", data), "data.test_source": ("--test-data", test_data), **length, "train.batch_size": ("--batch-size", batch_size),
@@ -211,15 +212,6 @@ def _count_params(cfg) -> int:
 
     with torch.device("meta"):
         return sum(p.numel() for p in Farmer(cfg.model).parameters())
-
-
-def _absolute(source: str | None) -> str | None:
-    """A data folder given on the command line as the absolute path config.json records; names as they are."""
-    from farmer_cli.data.sources import BUILTIN_SOURCES
-
-    if source is None or source in BUILTIN_SOURCES or not Path(source).expanduser().exists():
-        return source
-    return str(Path(source).expanduser().resolve())
 
 
 def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides, gpu_memory, gpus, plan_device,

@@ -17,7 +17,7 @@ import torch
 
 from farmer_cli.config.schema import DataConfig
 from farmer_cli.data.images import IMAGE_ERRORS, to_uint8
-from farmer_cli.data.sources import DataError, Source, Unlabelled, digest, open_source
+from farmer_cli.data.sources import DataError, Source, Unlabelled, canonical_source, digest, open_source
 
 log = logging.getLogger("farmer")
 
@@ -72,23 +72,50 @@ class DataBundle:
         layout = {"train": len(self.train), "test": len(self.test),
                   "digest": digest([self.class_names, *[s.layout() for s in both], self.train.indices,
                                     self.test.indices])}
-        sizes = [s.sizes() for s in both]
-        return layout | ({"sizes": digest(sizes)} if any(sizes) else {})  # image files: their sizes too
+        sizes, contents = [s.sizes() for s in both], [s.contents() for s in both]
+        if any(sizes):  # image files: their sizes, and each class's first file's bytes, too
+            layout |= {"sizes": digest(sizes), "contents": digest(contents)}
+        return layout
 
 
 def layout_change(recorded, now: dict) -> str:
     """How the data ``now`` (:attr:`DataBundle.layout`) differs from the layout a run ``recorded`` in its
     config.json: "" when it is the same (or nothing was recorded), else e.g. "1617 train / 180 test images then,
     898 / 898 now"."""
-    if not isinstance(recorded, dict) or recorded == {k: v for k, v in now.items() if k in recorded or k != "sizes"}:
-        return ""  # runs of an earlier farmer recorded no file sizes
+    if not isinstance(recorded, dict) or \
+            recorded == {k: v for k, v in now.items() if k in recorded or k not in ("sizes", "contents")}:
+        return ""  # runs of earlier releases recorded no file sizes, or no contents
     counts = (recorded.get("train"), recorded.get("test"))
     if not all(isinstance(c, int) for c in counts):
         return "the recorded layout is not one farmer wrote: config.json was edited"
     if counts == (now["train"], now["test"]) and recorded.get("digest") == now["digest"]:
-        return "the same file names, but files of other sizes: images replaced, or class folders swapped"
+        return "the same file names, but other file sizes or contents: images replaced, or class folders swapped"
     return (f"{counts[0]} train / {counts[1]} test images then, {now['train']} / {now['test']} now"
             + (", or other files or split" if counts == (now["train"], now["test"]) else ""))
+
+
+def relation_to_training(trained: DataConfig, now: DataConfig) -> str:
+    """How the test split of the data settings ``now`` relates to the images a run trained with ``trained`` learned
+    from (sources compared by :func:`canonical_source`):
+
+    * ``"own"``: the run's own data, split its way: the run's test split while the data are unchanged (compare
+      :attr:`DataBundle.layout` with the recorded one, :func:`layout_change`);
+    * ``"resplit"``: the run's own data split another way (``split_seed``, ``test_fraction``): training images in
+      the test split;
+    * ``"training"``: a test split cut from, or made of, a folder the run trained on whole;
+    * ``"other"``: images the run did not train on."""
+    def same(a: str, b: str) -> bool:
+        return bool(a) and canonical_source(a) == canonical_source(b)
+
+    if now.test_source:
+        if same(now.test_source, trained.source):
+            return "training"
+        return "own" if same(now.source, trained.source) and same(now.test_source, trained.test_source) else "other"
+    if not same(now.source, trained.source):
+        return "other"
+    if trained.test_source:
+        return "training"
+    return "own" if (now.split_seed, now.test_fraction) == (trained.split_seed, trained.test_fraction) else "resplit"
 
 
 PROBE_IMAGES = 16  # images per split decoded by load_data to make sure the data can be read at all

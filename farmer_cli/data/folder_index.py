@@ -3,9 +3,11 @@
 Walking 1.28M files takes minutes on network storage, and every process of a multi-GPU job would do it. The index
 (class names, relative paths, labels) is written as JSON under ``<cache>/farmer/folder-index/``, keyed by the
 folder's absolute path and the modification times of its class folders; it also records the modification time and
-number of entries of every sub-folder below them and is used only while all of those are unchanged (adding or
-removing a file changes its own folder's time and count, however deep; a time set back by ``touch -r`` leaves the
-count; checking costs one stat and one listing per folder, not a stat per file). Hidden folders and files (a
+number of entries of every sub-folder below them, and every file's size and modification time, and is used only
+while all of those are unchanged (adding or removing a file changes its own folder's time and count, however deep;
+a time set back by ``touch -r`` leaves the count; an image replaced in place changes its own size or time).
+Checking costs one stat and one listing per folder and one stat per file for up to :data:`FILES_CHECKED` files
+(spread evenly over larger folders: a few seconds at most, where the walk takes minutes). Hidden folders and files (a
 leading dot: ``.ipynb_checkpoints/``) are not images of the data set. An index that is not what
 farmer writes (unreadable, wrong types, paths outside the folder, a path twice, a label that is not its class
 folder, or content that no longer matches its SHA-256 checksum) is ignored and rebuilt.
@@ -33,8 +35,9 @@ log = logging.getLogger("farmer")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 WAIT_SECONDS = 3600  # the longest another process may take to build the index (1.28M files on network storage)
-INDEX_VERSION = "3"  # in the key: an index of an earlier layout (or rules) is rebuilt, not misread
+INDEX_VERSION = "4"  # in the key: an index of an earlier layout (or rules) is rebuilt, not misread
 START_GRACE_SECONDS = 30.0  # how long rank 0 may take to start building before the others walk on their own
+FILES_CHECKED = 20_000  # files whose size and time are compared with the index on every read (evenly spread)
 
 
 def class_folders(root: Path) -> list[str]:
@@ -47,40 +50,44 @@ def _key(root: Path, classes: list[str]) -> str:
 
 
 def _walk(root: Path, classes: list[str]) -> dict:
-    paths, labels, sizes, folders = [], [], [], {}
+    paths, labels, sizes, times, folders = [], [], [], [], {}
     for k, name in enumerate(classes):
-        found = {}  # relative path -> size (the stat that tells a file from a folder gives it)
+        found = {}  # relative path -> (size, modification time): the stat that tells a file from a folder
         for here, subfolders, files in os.walk(root / name):  # symlinked folders are not entered
             folders[os.path.relpath(here, root)] = [Path(here).stat().st_mtime_ns, len(subfolders) + len(files)]
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # hidden, like hidden class folders
             for f in files:
                 full = os.path.join(here, f)
                 if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(full):
-                    found[os.path.relpath(full, root)] = os.stat(full).st_size
+                    st = os.stat(full)
+                    found[os.path.relpath(full, root)] = (st.st_size, st.st_mtime_ns)
         ordered = sorted(found, key=lambda p: Path(p).parts)
         paths += ordered
-        sizes += [found[p] for p in ordered]
+        sizes += [found[p][0] for p in ordered]
+        times += [found[p][1] for p in ordered]
         labels += [k] * len(found)
     index = {"root": str(root.resolve()), "classes": classes, "paths": paths, "labels": labels, "sizes": sizes,
-             "folders": folders}
+             "times": times, "folders": folders}
     return index | {"checksum": _checksum(index)}
 
 
 def _checksum(index: dict) -> str:
     """SHA-256 of what the index says (its classes, files, labels and folder times): an index edited or cut after
     it was written no longer matches and is rebuilt."""
-    content = [index.get(k) for k in ("root", "classes", "paths", "labels", "sizes", "folders")]
+    content = [index.get(k) for k in ("root", "classes", "paths", "labels", "sizes", "times", "folders")]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _current(index, root: Path, classes: list[str]) -> bool:
     """Whether a cached index is farmer's and still describes ``root``: the right shape and types, every path
-    inside the folder, and every folder it saw unchanged: the same modification time and number of entries (a
-    time set back by ``touch -r`` or a copying tool does not hide added or removed files)."""
+    inside the folder, every folder it saw unchanged (the same modification time and number of entries: a time set
+    back by ``touch -r`` or a copying tool does not hide added or removed files), and its files unchanged (the same
+    size and modification time: an image replaced in place changes neither its folder's time nor its count) —
+    every file of a folder of up to :data:`FILES_CHECKED`, that many spread evenly over a larger one."""
     if not (isinstance(index, dict) and index.get("root") == str(root.resolve()) and index.get("classes") == classes
             and isinstance(index.get("paths"), list) and isinstance(index.get("labels"), list)
             and isinstance(index.get("folders"), dict) and len(index["paths"]) == len(index["labels"])
-            and isinstance(index.get("sizes"), list) and len(index["sizes"]) == len(index["paths"])):
+            and all(isinstance(index.get(k), list) and len(index[k]) == len(index["paths"]) for k in ("sizes", "times"))):
         return False
     if not all(isinstance(p, str) and not os.path.isabs(p) and ".." not in Path(p).parts for p in index["paths"]):
         return False
@@ -90,12 +97,20 @@ def _current(index, root: Path, classes: list[str]) -> bool:
         return False
     if not all(Path(p).parts[0] == classes[y] for p, y in zip(index["paths"], index["labels"])):
         return False  # every image's label is its class folder
+    n = len(index["paths"])
+    checked = range(n) if n <= FILES_CHECKED else (k * n // FILES_CHECKED for k in range(FILES_CHECKED))
     try:
         return all(isinstance(seen, list) and len(seen) == 2 and ".." not in Path(f).parts
                    and [(root / f).stat().st_mtime_ns, len(os.listdir(root / f))] == seen
-                   for f, seen in index["folders"].items())
+                   for f, seen in index["folders"].items()) and \
+            all(_stamp(root / index["paths"][k]) == (index["sizes"][k], index["times"][k]) for k in checked)
     except OSError:
         return False
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _read(path: Path, root: Path, classes: list[str]) -> dict | None:

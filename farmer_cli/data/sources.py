@@ -57,6 +57,11 @@ class Source:
         same file names swapped, or an image replaced, change it."""
         return None
 
+    def contents(self) -> str | None:
+        """A digest of the bytes of each class's first file where the source is files (None here): class folders
+        swapped under the same file names and sizes change it."""
+        return None
+
     def fingerprint(self, indices: list[int]) -> str:
         """A digest of what examples ``indices`` hold, for caches of what was computed from them (reference
         statistics): it changes when their content changes. Here only the name, size and indices; every source
@@ -105,6 +110,13 @@ class FileSource(Source):
     def sizes(self) -> str | None:
         return None if self.file_sizes is None else digest(list(self.file_sizes))
 
+    def contents(self) -> str:
+        """SHA-256 of the first MiB of each class's first file (one read per class)."""
+        first: dict[int, Path] = {}
+        for path, label in zip(self.paths, self.labels):
+            first.setdefault(int(label), path)
+        return digest([[label, _head_digest(path)] for label, path in sorted(first.items())])
+
     def fingerprint(self, indices: list[int]) -> str:
         """The selected files' resolved paths, sizes and modification times, and their labels."""
         stamps = []
@@ -116,6 +128,15 @@ class FileSource(Source):
 
 def _bytesdigest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _head_digest(path: Path, limit: int = 1 << 20) -> str:
+    """SHA-256 of a file's first ``limit`` bytes ("unreadable" when it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return _bytesdigest(fh.read(limit))
+    except OSError:
+        return "unreadable"
 
 
 def digest(value) -> str:
@@ -277,6 +298,14 @@ class HFSource(Source):
             return row[self.image_col], 0
         label = row[self.label_col]
         return row[self.image_col], (label if self.lookup is None else self.lookup[str(label)])
+
+
+def canonical_source(source: str | None) -> str | None:
+    """A data folder or saved dataset as its absolute, resolved path (what config.json records, and what two
+    settings are compared by); built-in and hub names, and paths that do not exist, as they are."""
+    if not source or source in BUILTIN_SOURCES or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def open_source(cfg: DataConfig) -> Source:

@@ -437,8 +437,8 @@ def test_class_folders_swapped_under_the_same_file_names_are_noticed(tmp_path: P
     (root / "cat").rename(root / "x")
     (root / "dog").rename(root / "cat")
     (root / "x").rename(root / "dog")
-    assert "files of other sizes" in layout_change(before, load_data(cfg, 1, 8).layout)
-    older = {k: v for k, v in before.items() if k != "sizes"}  # a run of an earlier farmer recorded no sizes
+    assert "other file sizes or contents" in layout_change(before, load_data(cfg, 1, 8).layout)
+    older = {k: v for k, v in before.items() if k not in ("sizes", "contents")}  # earlier releases recorded neither
     assert layout_change(older, load_data(cfg, 1, 8).layout) == ""
     with pytest.raises(DataError, match="leaving none to train on"):
         load_data(DataConfig(source=str(root), test_fraction=0.9999), 1, 8)

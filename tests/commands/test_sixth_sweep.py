@@ -1,0 +1,121 @@
+"""Cases of the sixth hostile sweep (GitHub issue 24): a test split is never made of images the run trained on,
+data changed in place or swapped between classes is noticed, and ood's training statistics come from the images the
+model learned. Refusals are one "error:" line and exit status 2, before any work. (The run lock's cases are in
+tests/test_rundir.py.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_helpers import farmer
+from farmer_cli.config.schema import DataConfig
+from farmer_cli.data.dataset import layout_change, load_data, relation_to_training
+
+
+def refused(*args) -> str:
+    """Exit 2, no traceback, the last stderr line an "error:" line; returns it."""
+    proc = farmer(*map(str, args), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), proc.stderr[-2000:]
+    return last
+
+
+def _images(root: Path, classes=("a", "b"), n: int = 10, size: int = 8) -> Path:
+    """``n`` random grey ``size``² PNGs per class; every file of one size in bytes (uncompressed-like noise)."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / c / f"img{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def folder_run(tmp_path: Path, monkeypatch) -> Path:
+    """A tiny run trained on a folder of two classes (``tmp_path/data``), with its own cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _images(tmp_path / "data")
+    farmer("train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--steps", "2", "--out", str(tmp_path / "r"))
+    return tmp_path / "r"
+
+
+def test_a_test_split_of_training_images_is_refused():
+    trained = DataConfig(source="digits")
+    assert relation_to_training(trained, DataConfig(source="digits")) == "own"
+    assert relation_to_training(trained, DataConfig(source="digits", split_seed=7)) == "resplit"
+    assert relation_to_training(trained, DataConfig(source="digits", test_fraction=0.5)) == "resplit"
+    assert relation_to_training(trained, DataConfig(source="mnist5k")) == "other"
+    assert relation_to_training(trained, DataConfig(source="mnist5k", test_source="digits")) == "training"
+    official = DataConfig(source="digits", test_source="mnist5k")  # trained on all of digits
+    assert relation_to_training(official, DataConfig(source="digits")) == "training"
+    assert relation_to_training(official, DataConfig(source="digits", test_source="mnist5k")) == "own"
+    assert relation_to_training(official, DataConfig(source="mnist5k")) == "other"
+
+
+def test_evaluate_refuses_a_resplit_or_the_same_folder_changed(folder_run: Path, tmp_path: Path):
+    said = refused("evaluate", "--ckpt", folder_run, "--metrics", "bpd", "--set", "data.split_seed=7")
+    assert "split the training data" in said and "seed 0" in said
+    assert "split the training data" in refused("evaluate", "--ckpt", folder_run, "--metrics", "bpd",
+                                                "--set", "data.test_fraction=0.5")
+    data = tmp_path / "data"
+    (data / "a" / "new.png").write_bytes((data / "a" / "img000.png").read_bytes())
+    for given in ([], ["--data", data], ["--data", f"{data}/"]):  # naming the run's own folder checks it the same
+        assert "no longer splits as when the run trained" in refused("evaluate", "--ckpt", folder_run, "--metrics",
+                                                                     "bpd", *given)
+
+
+def test_images_replaced_in_place_are_noticed_through_a_cached_index(folder_run: Path, tmp_path: Path):
+    data = tmp_path / "data"
+    times = {c: os.stat(data / c).st_mtime_ns for c in "ab"}
+    for path in sorted(data.glob("*/*.png"))[1:]:  # every image but the first: white, and of another size
+        Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(path)
+    assert {c: os.stat(data / c).st_mtime_ns for c in "ab"} == times  # the folders look unchanged
+    assert "other file sizes" in refused("evaluate", "--ckpt", folder_run, "--metrics", "bpd")
+    assert "changed since the run started" in refused("train", "--out", folder_run, "--resume")
+
+
+def test_class_folders_of_equal_sized_files_swapped_are_noticed(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = _images(tmp_path / "data")
+    assert len({p.stat().st_size for p in root.glob("*/*.png")}) == 1  # names, counts and sizes cannot tell
+    before = load_data(DataConfig(source=str(root)), 1, 8).layout
+    (root / "a").rename(root / "x")
+    (root / "b").rename(root / "a")
+    (root / "x").rename(root / "b")
+    assert "contents" in layout_change(before, load_data(DataConfig(source=str(root)), 1, 8).layout)
+
+
+def test_a_renamed_file_under_a_restored_folder_time_rebuilds_the_index(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = _images(tmp_path / "data")
+    load_data(DataConfig(source=str(root)), 1, 8)
+    stamp = os.stat(root / "a")
+    (root / "a" / "img000.png").rename(root / "a" / "zzz.png")
+    os.utime(root / "a", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    bundle = load_data(DataConfig(source=str(root)), 1, 8)
+    names = {Path(p).relative_to(root).as_posix() for p in bundle.train.source.paths}
+    assert "a/zzz.png" in names and "a/img000.png" not in names
+
+
+def test_ood_typicality_refuses_training_data_that_changed(folder_run: Path, tmp_path: Path):
+    inside = _images(tmp_path / "in", classes=("x",), n=3)
+    for path in (tmp_path / "data" / "b").glob("*.png"):
+        path.unlink()
+    said = refused("ood", "--ckpt", folder_run, "--in", inside, "--score", "typicality", "--figure",
+                   tmp_path / "f.png")
+    assert "typicality statistics would come from other images" in said and not (tmp_path / "f.png").exists()
+
+
+def test_evaluate_on_the_folder_a_run_trained_on_whole_is_refused(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train, test = _images(tmp_path / "train"), _images(tmp_path / "test", n=4)
+    farmer("train", "--preset", "tiny", "--data", str(train), "--test-data", str(test), "--steps", "1", "--out",
+           str(tmp_path / "r"))
+    said = refused("evaluate", "--ckpt", tmp_path / "r", "--metrics", "bpd", "--data", train)
+    assert "trained on all of" in said and "leave --data out" in said

@@ -74,12 +74,26 @@ def check_data_unchanged(run_dir, recorded, bundle, consequence: str, remedy: st
 
 def refuse_unused(options, where: str, why: str) -> None:
     """Exit 2 when any of ``options`` ((name, value) pairs; None means not given) was given although it would do
-    nothing ``where`` ("with --dry-run"): one line naming them and ``why``."""
+    nothing ``where`` ("with --dry-run", or ""): one line naming them and ``why``."""
     given = [name for name, value in options if value is not None]
     if given:
         one = len(given) == 1
-        exit_with(f"{', '.join(given)} {'has' if one else 'have'} no effect {where} ({why}); leave "
-                  f"{'it' if one else 'them'} out")
+        exit_with(f"{', '.join(given)} {'has' if one else 'have'} no effect{' ' + where if where else ''} ({why}); "
+                  f"leave {'it' if one else 'them'} out")
+
+
+def set_sampling_keys(overrides) -> list[tuple[str, str]]:
+    """(``--set sampling.KEY``, KEY) for each sampling setting among --set overrides."""
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    return [(f"--set {key}", key.split(".", 1)[1]) for key in keys if key.startswith("sampling.")]
+
+
+def refuse_unread_sampling(s, given) -> None:
+    """Exit 2 when a sampling option or --set key that was given (``given``: (name shown, setting name) pairs) is
+    one that sampling under the settings ``s`` never reads (:meth:`SamplingConfig.unread`)."""
+    unread = s.unread()
+    found = [(name, unread[key]) for name, key in given if key in unread]
+    refuse_unused([(name, True) for name, _ in found], "", "; ".join(dict.fromkeys(why for _, why in found)))
 
 
 def resolve_class(spec: str, class_names: list[str], num_classes: int) -> int:

@@ -44,7 +44,7 @@ from typing import List, Literal, Optional
 
 from farmer_cli.config.schema import Decoder
 from farmer_cli.commands import (CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws, check_seed,
-                                 exit_with, command)
+                                 exit_with, refuse_unread_sampling, set_sampling_keys, command)
 
 NAME = "evaluate"
 # farmer_cli.eval.inception.RESIZE_RULES (spelled out so that --help needs no torch; tests/test_library.py checks it)
@@ -57,7 +57,8 @@ def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
     data: Optional[str] = Option(None, "--data", "-d", help="Data source (default: the checkpoint's)."),
     split: Literal["test", "train"] = Option("test", "--split", help="Reference / scoring split: test or train."),
-    n_samples: int = Option(1000, "--n-samples", "-n", help="Generated samples for fid, pr and sample-acc."),
+    n_samples: Optional[int] = Option(None, "--n-samples", "-n", help="Generated samples for fid, pr and sample-acc "
+                                      "(default 1000)."),
     cfg_weight: Optional[float] = Option(None, "--cfg", help="Guidance weight for the samples (default: the "
                                          "checkpoint's sampling.cfg)."),
     metrics: str = Option("", "--metrics", help="Comma-separated subset of fid,pr,bpd,classify,sample-acc."),
@@ -81,9 +82,12 @@ def run(
                                         "student (the one-step student of farmer distill). Default: the "
                                         "checkpoint's sampling.decoder."),
     batch_size: int = Option(100, "--batch-size", "-b", help="Batch size for sampling, Inception and scoring."),
-    bpd_draws: int = Option(1, "--bpd-draws", help="Dequantisation draws per test image for bpd."),
-    limit: int = Option(0, "--limit", help="Use at most this many test images for bpd / classify (0: all)."),
-    max_classes: int = Option(100, "--max-classes", help="Generative classifier: classes compared at most."),
+    bpd_draws: Optional[int] = Option(None, "--bpd-draws", help="Dequantisation draws per test image for bpd "
+                                      "(default 1)."),
+    limit: Optional[int] = Option(None, "--limit", help="Use at most this many test images for bpd / classify "
+                                  "(default 0: all)."),
+    max_classes: Optional[int] = Option(None, "--max-classes", help="Generative classifier: classes compared at most "
+                                        "(default 100)."),
     seed: int = Option(0, "--seed", help="Seed for samples and dequantisation noise."),
     sampling_overrides: List[str] = Option([], "--set", help="Sampling overrides, e.g. --set sampling.temperature=1.3."),
     as_json: bool = Option(False, "--json", help="Print one JSON object with every figure and the protocol."),
@@ -103,6 +107,15 @@ def run(
     from farmer_cli.commands.ui import console, escape, progress, stdout
 
     check_seed(seed)
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else list(METRICS)
+    unknown = [m for m in chosen if m not in METRICS]
+    if metrics is not None and not chosen:
+        exit_with(f"--metrics {metrics!r} names no metric; choose from {', '.join(METRICS)}")
+    if unknown:
+        exit_with(f"unknown metric '{unknown[0]}'; choose from {', '.join(METRICS)}")
+    _refuse_unused_options(chosen, n_samples, cfg_weight, decoder, sampling_overrides, max_classes, bpd_draws, limit)
+    n_samples, bpd_draws, limit, max_classes = (default if given is None else given for given, default in (
+        (n_samples, 1000), (bpd_draws, 1), (limit, 0), (max_classes, 100)))
     if n_samples < 1:
         exit_with("--n-samples must be at least 1")
     if n_samples > MAX_SAMPLES:
@@ -112,12 +125,6 @@ def run(
     check_draws("--bpd-draws", bpd_draws)
     if limit < 0:
         exit_with("--limit must be 0 (all) or a positive number of images")
-    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else list(METRICS)
-    unknown = [m for m in chosen if m not in METRICS]
-    if metrics is not None and not chosen:
-        exit_with(f"--metrics {metrics!r} names no metric; choose from {', '.join(METRICS)}")
-    if unknown:
-        exit_with(f"unknown metric '{unknown[0]}'; choose from {', '.join(METRICS)}")
     if "pr" in chosen and n_samples <= 3:  # k = 3 nearest neighbours among the samples
         if metrics:
             exit_with("pr (k = 3 nearest neighbours) needs --n-samples of at least 4")
@@ -158,6 +165,7 @@ def run(
         apply_options(cfg, {"data.source": ("--data", data), **other, "sampling.cfg": ("--cfg", cfg_weight),
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
+        refuse_unread_sampling(cfg.sampling, set_sampling_keys(sampling_overrides))
         relation = relation_to_training(trained, cfg.data)
         if split == "test" and relation != "own" and relation != "other":
             exit_with(_trained_on(relation, run_dir, trained))
@@ -223,6 +231,24 @@ def run(
     for line in protocol_lines(result):
         stdout.print(escape(line), highlight=False)
     console.print(f"written to {escape(str(path))}")
+
+
+SAMPLED = ("fid", "pr", "sample-acc")  # the metrics that draw samples
+
+
+def _refuse_unused_options(chosen, n_samples, cfg_weight, decoder, overrides, max_classes, bpd_draws, limit) -> None:
+    """Exit 2 when an option was given that none of the ``chosen`` metrics reads."""
+    from farmer_cli.commands import refuse_unused, set_sampling_keys
+
+    where = f"with --metrics {','.join(chosen)}"
+    if not set(SAMPLED) & set(chosen):
+        refuse_unused([("--n-samples", n_samples), ("--cfg", cfg_weight), ("--decoder", decoder),
+                       *[(name, True) for name, _ in set_sampling_keys(overrides)]], where,
+                      "only fid, pr and sample-acc draw samples")
+    refuse_unused([("--max-classes", max_classes)] * ("classify" not in chosen), where, "only classify reads it")
+    refuse_unused([("--bpd-draws", bpd_draws)] * ("bpd" not in chosen), where, "only bpd reads it")
+    refuse_unused([("--limit", limit)] * ("bpd" not in chosen and "classify" not in chosen), where,
+                  "only bpd and classify read it")
 
 
 def _trained_on(relation: str, run_dir, trained) -> str:

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from farmer_cli.config.schema import Decoder, DecodeSteps, Guidance, Precision
-from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image, check_seed, default_output, exit_with, refuse_unused,
-               resolve_class, command)
+from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image,
+                                 check_seed, default_output, exit_with, refuse_unread_sampling, resolve_class,
+                                 set_sampling_keys, command)
 
 NAME = "sample"
 MAX_IMAGES = 10_000  # per call: every image is kept in memory for the grid
@@ -116,7 +117,10 @@ def run(
             "sampling.cond_candidates": ("--candidates", candidates),
             "sampling.uncond_candidates": ("--candidates", candidates), "sampling.decoder": ("--decoder", decoder),
             "sampling.decode_steps": ("--decode-steps", decode_steps)}, overrides)
-        refuse_unused(*_without_effect(s, temperature, var_scale, candidates, guidance))
+        refuse_unread_sampling(s, [(name, key) for name, key, value in (
+            ("--temperature", "temperature", temperature), ("--var-scale", "var_scale", var_scale),
+            ("--candidates", "cond_candidates", candidates), ("--guidance", "guidance", guidance)) if value is not None]
+            + set_sampling_keys(overrides))
         try:
             steps = resolve_mode(s.decode_steps, device)
         except ValueError as e:
@@ -162,20 +166,6 @@ def run(
                       f"{f' x {world} processes' if world > 1 else ''}: {seconds:.1f} s "
                       f"({len(images) / seconds:.1f} img/s) -> [bold]{escape(str(out))}[/]"
                       + (f" and {escape(str(out_dir))}/" if out_dir else ""))
-
-
-def _without_effect(s, temperature, var_scale, candidates, guidance) -> tuple:
-    """(options, where, why) for :func:`refuse_unused`: the sampling options that do nothing under the sampling
-    settings ``s``: unguided sampling's temperature and variance scale under guidance, guidance's options without
-    it, and --candidates with a guidance other than resampling."""
-    if s.cfg > 0:
-        options = [("--temperature", temperature), ("--var-scale", var_scale)]
-        why = "--temperature and --var-scale shape unguided sampling; guidance draws at sampling.t_pi / t_sigma"
-        if s.guidance != "resample":
-            options.append(("--candidates", candidates))
-            why += "; --candidates is for --guidance resample"
-        return options, "with --cfg above 0", why
-    return [("--candidates", candidates), ("--guidance", guidance)], "with --cfg 0", "they shape guided sampling"
 
 
 def sampling_config(cfg, preset_sampling, options: dict, overrides):

@@ -263,6 +263,11 @@ class TrainConfig:
         return self.noise_end if self.noise == "gaussian" else 0.0
 
 
+RESAMPLING_SETTINGS = ("t_pi_eval", "t_sigma_eval", "t_resample", "cond_candidates", "uncond_candidates",
+                       "redundant_pool")  # read by resampling guidance (Algorithm 1) only
+GUIDED_SETTINGS = ("guidance", "t_pi", "t_sigma", *RESAMPLING_SETTINGS)  # read by guided sampling only
+
+
 @dataclass
 class SamplingConfig:
     """Sampling settings (arXiv v2 §3.4, Algorithm 1; supplement Table 5 for the decoupled unguided knobs)."""
@@ -285,6 +290,24 @@ class SamplingConfig:
     jacobi_tol: float = 1e-5  # Jacobi: stop when no value moves by more than this
     jacobi_max_iter: int = 0  # Jacobi: at most this many rounds per block (0: tokens - 1, where it is exact)
     decode_steps: DecodeSteps = "auto"  # how decoding steps run (model/steps.py); auto: CUDA graphs on a GPU
+
+    def unread(self) -> dict[str, str]:
+        """The settings that sampling under these settings never reads, each with why: guidance's without it, the
+        unguided temperature and variance scale under it, resampling's under simple guidance, Jacobi's with
+        another decoder."""
+        unread = {}
+        if self.cfg <= 0:
+            unread |= dict.fromkeys(GUIDED_SETTINGS, "only guided sampling reads it, and sampling.cfg is 0")
+        else:
+            unread |= dict.fromkeys(("temperature", "var_scale"), "only unguided sampling (sampling.cfg 0) reads it; "
+                                    "guidance draws at sampling.t_pi / t_sigma")
+            if self.guidance != "resample":
+                unread |= dict.fromkeys(RESAMPLING_SETTINGS, "only resampling guidance reads it, and "
+                                        f"sampling.guidance is {self.guidance}")
+        if self.decoder != "jacobi":
+            unread |= dict.fromkeys(("jacobi_tol", "jacobi_max_iter"), "only the jacobi decoder reads it, and "
+                                    f"sampling.decoder is {self.decoder}")
+        return unread
 
     def validate(self) -> None:
         _at_least(self, "sampling", 0, "cfg", "var_scale", "redundant_pool", "jacobi_tol", "jacobi_max_iter")

@@ -196,8 +196,8 @@ def test_a_figure_is_never_written_over_or_into_its_input(tiny_run: Path, digit_
 
 
 @pytest.mark.parametrize("args, said", [
-    (["sample", "--class", "1", "--cfg", "2", "--temperature", "5"], "--temperature has no effect with --cfg above 0"),
-    (["sample", "--class", "1", "--cfg", "0", "--candidates", "7"], "--candidates has no effect with --cfg 0"),
+    (["sample", "--class", "1", "--cfg", "2", "--temperature", "5"], "--temperature has no effect (only unguided sampling"),
+    (["sample", "--class", "1", "--cfg", "0", "--candidates", "7"], "--candidates has no effect (only guided sampling reads it, and sampling.cfg is 0)"),
     (["inspect-channels", "--factors", "0,1"], "--factors has no effect in --mode interpolate (for --mode variance)"),
     (["inspect-channels", "--mode", "variance", "--levels", "0,1"], "--levels has no effect in --mode variance (for --mode interpolate)"),
     (["ood", "--in", "IN", "--background", "RUN"], "--background is used by the ratio score only"),

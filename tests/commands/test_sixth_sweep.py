@@ -119,3 +119,22 @@ def test_evaluate_on_the_folder_a_run_trained_on_whole_is_refused(tmp_path: Path
            str(tmp_path / "r"))
     said = refused("evaluate", "--ckpt", tmp_path / "r", "--metrics", "bpd", "--data", train)
     assert "trained on all of" in said and "leave --data out" in said
+
+
+@pytest.mark.parametrize("args, said", [
+    (["evaluate", "--metrics", "bpd", "--cfg", "3"], "--cfg has no effect with --metrics bpd (only fid, pr and"),
+    (["evaluate", "--metrics", "bpd", "--decoder", "student", "-n", "5"], "--n-samples, --decoder have no effect"),
+    (["evaluate", "--metrics", "bpd", "--set", "sampling.t_pi=2"], "--set sampling.t_pi has no effect"),
+    (["evaluate", "--metrics", "bpd", "--max-classes", "3"], "--max-classes has no effect with --metrics bpd"),
+    (["evaluate", "--metrics", "classify", "--bpd-draws", "3"], "--bpd-draws has no effect"),
+    (["evaluate", "--metrics", "sample-acc", "--limit", "3"], "--limit has no effect"),
+    (["evaluate", "--metrics", "sample-acc", "--set", "sampling.jacobi_tol=0.5"], "only the jacobi decoder reads it"),
+    (["sample", "--decoder", "student", "--set", "sampling.jacobi_tol=0.5"], "--set sampling.jacobi_tol has no effect"),
+    (["sample", "--decoder", "sequential", "--set", "sampling.jacobi_max_iter=3"], "only the jacobi decoder reads it"),
+    (["sample", "--cfg", "2", "--guidance", "simple", "--set", "sampling.t_resample=3"],
+     "only resampling guidance reads it, and sampling.guidance is simple"),
+    (["sample", "--cfg", "0", "--set", "sampling.t_pi=3"], "only guided sampling reads it, and sampling.cfg is 0"),
+])
+def test_options_and_settings_nothing_reads_are_refused(args, said: str, tiny_run: Path, tmp_path: Path):
+    assert said in refused(*args, "--ckpt", tiny_run, *(["--out", tmp_path / "s.png"] if args[0] == "sample" else []))
+    assert not (tmp_path / "s.png").exists()

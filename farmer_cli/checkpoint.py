@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,22 @@ def _start_over(name: str) -> str:
                                                   "start afresh with farmer distill --overwrite")
 
 
+def regular_file(path: Path) -> bool:
+    """Whether ``path`` (a link followed) is a regular file: reading a FIFO planted under a run file's name would
+    wait for a writer forever, and a device or folder is no run file either."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check_regular(path: Path) -> None:
+    """CheckpointError unless ``path`` is a regular file (see :func:`regular_file`); call where it exists."""
+    if not regular_file(path):
+        raise CheckpointError(f"{path} is not a regular file (a folder, FIFO or device), so not the run's own file; "
+                              "restore it (a run keeps copies in checkpoints/step-*/)")
+
+
 def _check_state_matches_weights(state: dict[str, Any], module: str, path: Path, weights: Path) -> None:
     """A training state and its weights file (``module`` of the state: the EMA, or the student) are written
     together at every save, the state first. At the weights' step the state must hold the weights' tensors (those
@@ -115,6 +132,8 @@ def _check_state_matches_weights(state: dict[str, Any], module: str, path: Path,
     is a save cut short between the two files (resumed, with a warning); an earlier one is not this run's."""
     from safetensors import SafetensorError, safe_open
 
+    if not regular_file(weights):
+        return  # no readable weights beside it: loading them reports that
     try:
         with safe_open(str(weights), framework="pt") as fh:
             step = _metadata_step(fh.metadata() or {}, weights)
@@ -168,6 +187,8 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     """Tensor name -> shape from a safetensors header (nothing is loaded), or None where it cannot be read."""
     from safetensors import SafetensorError, safe_open
 
+    if not regular_file(path):
+        return None
     try:
         with safe_open(str(path), framework="pt") as fh:
             return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
@@ -220,6 +241,7 @@ def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     path = run_dir / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir}: not a farmer checkpoint (no {CONFIG_FILE})")
+    check_regular(path)
     try:
         payload = parse_json(path.read_text())
     except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON, nested too deeply
@@ -261,8 +283,7 @@ def _check_header(module: torch.nn.Module, path: Path) -> dict[str, str]:
 
     if not path.exists():
         raise CheckpointError(f"{path}: missing")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a weights file; restore the run's own file")
+    check_regular(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
@@ -384,6 +405,7 @@ def stored_distill_settings(run_dir: Path) -> dict | None:
     path = Path(run_dir) / STUDENT_FILE
     if not path.exists():
         return None
+    check_regular(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
             text = (fh.metadata() or {}).get("distill")

@@ -28,7 +28,7 @@ import stat
 import time
 from pathlib import Path
 
-from farmer_cli.checkpoint import CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError
+from farmer_cli.checkpoint import CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError, regular_file
 from farmer_cli.config.schema import Config
 from farmer_cli.storage import free_name, parse_json
 
@@ -131,6 +131,8 @@ SAMPLE_NAMES = re.compile(r"step-\d{8}\.png")  # samples/step-<step>.png
 def is_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a farmer run: a ``config.json`` that farmer wrote (a JSON object with its
     ``format_version`` and ``config`` keys)."""
+    if not regular_file(run_dir / CONFIG_FILE):
+        return False
     try:
         payload = parse_json((run_dir / CONFIG_FILE).read_text())
     except (OSError, ValueError):

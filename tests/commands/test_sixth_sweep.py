@@ -138,3 +138,14 @@ def test_evaluate_on_the_folder_a_run_trained_on_whole_is_refused(tmp_path: Path
 def test_options_and_settings_nothing_reads_are_refused(args, said: str, tiny_run: Path, tmp_path: Path):
     assert said in refused(*args, "--ckpt", tiny_run, *(["--out", tmp_path / "s.png"] if args[0] == "sample" else []))
     assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_fifo_under_a_run_files_name_is_refused_not_waited_on(name: str, tiny_run: Path, digit_png: Path,
+                                                                tmp_path: Path):
+    import shutil
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock")))
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    assert "is not a regular file" in refused("score", "--ckpt", run, digit_png)

@@ -23,7 +23,7 @@ import typer
 
 InverseDecoder = Literal["sequential", "student"]  # the inverses that decode part of the flow (upto a block)
 
-from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, check_seed, default_output, exit_with, refuse_unused, resolve_class, command
+from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, check_seed, default_output, exit_with, refuse_outputs_in_data, refuse_unused, resolve_class, command
 from farmer_cli.config.schema import MAX_SAMPLING_SCALE
 
 NAME = "inspect-channels"
@@ -79,6 +79,7 @@ def run(
         exit_with("--n must be between 1 and 64")
     run_dir = find_checkpoint(ckpt)
     model, cfg, class_names, _ = load_model(run_dir, choose_device(device))
+    refuse_outputs_in_data(cfg.data, [("--out", out)])
     mc = cfg.model
     if mc.d_redundant == 0:
         exit_with("this model has no redundant channels (model.channel_split = false): nothing to inspect")

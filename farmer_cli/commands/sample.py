@@ -25,8 +25,8 @@ from typing import List, Optional
 
 from farmer_cli.config.schema import Decoder, DecodeSteps, Guidance, Precision
 from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image,
-                                 check_seed, default_output, exit_with, refuse_unread_sampling, resolve_class,
-                                 set_sampling_keys, command)
+                                 check_seed, default_output, exit_with, refuse_outputs_in_data, refuse_unread_sampling,
+                                 resolve_class, set_sampling_keys, command)
 
 NAME = "sample"
 MAX_IMAGES = 10_000  # per call: every image is kept in memory for the grid
@@ -111,6 +111,7 @@ def run(
     with processes_ended():
         run_dir = find_checkpoint(ckpt)
         model, cfg, class_names, step = load_model(run_dir, device)
+        refuse_outputs_in_data(cfg.data, [("--out", out), ("--out-dir", out_dir)])
         s = sampling_config(cfg, preset_sampling, {
             "sampling.cfg": ("--cfg", cfg_weight), "sampling.temperature": ("--temperature", temperature),
             "sampling.var_scale": ("--var-scale", var_scale), "sampling.guidance": ("--guidance", guidance),

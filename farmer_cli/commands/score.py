@@ -20,7 +20,8 @@ from typing import List, Optional
 
 import typer
 
-from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_draws, check_output_image, exit_with, resolve_class, command
+from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_draws, check_output_image, exit_with,
+                                 refuse_outputs_in_data, resolve_class, command)
 
 NAME = "score"
 
@@ -59,6 +60,7 @@ def run(
     if heatmap is not None:
         check_output_image(heatmap, "--heatmap", images)
     model, cfg, class_names, _ = load_model(find_checkpoint(ckpt), choose_device(device))
+    refuse_outputs_in_data(cfg.data, [("--heatmap", heatmap)])
     mc = cfg.model
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)
     loaded = [load_image(f, mc.channels, mc.image_size) for f in files]  # fails early, naming the bad file

@@ -149,3 +149,14 @@ def test_a_fifo_under_a_run_files_name_is_refused_not_waited_on(name: str, tiny_
     (run / name).unlink()
     os.mkfifo(run / name)
     assert "is not a regular file" in refused("score", "--ckpt", run, digit_png)
+
+
+def test_outputs_inside_the_runs_data_are_refused(folder_run: Path, tmp_path: Path):
+    data = tmp_path / "data"
+    image = data / "b" / "img000.png"
+    for args in (["sample", "--class", "a", "--n", "1", "--out", data / "a" / "grid.png"],
+                 ["sample", "--class", "a", "--n", "1", "--out", tmp_path / "s.png", "--out-dir", data / "a"],
+                 ["score", image, "--heatmap", data / "b" / "heat.png"],
+                 ["inspect-channels", "--out", data / "insp.png"]):
+        assert "where the run's images come from" in refused(*args, "--ckpt", folder_run)
+    assert sorted(p.name for p in data.rglob("*")) == sorted(["a", "b", *[f"img{i:03d}.png" for i in range(10)] * 2])

@@ -26,6 +26,15 @@ def grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int = 1, backgrou
     return Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
 
 
+def class_grid_pixels(classes: int, per_class: int, size: int, scale: int, max_columns: int = 16,
+                      pad: int = 2) -> int:
+    """Pixels of the :func:`grid` of :func:`class_blocks` for ``classes`` x ``per_class`` images of ``size``² px
+    enlarged ``scale`` times: known before any image is made."""
+    cell, columns = size * scale + pad, min(per_class, max_columns)
+    rows = classes * -(-per_class // max_columns)
+    return (columns * cell + pad) * (rows * cell + pad)
+
+
 def class_blocks(images: torch.Tensor, per_class: int, max_columns: int = 16,
                  background: int = 255) -> tuple[torch.Tensor, int]:
     """Images (K·n, C, H, W), class-major with n = ``per_class`` -> (cells, columns) for :func:`grid`: one row per

@@ -129,6 +129,8 @@ def run(
         student_flow = load_student(run_dir, model) if s.decoder == "student" else None
         labels = _labels(classes, model.cfg.num_classes, class_names, seed)
         _check_image_count(n, len(labels))
+        scale = scale or max(1, 64 // cfg.model.image_size)  # auto: cells of at least 64 px
+        _check_grid(n, len(labels), cfg.model.image_size, scale)
         y_all = torch.tensor(labels).repeat_interleave(n)
         precision, warning = resolve_precision(precision, device.type, training=False)
         if warning and main:
@@ -156,7 +158,7 @@ def run(
         if not main:
             return
         images = torch.cat(images) if world == 1 else _read_pngs(out_dir, names)
-        save_png(grid(*class_blocks(images, n), scale=scale or max(1, 64 // cfg.model.image_size)), out)
+        save_png(grid(*class_blocks(images, n), scale=scale), out)
         how = (f"cfg {s.cfg} ({s.guidance}{_effective_sample_sizes(stats, s, model.prior.N)})" if s.cfg > 0
                else f"unguided (T={s.temperature}, S={s.var_scale})")
         sigma = model.denoise_sigma(s)
@@ -211,6 +213,20 @@ def _check_image_count(n: int, classes: int) -> None:
     if n * classes > MAX_IMAGES:
         exit_with(f"--n {n} x {classes} class(es) is more than {MAX_IMAGES:,} images in one call; sample in several "
                   "calls (different --seed), or use farmer evaluate for large sample sets")
+
+
+def _check_grid(n: int, classes: int, size: int, scale: int) -> None:
+    """The grid at most as large as PIL opens (twice ``Image.MAX_IMAGE_PIXELS``; farmer's image readers refuse larger
+    ones too): checked before sampling, not found out when the grid is built."""
+    from PIL import Image
+
+    from farmer_cli.viz import class_grid_pixels
+
+    pixels, limit = class_grid_pixels(classes, n, size, scale), 2 * Image.MAX_IMAGE_PIXELS
+    if pixels > limit:
+        exit_with(f"--n {n} x {classes} class(es) of {size}px at --scale {scale} make a grid of {pixels / 1e6:,.0f} "
+                  f"megapixels, more than an image viewer or PIL opens ({limit / 1e6:.0f}); lower --n or --scale, "
+                  "or sample in several calls")
 
 
 def _check_apart(out: Path, out_dir: Path, names: list[str]) -> None:

@@ -160,3 +160,16 @@ def test_outputs_inside_the_runs_data_are_refused(folder_run: Path, tmp_path: Pa
                  ["inspect-channels", "--out", data / "insp.png"]):
         assert "where the run's images come from" in refused(*args, "--ckpt", folder_run)
     assert sorted(p.name for p in data.rglob("*")) == sorted(["a", "b", *[f"img{i:03d}.png" for i in range(10)] * 2])
+
+
+def test_a_grid_larger_than_pil_opens_is_refused_before_sampling(tiny_run: Path, tmp_path: Path):
+    import torch
+
+    from farmer_cli.viz import class_blocks, class_grid_pixels, grid
+
+    for classes, n, size, scale in [(1, 1, 8, 8), (3, 5, 8, 2), (2, 17, 8, 1), (1, 40, 28, 2)]:
+        image = grid(*class_blocks(torch.zeros(classes * n, 1, size, size, dtype=torch.uint8), n), scale=scale)
+        assert image.size[0] * image.size[1] == class_grid_pixels(classes, n, size, scale)
+    said = refused("sample", "--ckpt", tiny_run, "--class", "0", "--n", "10000", "--scale", "64", "--out",
+                   tmp_path / "big.png")
+    assert "megapixels, more than an image viewer or PIL opens" in said and not (tmp_path / "big.png").exists()

@@ -155,7 +155,8 @@ def _parse_toml(text: str, origin: str) -> dict:
 def _read_preset(path: Path) -> str:
     """The text of a preset file; ConfigError naming it when it is not a readable UTF-8 file (TOML is UTF-8)."""
     if not path.is_file():
-        what = "is a directory, not a preset file" if path.is_dir() else "does not exist"
+        what = ("is a directory, not a preset file" if path.is_dir() else
+                "is not a regular file (a FIFO, device or socket)" if path.exists() else "does not exist")
         raise ConfigError(f"preset file {path} {what}; give a .toml file or a preset name ({', '.join(preset_names())})")
     try:
         return path.read_bytes().decode("utf-8")
@@ -181,7 +182,13 @@ def load_preset(name_or_path: str) -> Config:
                               f"available: {', '.join(names)}")
         text, origin = (_preset_dir() / f"{name_or_path}.toml").read_text(), f"preset {name_or_path}"
     cfg = from_dict(_parse_toml(text, origin), origin)
-    cfg.preset = cfg.preset or _preset_name(path.stem, origin)
+    if not cfg.preset:  # named after its file: a name that does not fit a run directory's is the file's to change
+        try:
+            cfg.preset = _preset_name(path.stem, origin)
+        except ConfigError:
+            raise ConfigError(f"preset file {path}: its name '{path.stem}' names the runs (runs/<preset>-<time>) but "
+                              "is not a plain name (letters, digits, '-', '_', '.'); rename the file or add a line "
+                              "preset = \"my-name\"") from None
     return cfg
 
 

@@ -173,3 +173,17 @@ def test_a_grid_larger_than_pil_opens_is_refused_before_sampling(tiny_run: Path,
     said = refused("sample", "--ckpt", tiny_run, "--class", "0", "--n", "10000", "--scale", "64", "--out",
                    tmp_path / "big.png")
     assert "megapixels, more than an image viewer or PIL opens" in said and not (tmp_path / "big.png").exists()
+
+
+def test_preset_files_named_unlike_a_run_or_not_regular_are_named_for_what_they_are(tmp_path: Path):
+    from farmer_cli.config.files import ConfigError, load_preset
+    from farmer_cli.config.files import _preset_dir
+
+    text = "\n".join(line for line in (_preset_dir() / "tiny.toml").read_text().splitlines()
+                     if not line.startswith("preset"))
+    (tmp_path / "my preset.toml").write_text(text)
+    with pytest.raises(ConfigError, match="its name 'my preset' names the runs .* rename the file or add a line"):
+        load_preset(str(tmp_path / "my preset.toml"))
+    os.mkfifo(tmp_path / "fifo.toml")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_preset(str(tmp_path / "fifo.toml"))

@@ -85,9 +85,10 @@ def run(
         check_metrics(run_dir, DISTILL_METRICS_FILE)
     stored = stored_distill_settings(run_dir) if resume else None
     if stored is not None:  # a resumed distillation keeps its schedule
-        asked = {k: v for k, v in dataclasses.asdict(cfg.distill).items() if stored.get(k) != v}
-        given = any(v is not None for v in (steps, batch_size, lr)) or any(o.startswith("distill.") for o in overrides)
-        if asked and given:
+        given = {k for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)) if v is not None} | \
+            {k[len("distill."):] for k in keys if k.startswith("distill.")}
+        asked = {k: v for k, v in dataclasses.asdict(cfg.distill).items() if k in given and stored.get(k) != v}
+        if asked:
             exit_with(f"--resume keeps the distillation settings of {run_dir}, but this would change "
                       + "; ".join(f"distill.{k}: {stored.get(k)!r} -> {v!r}" for k, v in asked.items())
                       + ". Start a new distillation with --overwrite (it replaces the student) to change them")

@@ -187,3 +187,12 @@ def test_preset_files_named_unlike_a_run_or_not_regular_are_named_for_what_they_
     os.mkfifo(tmp_path / "fifo.toml")
     with pytest.raises(ConfigError, match="is not a regular file"):
         load_preset(str(tmp_path / "fifo.toml"))
+
+
+def test_distill_resume_names_only_the_settings_that_were_given(tiny_run: Path, tmp_path: Path):
+    import shutil
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock")))
+    farmer("distill", "--ckpt", str(run), "--steps", "3", "--batch-size", "8")
+    said = refused("distill", "--ckpt", run, "--resume", "--lr", "0.5")
+    assert "distill.lr: " in said and "-> 0.5" in said and "distill.steps" not in said

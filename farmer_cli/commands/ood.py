@@ -26,7 +26,8 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from farmer_cli.commands import CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws, check_output_image, default_output, exit_with, command
+from farmer_cli.commands import (CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws, check_output_image,
+                                 default_output, exit_with, refuse_outputs_in_data, command)
 from farmer_cli.storage import within
 
 NAME = "ood"
@@ -83,6 +84,7 @@ def run(
         exit_with(f"--background {background} is the --ckpt run itself, so every ratio score would be 0; give a "
                   "second run (a model of generic images at the same resolution)")
     model, cfg, _, _ = load_model(run_dir, device)
+    refuse_outputs_in_data(cfg.data, [("--figure", figure)])
     mc = cfg.model
     other = None
     if background is not None:  # loaded and checked before any scoring

@@ -157,7 +157,8 @@ def test_outputs_inside_the_runs_data_are_refused(folder_run: Path, tmp_path: Pa
     for args in (["sample", "--class", "a", "--n", "1", "--out", data / "a" / "grid.png"],
                  ["sample", "--class", "a", "--n", "1", "--out", tmp_path / "s.png", "--out-dir", data / "a"],
                  ["score", image, "--heatmap", data / "b" / "heat.png"],
-                 ["inspect-channels", "--out", data / "insp.png"]):
+                 ["inspect-channels", "--out", data / "insp.png"],
+                 ["ood", "--in", image, "--figure", data / "a" / "ood.png"]):
         assert "where the run's images come from" in refused(*args, "--ckpt", folder_run)
     assert sorted(p.name for p in data.rglob("*")) == sorted(["a", "b", *[f"img{i:03d}.png" for i in range(10)] * 2])
 

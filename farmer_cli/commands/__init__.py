@@ -76,15 +76,15 @@ def refuse_outputs_in_data(data, outputs) -> None:
     """Exit 2 when an output ((option, path or None) pairs) is, or lies inside, a folder the run's data comes from
     (``data``: its DataConfig; ``source`` and ``test_source``): written there, it would be read as an image of the
     data set by the next training or evaluation."""
-    from pathlib import Path
-
+    from farmer_cli.data.sources import data_folders
     from farmer_cli.storage import within
 
     for option, path in outputs:
-        for folder in (data.source, data.test_source):
-            if path is not None and folder and Path(folder).is_dir() and within(path, folder):
-                exit_with(f"{option} {path} is inside {folder}, where the run's images come from: it would be read "
-                          "as an image of the data set next time; choose a place outside it")
+        for source in (data.source, data.test_source):
+            inside = next((f for f in data_folders(source) if path is not None and within(path, f)), None)
+            if inside is not None:
+                exit_with(f"{option} {path} is inside {inside}, where the run's images ({source}) are: it would be "
+                          "read as an image of the data set next time; choose a place outside it")
 
 
 def refuse_unused(options, where: str, why: str) -> None:

@@ -98,6 +98,7 @@ def run(
     from farmer_cli.storage import atomic_write
     from farmer_cli.config.files import apply_options
     from farmer_cli.data.dataset import load_data, relation_to_training
+    from farmer_cli.data.sources import data_folders, open_source, shared_images
     from farmer_cli.eval.protocol import METRICS, evaluate
     from farmer_cli.sample.generate import my_chunks
     from farmer_cli.eval.inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
@@ -170,6 +171,12 @@ def run(
         if split == "test" and relation != "own" and relation != "other":
             exit_with(_trained_on(relation, run_dir, trained))
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
+        if split == "test" and relation == "other" and data_folders(trained.source):  # a copy, or linked folders
+            shared = shared_images(open_source(trained), bundle.test.source)
+            if shared:
+                exit_with(f"the test images {cfg.data.test_source or cfg.data.source} hold images {run_dir} trained "
+                          f"on ({shared}); leave --data out to use the run's test split, or name images it did not "
+                          "train on")
         own_data = relation == "own"
         recorded = load_config(run_dir)[2].get("data")
         if own_data and recorded is None and main:

@@ -95,7 +95,7 @@ def run(
     from farmer_cli.config.schema import MAX_TRAIN_SEED
     from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import layout_change, load_data
-    from farmer_cli.data.sources import canonical_source
+    from farmer_cli.data.sources import canonical_source, data_folders
     from farmer_cli.rundir import claim_on_main, resume_conflicts
     from farmer_cli.device import (checked_on_every_process, processes_ended, make_accelerator, precision_name,
                                    tracker_options)
@@ -150,10 +150,14 @@ def run(
                       "settings in config.json are not those the weights were trained with): one of them was edited "
                       "or replaced since the last checkpoint; restore the run's own files, or start a new run to "
                       "change settings")
+    if not resume:  # a data folder from a preset or --set is recorded as its absolute path too
+        cfg.data.source = canonical_source(cfg.data.source)
+        cfg.data.test_source = canonical_source(cfg.data.test_source)
     for option, source in (("--data", cfg.data.source), ("--test-data", cfg.data.test_source)):
-        if source and Path(source).is_dir() and within(out or RUNS_DIR, Path(source)):
-            exit_with(f"--out {out or RUNS_DIR} is inside {option} {source}: the run's sample grids would be read as "
-                      "images of the data set; put the run outside it")
+        inside = next((f for f in data_folders(source) if within(out or RUNS_DIR, f)), None)
+        if inside is not None:
+            exit_with(f"--out {out or RUNS_DIR} is inside {option} {source} ({inside}): the run's sample grids would "
+                      "be read as images of the data set; put the run outside it")
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     accumulated = cfg.train.batch_size * cfg.train.grad_accum_steps
     if accumulated > max(cfg.train.batch_size, len(bundle.train)):

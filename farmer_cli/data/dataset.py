@@ -17,7 +17,8 @@ import torch
 
 from farmer_cli.config.schema import DataConfig
 from farmer_cli.data.images import IMAGE_ERRORS, to_uint8
-from farmer_cli.data.sources import DataError, Source, Unlabelled, canonical_source, digest, open_source
+from farmer_cli.data.sources import (DataError, Source, Unlabelled, canonical_source, digest, open_source,
+                                     shared_images)
 
 log = logging.getLogger("farmer")
 
@@ -180,6 +181,10 @@ def _open_test_source(cfg: DataConfig, source: Source) -> Source:
                         "bits/dim would be measured on training images; give the official test or validation set, "
                         "or leave it out to hold out part of the data")
     test = open_source(dataclasses.replace(cfg, source=cfg.test_source))
+    shared = shared_images(source, test)
+    if shared:
+        raise DataError(f"data.test_source {cfg.test_source} holds training images of data.source {cfg.source} "
+                        f"({shared}): its bits/dim would be measured on training images; give a separate test set")
     if not cfg.use_labels:
         return Unlabelled(test)
     if test.class_names != source.class_names:

@@ -112,10 +112,18 @@ class FileSource(Source):
 
     def contents(self) -> str:
         """SHA-256 of the first MiB of each class's first file (one read per class)."""
+        return digest([[label, _head_digest(path)] for label, path in sorted(self.first_files().items())])
+
+    def first_files(self) -> dict[int, Path]:
+        """Each class's first file (by path): class index -> path."""
         first: dict[int, Path] = {}
         for path, label in zip(self.paths, self.labels):
             first.setdefault(int(label), path)
-        return digest([[label, _head_digest(path)] for label, path in sorted(first.items())])
+        return first
+
+    def class_folders(self) -> list[Path]:
+        """The class folders, links resolved: where the images really are."""
+        return [(Path(self.name) / name).resolve() for name in self.class_names]
 
     def fingerprint(self, indices: list[int]) -> str:
         """The selected files' resolved paths, sizes and modification times, and their labels."""
@@ -300,6 +308,36 @@ class HFSource(Source):
         return row[self.image_col], (label if self.lookup is None else self.lookup[str(label)])
 
 
+def shared_images(a: Source, b: Source) -> str:
+    """Why two image-folder sources hold the same images, "" when they do not as far as is cheap to tell: a class
+    folder of one is, holds or lies inside one of the other (links resolved: a folder of linked class folders), or
+    a class of the same name starts with the same file bytes in both (a copy). Other sources: ""."""
+    a, b = getattr(a, "source", a), getattr(b, "source", b)  # Unlabelled wraps the files
+    if not (isinstance(a, FileSource) and isinstance(b, FileSource)):
+        return ""
+    for one, other in ((a, b), (b, a)):
+        folders = set(other.class_folders())
+        for folder in one.class_folders():
+            inside = next((f for f in (folder, *folder.parents) if f in folders), None)
+            if inside is not None:
+                return f"its class folder {folder} is, or lies in, {inside} of {other.name}"
+    first_b = {b.class_names[k]: path for k, path in b.first_files().items()}
+    for k, path in a.first_files().items():
+        twin = first_b.get(a.class_names[k])
+        if twin is not None and _head_digest(path) == _head_digest(twin) != "unreadable":
+            return f"class {a.class_names[k]} starts with the same image in both ({path}, {twin}): a copy"
+    return ""
+
+
+def data_folders(source: str) -> list[Path]:
+    """Where a folder source's images really are: the folder and its class folders, links resolved (a folder of
+    linked class folders keeps its images elsewhere); nothing for other sources."""
+    root = Path(source).expanduser() if source else None
+    if root is None or source in BUILTIN_SOURCES or not root.is_dir():
+        return []
+    return [root.resolve(), *((root / name).resolve() for name in folder_index.class_folders(root))]
+
+
 def canonical_source(source: str | None) -> str | None:
     """A data folder or saved dataset as its absolute, resolved path (what config.json records, and what two
     settings are compared by); built-in and hub names, and paths that do not exist, as they are."""
@@ -346,6 +384,12 @@ class Unlabelled(Source):
 
     def layout(self) -> str:
         return self.source.layout()
+
+    def sizes(self) -> str | None:
+        return self.source.sizes()
+
+    def contents(self) -> str | None:
+        return self.source.contents()
 
     def fingerprint(self, indices: list[int]) -> str:
         return self.source.fingerprint(indices)

@@ -1,6 +1,7 @@
-"""Cases of the sixth hostile sweep (GitHub issue 24): a test split is never made of images the run trained on,
-data changed in place or swapped between classes is noticed, and ood's training statistics come from the images the
-model learned. Refusals are one "error:" line and exit status 2, before any work. (The run lock's cases are in
+"""Cases of the sixth and seventh hostile sweeps (GitHub issue 24): a test split is never made of images the run
+trained on (re-split, named again, linked class folders, a copy), data changed in place or swapped between classes
+is noticed, ood's training statistics come from the images the model learned, and nothing is written where the
+run's images really are. Refusals are one "error:" line and exit status 2, before any work. (The run lock's cases are in
 tests/test_rundir.py.)"""
 
 from __future__ import annotations
@@ -197,3 +198,58 @@ def test_distill_resume_names_only_the_settings_that_were_given(tiny_run: Path, 
     farmer("distill", "--ckpt", str(run), "--steps", "3", "--batch-size", "8")
     said = refused("distill", "--ckpt", run, "--resume", "--lr", "0.5")
     assert "distill.lr: " in said and "-> 0.5" in said and "distill.steps" not in said
+
+
+# ----- seventh sweep -----
+def _linked(folder: Path, target: Path) -> Path:
+    """A folder whose class folders are symbolic links to ``target``'s."""
+    folder.mkdir()
+    for c in sorted(p.name for p in target.iterdir()):
+        (folder / c).symlink_to(target / c)
+    return folder
+
+
+def test_test_data_of_linked_class_folders_or_a_copy_is_refused(tmp_path: Path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = _images(tmp_path / "data")
+    linked, copy = _linked(tmp_path / "linked", data), Path(shutil.copytree(data, tmp_path / "copy"))
+    for train, test, said in ((data, linked, "is, or lies in"), (linked, data, "is, or lies in"),
+                              (data, copy, "starts with the same image in both")):
+        line = refused("train", "--preset", "tiny", "--data", train, "--test-data", test, "--out", tmp_path / "r")
+        assert "holds training images" in line and said in line and not (tmp_path / "r").exists()
+
+
+def test_evaluate_on_linked_or_copied_training_images_is_refused(folder_run: Path, tmp_path: Path):
+    import shutil
+
+    data = tmp_path / "data"
+    linked = _linked(tmp_path / "linked", data)
+    assert "holds training images" in refused("evaluate", "--ckpt", folder_run, "--metrics", "bpd",
+                                              "--set", f"data.test_source={linked}")
+    copy = Path(shutil.copytree(data, tmp_path / "copy"))
+    shutil.copy(data / "a" / "img000.png", copy / "a" / "zzz_extra.png")  # another count: another split
+    said = refused("evaluate", "--ckpt", folder_run, "--metrics", "bpd", "--data", copy)
+    assert "hold images" in said and "a copy" in said
+
+
+def test_nothing_goes_where_linked_class_folders_keep_their_images(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real = _images(tmp_path / "real")
+    linked = _linked(tmp_path / "linked", real)
+    said = refused("train", "--preset", "tiny", "--data", linked, "--out", real / "a" / "run")
+    assert "is inside --data" in said and not (real / "a" / "run").exists()
+    farmer("train", "--preset", "tiny", "--data", str(linked), "--steps", "1", "--out", str(tmp_path / "r"))
+    assert "where the run's images" in refused("sample", "--ckpt", tmp_path / "r", "--class", "a", "--n", "1",
+                                               "--out", real / "a" / "x.png")
+
+
+def test_a_data_folder_from_a_preset_or_set_is_recorded_as_its_absolute_path(tmp_path: Path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _images(tmp_path / "imgs")
+    farmer("train", "--preset", "tiny", "--set", "data.source=imgs", "--steps", "1", "--out", "r", cwd=tmp_path)
+    recorded = json.loads((tmp_path / "r" / "config.json").read_text())["config"]["data"]["source"]
+    assert recorded == str((tmp_path / "imgs").resolve())

@@ -121,7 +121,7 @@ def run(
         refuse_unread_sampling(s, [(name, key) for name, key, value in (
             ("--temperature", "temperature", temperature), ("--var-scale", "var_scale", var_scale),
             ("--candidates", "cond_candidates", candidates), ("--guidance", "guidance", guidance)) if value is not None]
-            + set_sampling_keys(overrides))
+            + set_sampling_keys(overrides) + _preset_keys(preset_sampling))
         try:
             steps = resolve_mode(s.decode_steps, device)
         except ValueError as e:
@@ -180,6 +180,14 @@ def sampling_config(cfg, preset_sampling, options: dict, overrides):
         apply_sampling_preset(cfg, preset_sampling)
     apply_options(cfg, options, overrides, allowed=("sampling",))
     return cfg.sampling
+
+
+def _preset_keys(name: str | None) -> list[tuple[str, str]]:
+    """(``--preset-sampling NAME (sampling.KEY)``, KEY) for each setting of a named sampling preset."""
+    from farmer_cli.config.files import sampling_preset
+
+    keys = sampling_preset(name)["sampling"] if name is not None else {}
+    return [(f"--preset-sampling {name} (sampling.{key})", key) for key in keys]
 
 
 def _labels(classes: list[str], num_classes: int, class_names: list[str], seed: int) -> list[int]:

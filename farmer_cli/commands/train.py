@@ -80,8 +80,12 @@ def run(
         refuse_unused((("--data", data), ("--test-data", test_data), ("--steps", steps), ("--epochs", epochs),
                        ("--lr", lr), ("--seed", seed), ("--overwrite", overwrite or None),
                        ("--stop-after", stop_after or None), ("--workers", workers),
-                       ("--report-to", None if report_to == "none" else report_to)),
+                       ("--report-to", None if report_to == "none" else report_to),
+                       *[(f"--set {key}", True) for key in _set_keys(overrides)
+                         if not key.startswith("model.") and key not in PLANNED_SETTINGS]),
                       "with --dry-run", "it plans memory and time from the model and batch settings and reads no data")
+        refuse_unused([("--preset", preset if resume else None)], "with --dry-run --resume",
+                      "it plans the run's own settings")
         return _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides,
                         80.0 if gpu_memory is None else gpu_memory, 8 if gpus is None else gpus, plan_device or "gpu",
                         as_json)
@@ -111,6 +115,8 @@ def run(
         exit_with("--stop-after must be 0 (off) or a positive number of steps")
     if steps is not None and epochs is not None:
         exit_with("give --steps or --epochs, not both")
+    if epochs is not None and epochs < 1:
+        exit_with(f"--epochs {epochs}: give at least 1 (or --steps)")
     if resume and overwrite:
         exit_with("--resume continues a run and --overwrite replaces it: give one of them")
     restart = resume and out is not None and never_saved(out)  # a requeued job's --resume starts it again
@@ -216,6 +222,13 @@ def _count_params(cfg) -> int:
 
     with torch.device("meta"):
         return sum(p.numel() for p in Farmer(cfg.model).parameters())
+
+
+PLANNED_SETTINGS = ("train.batch_size", "train.grad_accum_steps", "train.mixed_precision")  # and model.*
+
+
+def _set_keys(overrides) -> list[str]:
+    return [item.split("=", 1)[0].strip() for item in overrides]
 
 
 def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides, gpu_memory, gpus, plan_device,

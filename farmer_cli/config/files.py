@@ -192,8 +192,8 @@ def load_preset(name_or_path: str) -> Config:
     return cfg
 
 
-def apply_sampling_preset(cfg: Config, name: str) -> Config:
-    """Apply a named sampling setting (``presets/sampling/<name>.toml``, ``[sampling]`` keys only)."""
+def sampling_preset(name: str) -> dict:
+    """The settings of a named sampling preset (``presets/sampling/<name>.toml``): {"sampling": {key: value}}."""
     names = sampling_preset_names()
     if name not in names:
         raise ConfigError(f"unknown sampling preset '{name}'{suggest(name, names)}; available: {', '.join(names)}")
@@ -201,7 +201,12 @@ def apply_sampling_preset(cfg: Config, name: str) -> Config:
     raw = _parse_toml((_preset_dir() / "sampling" / f"{name}.toml").read_text(), origin)
     if set(raw) - {"sampling"}:
         raise ConfigError(f"{_at(origin)}may only set [sampling] keys")
-    return apply_dict(cfg, raw, origin)
+    return raw
+
+
+def apply_sampling_preset(cfg: Config, name: str) -> Config:
+    """Apply a named sampling setting (:func:`sampling_preset`)."""
+    return apply_dict(cfg, sampling_preset(name), f"sampling preset {name}")
 
 
 def _parse_override(item: str) -> tuple[str, str, str]:
@@ -215,9 +220,16 @@ def _parse_override(item: str) -> tuple[str, str, str]:
 
 def apply_overrides(cfg: Config, overrides: list[str], allowed: tuple[str, ...] = SECTIONS) -> Config:
     """Apply ``section.key=value`` strings in order, then validate; raises ConfigError on any bad one.
-    ``allowed`` limits which sections may be overridden (``sample`` takes only ``sampling.*``)."""
+    ``allowed`` limits which sections may be overridden (``sample`` takes only ``sampling.*``). A setting given
+    twice is refused (the last would win without a word)."""
+    seen: dict[str, str] = {}
     for item in overrides:
         section, key, value = _parse_override(item)
+        dotted = f"{section}.{key}"
+        same = next((seen[k] for k in SAME_SETTING.get(dotted, (dotted,)) if k in seen), None)
+        if same is not None:
+            raise ConfigError(f"--set {same} and --set {item} both decide {dotted}: give it once")
+        seen[dotted] = item
         if section in SECTIONS and section not in allowed:
             raise ConfigError(f"'{item}': only {', '.join(s + '.*' for s in allowed)} keys can be set here")
         _assign(cfg, section, key, value, "")

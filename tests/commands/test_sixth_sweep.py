@@ -253,3 +253,22 @@ def test_a_data_folder_from_a_preset_or_set_is_recorded_as_its_absolute_path(tmp
     farmer("train", "--preset", "tiny", "--set", "data.source=imgs", "--steps", "1", "--out", "r", cwd=tmp_path)
     recorded = json.loads((tmp_path / "r" / "config.json").read_text())["config"]["data"]["source"]
     assert recorded == str((tmp_path / "imgs").resolve())
+
+
+def test_settings_given_twice_or_planned_from_nothing_are_refused(tiny_run: Path, tmp_path: Path):
+    from farmer_cli.config.files import ConfigError, apply_overrides, load_preset
+
+    with pytest.raises(ConfigError, match="both decide train.lr: give it once"):
+        apply_overrides(load_preset("tiny"), ["train.lr=1e-3", "train.lr=2e-3"])
+    with pytest.raises(ConfigError, match="both decide train.epochs"):
+        apply_overrides(load_preset("tiny"), ["train.steps=5", "train.epochs=2"])
+    assert "--set train.lr, --set data.source have no effect with --dry-run" in refused(
+        "train", "--preset", "tiny", "--dry-run", "--set", "train.lr=0.1", "--set", "data.source=digits",
+        "--set", "model.af_width=64")
+    assert "--preset has no effect with --dry-run --resume" in refused(
+        "train", "--preset", "quickstart", "--dry-run", "--resume", "--out", tiny_run)
+    assert "--epochs 0: give at least 1" in refused("train", "--preset", "tiny", "--epochs", "0", "--out",
+                                                     tmp_path / "r")
+    said = refused("sample", "--ckpt", tiny_run, "--class", "0", "--n", "1", "--preset-sampling", "unguided",
+                   "--cfg", "2", "--out", tmp_path / "s.png")
+    assert "--preset-sampling unguided (sampling.var_scale)" in said and "only unguided sampling" in said

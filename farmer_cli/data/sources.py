@@ -273,6 +273,11 @@ def _hf(source: str, cfg: DataConfig) -> Source:
     feature = ds.features.get(label_col)
     if label_col and hasattr(feature, "names"):
         names = list(feature.names)
+        outside = sorted((v for v in ds.unique(label_col) if v is None or not 0 <= v < len(names)), key=str)
+        if outside and cfg.use_labels:
+            raise DataError(f"{source}: the label column '{label_col}' holds {', '.join(map(str, outside[:3]))}, "
+                            f"which is no class of its {len(names)} (-1 marks unlabelled rows, as in ImageNet's test "
+                            "split); drop those rows or splits, or set data.use_labels=false")
     elif label_col:
         values = set(ds[label_col])
         if None in values:

@@ -272,3 +272,17 @@ def test_settings_given_twice_or_planned_from_nothing_are_refused(tiny_run: Path
     said = refused("sample", "--ckpt", tiny_run, "--class", "0", "--n", "1", "--preset-sampling", "unguided",
                    "--cfg", "2", "--out", tmp_path / "s.png")
     assert "--preset-sampling unguided (sampling.var_scale)" in said and "only unguided sampling" in said
+
+
+def test_unlabelled_rows_of_a_class_label_column_are_named(tmp_path: Path):
+    import datasets
+
+    from farmer_cli.data.sources import DataError
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y", "z"])})
+    rows = lambda n, label: {"image": [Image.new("L", (8, 8), 9 * i) for i in range(n)], "label": [label] * n}  # noqa: E731
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(6, 1), features=features),
+                          "test": datasets.Dataset.from_dict(rows(3, -1), features=features)}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(DataError, match=r"holds -1, which is no class of its 3 .* data.use_labels=false"):
+        load_data(DataConfig(source=str(tmp_path / "ds")), 1, 8)
+    assert len(load_data(DataConfig(source=str(tmp_path / "ds"), use_labels=False), 1, 8).test) == 3

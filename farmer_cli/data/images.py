@@ -108,7 +108,8 @@ def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor
     if p.is_dir():
         raise DataError(f"{p} is a folder; give one image file")
     if not p.is_file():
-        raise DataError(f"{p}: no such file")
+        raise DataError(f"{p}: " + ("not a regular file (a device, FIFO or socket); give an image file" if p.exists()
+                                    else "no such file"))
     try:
         with open_image(p) as img:
             img.load()

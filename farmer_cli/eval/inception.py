@@ -45,7 +45,8 @@ def find_fid_weights(explicit: str | Path | None = None) -> Path:
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise WeightsError(f"{path}: FID weights file does not exist")
+            raise WeightsError(f"{path}: " + ("not a regular file, so no FID weights file" if path.exists()
+                                              else "FID weights file does not exist"))
         return path
     cached = cache_dir("fid", "default_1.pt")
     if cached.is_file():

@@ -27,6 +27,8 @@ def load_ref_stats(path: Path, feature_dim: int | None = None) -> dict:
     images ``arr_0`` that ADM's files ship instead of features, or None; read later by :func:`iter_npz_images`),
     path, sha256, and the protocol the file records (files written by this tool) or None."""
     path = Path(path).expanduser()
+    if path.exists() and not path.is_file():
+        raise StatsError(f"--ref-stats {path}: not a regular file; give the .npz file")
     if not path.is_file():
         raise StatsError(f"--ref-stats {path}: no such file (download ADM's reference batch beforehand; nothing is "
                          "downloaded at run time)")

@@ -286,3 +286,17 @@ def test_unlabelled_rows_of_a_class_label_column_are_named(tmp_path: Path):
     with pytest.raises(DataError, match=r"holds -1, which is no class of its 3 .* data.use_labels=false"):
         load_data(DataConfig(source=str(tmp_path / "ds")), 1, 8)
     assert len(load_data(DataConfig(source=str(tmp_path / "ds"), use_labels=False), 1, 8).test) == 3
+
+
+def test_a_device_given_as_an_input_file_is_named_as_one():
+    from farmer_cli.data.images import load_image
+    from farmer_cli.data.sources import DataError
+    from farmer_cli.eval.inception import find_fid_weights
+    from farmer_cli.eval.ref_stats import load_ref_stats
+
+    with pytest.raises(DataError, match="not a regular file"):
+        load_image("/dev/zero", 1, 8)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_ref_stats(Path("/dev/zero"))
+    with pytest.raises(Exception, match="not a regular file"):
+        find_fid_weights(Path("/dev/zero"))

@@ -481,7 +481,8 @@ def test_evaluate_data_replaces_a_recorded_test_set(tmp_path: Path):
         for c in "ab":
             (tmp_path / name / c).mkdir(parents=True)
             for i in range(per_class):
-                Image.new("L", (8, 8), 20 * i + (c == "b") * 100).save(tmp_path / name / c / f"{i}.png")
+                shade = 20 * i + (c == "b") * 100 + {"train": 0, "test": 7, "other": 3}[name]  # three sets' images
+                Image.new("L", (8, 8), shade).save(tmp_path / name / c / f"{i}.png")
         return tmp_path / name
     train, test, other = folder("train", 6), folder("test", 2), folder("other", 10)
     farmer("train", "--preset", "tiny", "--steps", "2", "--data", str(train), "--test-data", str(test), "--out",

@@ -168,7 +168,7 @@ def run(
                       allowed=("sampling", "data"))
         refuse_unread_sampling(cfg.sampling, set_sampling_keys(sampling_overrides))
         relation = relation_to_training(trained, cfg.data)
-        if split == "test" and relation != "own" and relation != "other":
+        if split == "test" and relation in ("resplit", "training"):
             exit_with(_trained_on(relation, run_dir, trained))
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
         if split == "test" and relation == "other" and data_folders(trained.source):  # a copy, or linked folders

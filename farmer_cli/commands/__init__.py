@@ -60,6 +60,17 @@ def exit_with(message: str) -> None:
     raise UsageError(message)
 
 
+def check_recorded_data(run_dir, data) -> None:
+    """Exit 2 when a data folder the run recorded (config.json keeps absolute paths) no longer exists: one line
+    saying so and how to bring it back, instead of "not found"."""
+    import os
+
+    for setting, source in (("data.source", data.source), ("data.test_source", data.test_source)):
+        if source and os.path.isabs(source) and not os.path.exists(source):
+            exit_with(f"{run_dir} trained with {setting} {source}, which is missing (moved or deleted): restore it "
+                      "at that path, or link it there")
+
+
 def check_data_unchanged(run_dir, recorded, bundle, consequence: str, remedy: str = "") -> None:
     """Exit 2 when the run's own data ``bundle`` no longer has the layout the run ``recorded`` in its config.json
     (images added, removed, replaced or moved between classes; an edited file): one line saying so, what it would
@@ -97,16 +108,17 @@ def refuse_unused(options, where: str, why: str) -> None:
                   f"leave {'it' if one else 'them'} out")
 
 
-def set_sampling_keys(overrides) -> list[tuple[str, str]]:
-    """(``--set sampling.KEY``, KEY) for each sampling setting among --set overrides."""
+def set_keys(overrides, section: str = "") -> list[tuple[str, str]]:
+    """(``--set SECTION.KEY``, KEY) for each setting of ``section`` among --set overrides; without a section,
+    every setting with its whole dotted name."""
+    prefix = f"{section}." if section else ""
     keys = [item.split("=", 1)[0].strip() for item in overrides]
-    return [(f"--set {key}", key.split(".", 1)[1]) for key in keys if key.startswith("sampling.")]
+    return [(f"--set {key}", key[len(prefix):]) for key in keys if key.startswith(prefix)]
 
 
-def refuse_unread_sampling(s, given) -> None:
-    """Exit 2 when a sampling option or --set key that was given (``given``: (name shown, setting name) pairs) is
-    one that sampling under the settings ``s`` never reads (:meth:`SamplingConfig.unread`)."""
-    unread = s.unread()
+def refuse_unread(unread: dict, given) -> None:
+    """Exit 2 when a setting that was given (``given``: (name shown, setting name) pairs) is among ``unread``
+    (setting name -> why nothing reads it)."""
     found = [(name, unread[key]) for name, key in given if key in unread]
     refuse_unused([(name, True) for name, _ in found], "", "; ".join(dict.fromkeys(why for _, why in found)))
 

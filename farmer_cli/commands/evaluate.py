@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 from farmer_cli.config.schema import Decoder
-from farmer_cli.commands import (CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws, check_seed,
-                                 exit_with, refuse_unread_sampling, set_sampling_keys, command)
+from farmer_cli.commands import (CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws,
+                                 check_recorded_data, check_seed, exit_with, refuse_unread, refuse_unused, set_keys,
+                                 command)
 
 NAME = "evaluate"
 # farmer_cli.eval.inception.RESIZE_RULES (spelled out so that --help needs no torch; tests/test_library.py checks it)
@@ -98,7 +99,7 @@ def run(
     from farmer_cli.storage import atomic_write
     from farmer_cli.config.files import apply_options
     from farmer_cli.data.dataset import load_data, relation_to_training
-    from farmer_cli.data.sources import data_folders, open_source, shared_images
+    from farmer_cli.data.sources import copied_image, data_folders, open_source, shared_images, unread_data_settings
     from farmer_cli.eval.protocol import METRICS, evaluate
     from farmer_cli.sample.generate import my_chunks
     from farmer_cli.eval.inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
@@ -115,6 +116,9 @@ def run(
     if unknown:
         exit_with(f"unknown metric '{unknown[0]}'; choose from {', '.join(METRICS)}")
     _refuse_unused_options(chosen, n_samples, cfg_weight, decoder, sampling_overrides, max_classes, bpd_draws, limit)
+    refuse_unused([("--resize", resize), ("--fid-weights", fid_weights), ("--trust-weights", trust_weights or None)]
+                  * (not {"fid", "pr"} & set(chosen)), f"with --metrics {','.join(chosen)}",
+                  "only fid and pr run the Inception network")
     n_samples, bpd_draws, limit, max_classes = (default if given is None else given for given, default in (
         (n_samples, 1000), (bpd_draws, 1), (limit, 0), (max_classes, 100)))
     if n_samples < 1:
@@ -166,19 +170,24 @@ def run(
         apply_options(cfg, {"data.source": ("--data", data), **other, "sampling.cfg": ("--cfg", cfg_weight),
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
-        refuse_unread_sampling(cfg.sampling, set_sampling_keys(sampling_overrides))
+        refuse_unread(cfg.sampling.unread(), set_keys(sampling_overrides, "sampling"))
+        refuse_unread(unread_data_settings(cfg.data), set_keys(sampling_overrides, "data"))
         relation = relation_to_training(trained, cfg.data)
         if split == "test" and relation in ("resplit", "training"):
             exit_with(_trained_on(relation, run_dir, trained))
+        if relation == "own":
+            check_recorded_data(run_dir, cfg.data)
         bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
-        if split == "test" and relation == "other" and data_folders(trained.source):  # a copy, or linked folders
-            shared = shared_images(open_source(trained), bundle.test.source)
+        recorded = load_config(run_dir)[2].get("data")
+        if split == "test" and relation == "other":  # linked class folders, or a copy (moved or renamed included)
+            shared = shared_images(open_source(trained), bundle.test.source) if data_folders(trained.source) else ""
+            noted = recorded.get("first_images") if isinstance(recorded, dict) else None
+            shared = shared or copied_image(noted if isinstance(noted, list) else [], bundle.test.source)
             if shared:
                 exit_with(f"the test images {cfg.data.test_source or cfg.data.source} hold images {run_dir} trained "
                           f"on ({shared}); leave --data out to use the run's test split, or name images it did not "
                           "train on")
         own_data = relation == "own"
-        recorded = load_config(run_dir)[2].get("data")
         if own_data and recorded is None and main:
             console.print(f"[yellow]warning:[/] {escape(str(run_dir))}/config.json records no data layout (a run "
                           "of an older farmer, or an edited file): its test split cannot be checked against the "
@@ -245,12 +254,11 @@ SAMPLED = ("fid", "pr", "sample-acc")  # the metrics that draw samples
 
 def _refuse_unused_options(chosen, n_samples, cfg_weight, decoder, overrides, max_classes, bpd_draws, limit) -> None:
     """Exit 2 when an option was given that none of the ``chosen`` metrics reads."""
-    from farmer_cli.commands import refuse_unused, set_sampling_keys
 
     where = f"with --metrics {','.join(chosen)}"
     if not set(SAMPLED) & set(chosen):
         refuse_unused([("--n-samples", n_samples), ("--cfg", cfg_weight), ("--decoder", decoder),
-                       *[(name, True) for name, _ in set_sampling_keys(overrides)]], where,
+                       *[(name, True) for name, _ in set_keys(overrides, "sampling")]], where,
                       "only fid, pr and sample-acc draw samples")
     refuse_unused([("--max-classes", max_classes)] * ("classify" not in chosen), where, "only classify reads it")
     refuse_unused([("--bpd-draws", bpd_draws)] * ("bpd" not in chosen), where, "only bpd reads it")

@@ -26,8 +26,9 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from farmer_cli.commands import (CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws, check_output_image,
-                                 default_output, exit_with, refuse_outputs_in_data, command)
+from farmer_cli.commands import (CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws,
+                                 check_output_image, check_recorded_data, default_output, exit_with,
+                                 refuse_outputs_in_data, command)
 from farmer_cli.storage import within
 
 NAME = "ood"
@@ -94,6 +95,7 @@ def run(
                       f"{other_cfg.model.channels} channels, not {mc.image_size}px x {mc.channels} like --ckpt")
     train = None
     if {"typicality", "combined"} & set(names):  # statistics of the run's training images, as they were
+        check_recorded_data(run_dir, cfg.data)
         bundle = load_data(cfg.data, mc.channels, mc.image_size)
         check_data_unchanged(run_dir, load_config(run_dir)[2].get("data"), bundle,
                              "the typicality statistics would come from other images than the model learned")

@@ -25,8 +25,8 @@ from typing import List, Optional
 
 from farmer_cli.config.schema import Decoder, DecodeSteps, Guidance, Precision
 from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image,
-                                 check_seed, default_output, exit_with, refuse_outputs_in_data, refuse_unread_sampling,
-                                 resolve_class, set_sampling_keys, command)
+                                 check_seed, default_output, exit_with, refuse_outputs_in_data, refuse_unread,
+                                 refuse_unused, resolve_class, set_keys, command)
 
 NAME = "sample"
 MAX_IMAGES = 10_000  # per call: every image is kept in memory for the grid
@@ -118,10 +118,12 @@ def run(
             "sampling.cond_candidates": ("--candidates", candidates),
             "sampling.uncond_candidates": ("--candidates", candidates), "sampling.decoder": ("--decoder", decoder),
             "sampling.decode_steps": ("--decode-steps", decode_steps)}, overrides)
-        refuse_unread_sampling(s, [(name, key) for name, key, value in (
+        refuse_unread(s.unread(), [(name, key) for name, key, value in (
             ("--temperature", "temperature", temperature), ("--var-scale", "var_scale", var_scale),
             ("--candidates", "cond_candidates", candidates), ("--guidance", "guidance", guidance)) if value is not None]
-            + set_sampling_keys(overrides) + _preset_keys(preset_sampling))
+            + set_keys(overrides, "sampling") + _preset_keys(preset_sampling))
+        refuse_unused([("--denoise-batch", denoise_batch or None)] * (model.denoise_sigma(s) == 0), "",
+                      "no denoising step runs: sampling.denoise is off, or the model trained without noise")
         try:
             steps = resolve_mode(s.decode_steps, device)
         except ValueError as e:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 from farmer_cli.config.schema import Precision
-from farmer_cli.commands import SET_HELP, Option, check_seed, command, exit_with, refuse_unused
+from farmer_cli.commands import (SET_HELP, Option, check_recorded_data, check_seed, command, exit_with, refuse_unread,
+                                 refuse_unused, set_keys)
 
 NAME = "train"
 
@@ -81,11 +82,13 @@ def run(
                        ("--lr", lr), ("--seed", seed), ("--overwrite", overwrite or None),
                        ("--stop-after", stop_after or None), ("--workers", workers),
                        ("--report-to", None if report_to == "none" else report_to),
-                       *[(f"--set {key}", True) for key in _set_keys(overrides)
+                       *[(name, True) for name, key in set_keys(overrides)
                          if not key.startswith("model.") and key not in PLANNED_SETTINGS]),
                       "with --dry-run", "it plans memory and time from the model and batch settings and reads no data")
         refuse_unused([("--preset", preset if resume else None)], "with --dry-run --resume",
                       "it plans the run's own settings")
+        refuse_unused([("--out", None if resume else out)], "with --dry-run alone",
+                      "it plans the preset's settings; add --resume to plan the run in --out")
         return _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides,
                         80.0 if gpu_memory is None else gpu_memory, 8 if gpus is None else gpus, plan_device or "gpu",
                         as_json)
@@ -99,7 +102,7 @@ def run(
     from farmer_cli.config.schema import MAX_TRAIN_SEED
     from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import layout_change, load_data
-    from farmer_cli.data.sources import canonical_source, data_folders
+    from farmer_cli.data.sources import canonical_source, data_folders, unread_data_settings
     from farmer_cli.rundir import claim_on_main, resume_conflicts
     from farmer_cli.device import (checked_on_every_process, processes_ended, make_accelerator, precision_name,
                                    tracker_options)
@@ -156,6 +159,7 @@ def run(
                       "settings in config.json are not those the weights were trained with): one of them was edited "
                       "or replaced since the last checkpoint; restore the run's own files, or start a new run to "
                       "change settings")
+    refuse_unread(unread_data_settings(cfg.data), set_keys(overrides, "data"))
     if not resume:  # a data folder from a preset or --set is recorded as its absolute path too
         cfg.data.source = canonical_source(cfg.data.source)
         cfg.data.test_source = canonical_source(cfg.data.test_source)
@@ -164,6 +168,8 @@ def run(
         if inside is not None:
             exit_with(f"--out {out or RUNS_DIR} is inside {option} {source} ({inside}): the run's sample grids would "
                       "be read as images of the data set; put the run outside it")
+    if resume:
+        check_recorded_data(out, cfg.data)
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
     accumulated = cfg.train.batch_size * cfg.train.grad_accum_steps
     if accumulated > max(cfg.train.batch_size, len(bundle.train)):
@@ -225,10 +231,6 @@ def _count_params(cfg) -> int:
 
 
 PLANNED_SETTINGS = ("train.batch_size", "train.grad_accum_steps", "train.mixed_precision")  # and model.*
-
-
-def _set_keys(overrides) -> list[str]:
-    return [item.split("=", 1)[0].strip() for item in overrides]
 
 
 def _dry_run(preset, resume, out, batch_size, grad_accum, mixed_precision, overrides, gpu_memory, gpus, plan_device,

@@ -17,8 +17,9 @@ import torch
 
 from farmer_cli.config.schema import DataConfig
 from farmer_cli.data.images import IMAGE_ERRORS, to_uint8
-from farmer_cli.data.sources import (DataError, Source, Unlabelled, canonical_source, digest, open_source,
-                                     shared_images)
+from farmer_cli.storage import within
+from farmer_cli.data.sources import (DataError, Source, Unlabelled, canonical_source, digest, first_images,
+                                     open_source, shared_images)
 
 log = logging.getLogger("farmer")
 
@@ -75,8 +76,12 @@ class DataBundle:
                                     self.test.indices])}
         sizes, contents = [s.sizes() for s in both], [s.contents() for s in both]
         if any(sizes):  # image files: their sizes, and each class's first file's bytes, too
-            layout |= {"sizes": digest(sizes), "contents": digest(contents)}
+            layout |= {"sizes": digest(sizes), "contents": digest(contents),
+                       "first_images": sorted(first_images(self.train.source))}  # what a copy would share
         return layout
+
+
+LATER_LAYOUT_KEYS = ("sizes", "contents", "first_images")  # what runs of earlier releases may not have recorded
 
 
 def layout_change(recorded, now: dict) -> str:
@@ -84,8 +89,8 @@ def layout_change(recorded, now: dict) -> str:
     config.json: "" when it is the same (or nothing was recorded), else e.g. "1617 train / 180 test images then,
     898 / 898 now"."""
     if not isinstance(recorded, dict) or \
-            recorded == {k: v for k, v in now.items() if k in recorded or k not in ("sizes", "contents")}:
-        return ""  # runs of earlier releases recorded no file sizes, or no contents
+            recorded == {k: v for k, v in now.items() if k in recorded or k not in LATER_LAYOUT_KEYS}:
+        return ""  # runs of earlier releases recorded no file sizes, contents or first images
     counts = (recorded.get("train"), recorded.get("test"))
     if not all(isinstance(c, int) for c in counts):
         return "the recorded layout is not one farmer wrote: config.json was edited"
@@ -152,7 +157,8 @@ def load_data(cfg: DataConfig, channels: int, size: int) -> DataBundle:
     if cfg.test_source:
         test_source = _open_test_source(cfg, source)
         train_idx = source.splits[0] if source.splits is not None else list(range(source.length))
-        test_idx = list(range(test_source.length))
+        # a data set with its own splits (a DatasetDict with train and test) tests on its test split only
+        test_idx = test_source.splits[1] if test_source.splits is not None else list(range(test_source.length))
     elif source.splits is not None:
         train_idx, test_idx = source.splits
     else:
@@ -180,6 +186,10 @@ def _open_test_source(cfg: DataConfig, source: Source) -> Source:
         raise DataError(f"data.test_source {cfg.test_source} is the training data (data.source {cfg.source}): its "
                         "bits/dim would be measured on training images; give the official test or validation set, "
                         "or leave it out to hold out part of the data")
+    test_path, train_path = Path(cfg.test_source).expanduser(), Path(cfg.source).expanduser()
+    if test_path.exists() and train_path.exists() and (within(test_path, train_path) or within(train_path, test_path)):
+        raise DataError(f"data.test_source {cfg.test_source} and data.source {cfg.source}: one is, or lies inside, "
+                        "the other, so the test images would include training images; give a separate test set")
     test = open_source(dataclasses.replace(cfg, source=cfg.test_source))
     shared = shared_images(source, test)
     if shared:

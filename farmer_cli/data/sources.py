@@ -114,6 +114,12 @@ class FileSource(Source):
         """SHA-256 of the first MiB of each class's first file (one read per class)."""
         return digest([[label, _head_digest(path)] for label, path in sorted(self.first_files().items())])
 
+    def first_images(self) -> dict[str, Path]:
+        """Each class's first file by a digest of its first MiB (:data:`FIRST_IMAGE_CHARS` hex characters): what a
+        copy of these images shares, whatever its folder and class names."""
+        digests = {_head_digest(path)[:FIRST_IMAGE_CHARS]: path for path in self.first_files().values()}
+        return {d: path for d, path in digests.items() if d != "unreadable"}
+
     def first_files(self) -> dict[int, Path]:
         """Each class's first file (by path): class index -> path."""
         first: dict[int, Path] = {}
@@ -313,10 +319,28 @@ class HFSource(Source):
         return row[self.image_col], (label if self.lookup is None else self.lookup[str(label)])
 
 
+FIRST_IMAGE_CHARS = 16  # hex characters kept of each class's first-image digest (64 bits: no chance collisions)
+
+
+def first_images(source: Source) -> dict[str, Path]:
+    """:meth:`FileSource.first_images` of an image-folder source (also under :class:`Unlabelled`); {} otherwise."""
+    files = getattr(source, "source", source)
+    return files.first_images() if isinstance(files, FileSource) else {}
+
+
+def copied_image(training: list[str] | dict, test: Source) -> str:
+    """Why ``test`` holds images of a training set whose classes' first images have the digests ``training``
+    (recorded, or :func:`first_images`), "" when none of its classes' first images is one of them: a copy of the
+    training data is found whatever its folder and class names (one read per class)."""
+    twin = next(((d, path) for d, path in first_images(test).items() if d in training), None)
+    return f"{twin[1]} is the first image of a training class: a copy" if twin else ""
+
+
 def shared_images(a: Source, b: Source) -> str:
     """Why two image-folder sources hold the same images, "" when they do not as far as is cheap to tell: a class
     folder of one is, holds or lies inside one of the other (links resolved: a folder of linked class folders), or
-    a class of the same name starts with the same file bytes in both (a copy). Other sources: ""."""
+    the first image of a class of one is the first image of a class of the other (a copy, however renamed). Other
+    sources: ""."""
     a, b = getattr(a, "source", a), getattr(b, "source", b)  # Unlabelled wraps the files
     if not (isinstance(a, FileSource) and isinstance(b, FileSource)):
         return ""
@@ -326,12 +350,7 @@ def shared_images(a: Source, b: Source) -> str:
             inside = next((f for f in (folder, *folder.parents) if f in folders), None)
             if inside is not None:
                 return f"its class folder {folder} is, or lies in, {inside} of {other.name}"
-    first_b = {b.class_names[k]: path for k, path in b.first_files().items()}
-    for k, path in a.first_files().items():
-        twin = first_b.get(a.class_names[k])
-        if twin is not None and _head_digest(path) == _head_digest(twin) != "unreadable":
-            return f"class {a.class_names[k]} starts with the same image in both ({path}, {twin}): a copy"
-    return ""
+    return copied_image(first_images(a), b)
 
 
 def data_folders(source: str) -> list[Path]:
@@ -341,6 +360,21 @@ def data_folders(source: str) -> list[Path]:
     if root is None or source in BUILTIN_SOURCES or not root.is_dir():
         return []
     return [root.resolve(), *((root / name).resolve() for name in folder_index.class_folders(root))]
+
+
+def unread_data_settings(cfg: DataConfig) -> dict[str, str]:
+    """The data settings that opening and splitting ``cfg``'s data never reads, each with why: the held-out split's
+    with a separate test set, the dataset columns for built-in data and image folders."""
+    unread = {}
+    if cfg.test_source:
+        unread |= dict.fromkeys(("test_fraction", "split_seed"), "a separate test set (data.test_source) replaces "
+                                "the held-out split")
+    path = Path(cfg.source).expanduser()
+    folder = path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists()
+    if cfg.source in BUILTIN_SOURCES or folder:
+        unread |= dict.fromkeys(("image_column", "label_column"), "only Hugging Face datasets have columns; an "
+                                "image folder's classes are its sub-folders")
+    return unread
 
 
 def canonical_source(source: str | None) -> str | None:

@@ -300,3 +300,59 @@ def test_a_device_given_as_an_input_file_is_named_as_one():
         load_ref_stats(Path("/dev/zero"))
     with pytest.raises(Exception, match="not a regular file"):
         find_fid_weights(Path("/dev/zero"))
+
+
+# ----- eighth sweep -----
+def test_moved_or_renamed_copies_of_the_training_data_are_no_test_set(folder_run: Path, tmp_path: Path):
+    import shutil
+
+    data, moved, renamed = tmp_path / "data", tmp_path / "moved", tmp_path / "renamed"
+    for old, new in (("a", "x"), ("b", "y")):  # the classes renamed: what a copy shares is its images
+        shutil.copytree(data / old, renamed / new)
+    said = refused("evaluate", "--ckpt", folder_run, "--metrics", "bpd", "--set", f"data.test_source={renamed}")
+    assert "holds training images" in said and "a copy" in said
+    data.rename(moved)
+    assert "which is missing (moved or deleted): restore it" in refused("evaluate", "--ckpt", folder_run,
+                                                                        "--metrics", "bpd")
+    for given in (["--data", moved], ["--data", moved, "--set", "data.split_seed=7"], ["--data", renamed]):
+        said = refused("evaluate", "--ckpt", folder_run, "--metrics", "bpd", *given)
+        assert "is the first image of a training class: a copy" in said, said
+
+
+def test_a_dataset_dicts_own_train_split_is_never_a_test_set(tmp_path: Path):
+    import datasets
+
+    from farmer_cli.data.sources import DataError
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = lambda n, shade: {"image": [Image.new("L", (8, 8), shade + 9 * i) for i in range(n)],  # noqa: E731
+                             "label": [i % 2 for i in range(n)]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(8, 0), features=features),
+                          "test": datasets.Dataset.from_dict(rows(4, 100), features=features)}).save_to_disk(tmp_path / "hf")
+    folder = _images(tmp_path / "folder", seed=3)
+    bundle = load_data(DataConfig(source=str(folder), test_source=str(tmp_path / "hf")), 1, 8)
+    assert len(bundle.test) == 4  # the dict's test split, not its 8 + 4 rows
+    with pytest.raises(DataError, match="one is, or lies inside, the other"):
+        load_data(DataConfig(source=str(tmp_path / "hf"), test_source=str(tmp_path / "hf" / "train")), 1, 8)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["train", "--preset", "tiny", "--dry-run", "--out", "RUN"], "--out has no effect with --dry-run alone"),
+    (["evaluate", "--ckpt", "RUN", "--metrics", "bpd", "--resize", "tf-legacy"], "only fid and pr run the Inception"),
+    (["evaluate", "--ckpt", "RUN", "--metrics", "bpd", "--trust-weights"], "--trust-weights has no effect"),
+    (["sample", "--ckpt", "RUN", "--n", "1", "--class", "0", "--denoise-batch", "5", "--set", "sampling.denoise=false"],
+     "--denoise-batch has no effect (no denoising step runs"),
+    (["train", "--preset", "tiny", "--data", "DATA", "--test-data", "TEST", "--set", "data.test_fraction=0.5"],
+     "--set data.test_fraction has no effect (a separate test set"),
+    (["train", "--preset", "tiny", "--data", "DATA", "--set", "data.label_column=lbl"],
+     "--set data.label_column has no effect (only Hugging Face datasets have columns"),
+    (["evaluate", "--ckpt", "RUN", "--metrics", "bpd", "--set", "data.image_column=foo"], "only Hugging Face"),
+])
+def test_options_and_data_settings_nothing_reads_are_refused(args, said: str, tiny_run: Path, tmp_path: Path,
+                                                             monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    places = {"RUN": tiny_run, "DATA": _images(tmp_path / "data"), "TEST": _images(tmp_path / "test", seed=1)}
+    out = ["--out", tmp_path / "o.png"] if args[0] == "sample" else ["--out", tmp_path / "r"] * (args[0] == "train"
+                                                                                               and "RUN" not in args)
+    assert said in refused(*[places.get(a, a) for a in args], *out)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o.png").exists()

@@ -216,7 +216,7 @@ def test_test_data_of_linked_class_folders_or_a_copy_is_refused(tmp_path: Path, 
     data = _images(tmp_path / "data")
     linked, copy = _linked(tmp_path / "linked", data), Path(shutil.copytree(data, tmp_path / "copy"))
     for train, test, said in ((data, linked, "is, or lies in"), (linked, data, "is, or lies in"),
-                              (data, copy, "starts with the same image in both")):
+                              (data, copy, "is the first image of a training class: a copy")):
         line = refused("train", "--preset", "tiny", "--data", train, "--test-data", test, "--out", tmp_path / "r")
         assert "holds training images" in line and said in line and not (tmp_path / "r").exists()
 

@@ -303,6 +303,38 @@ class HFSource(Source):
         feature = ds.features.get(label_col) if label_col else None
         self.lookup = None if feature is None or hasattr(feature, "names") else {n: i for i, n in enumerate(class_names)}
 
+    def _labels(self) -> list:
+        return [str(v) for v in self.ds[self.label_col]] if self.label_col else [""] * len(self.ds)
+
+    def sizes(self) -> str:
+        """The rows' labels in order and the sizes of the dataset's files: rows shuffled, relabelled or replaced
+        change it, a copy of the files does not."""
+        files = [os.stat(entry["filename"]).st_size for entry in getattr(self.ds, "cache_files", [])]
+        return digest([self._labels(), files])
+
+    def contents(self) -> str:
+        return digest(sorted(self.first_images()))
+
+    def first_images(self) -> dict[str, str]:
+        """Each class's first image by a digest of its first MiB of encoded bytes (as :meth:`FileSource.first_images`,
+        so a folder copy of a dataset's images is found too): digest -> "<dataset> row <i>"."""
+        first: dict[str, int] = {}
+        for i, label in enumerate(self._labels()):
+            first.setdefault(label, i)
+        rows = self.ds.with_format("arrow")
+        found = {}
+        for i in first.values():
+            cell = rows[i : i + 1][self.image_col][0].as_py()
+            data = cell.get("bytes") if isinstance(cell, dict) else None
+            if data is None and isinstance(cell, dict) and cell.get("path"):
+                try:
+                    data = Path(cell["path"]).read_bytes()[: 1 << 20]
+                except OSError:
+                    continue
+            if data is not None:
+                found[_bytesdigest(data[: 1 << 20])[:FIRST_IMAGE_CHARS]] = f"{self.name} row {i}"
+        return found
+
     def fingerprint(self, indices: list[int]) -> str:
         """The dataset's files (names, sizes, modification times) and the indices."""
         stamps = []
@@ -322,10 +354,11 @@ class HFSource(Source):
 FIRST_IMAGE_CHARS = 16  # hex characters kept of each class's first-image digest (64 bits: no chance collisions)
 
 
-def first_images(source: Source) -> dict[str, Path]:
-    """:meth:`FileSource.first_images` of an image-folder source (also under :class:`Unlabelled`); {} otherwise."""
-    files = getattr(source, "source", source)
-    return files.first_images() if isinstance(files, FileSource) else {}
+def first_images(source: Source) -> dict:
+    """The first images of an image folder's or a dataset's classes (also under :class:`Unlabelled`), by digest;
+    {} for other sources."""
+    inner = getattr(source, "source", source)
+    return inner.first_images() if isinstance(inner, (FileSource, HFSource)) else {}
 
 
 def copied_image(training: list[str] | dict, test: Source) -> str:
@@ -339,11 +372,11 @@ def copied_image(training: list[str] | dict, test: Source) -> str:
 def shared_images(a: Source, b: Source) -> str:
     """Why two image-folder sources hold the same images, "" when they do not as far as is cheap to tell: a class
     folder of one is, holds or lies inside one of the other (links resolved: a folder of linked class folders), or
-    the first image of a class of one is the first image of a class of the other (a copy, however renamed). Other
-    sources: ""."""
+    the first image of a class of one is the first image of a class of the other (a copy, however renamed; for
+    datasets saved with ``save_to_disk`` only this). Built-in sources: ""."""
     a, b = getattr(a, "source", a), getattr(b, "source", b)  # Unlabelled wraps the files
     if not (isinstance(a, FileSource) and isinstance(b, FileSource)):
-        return ""
+        return copied_image(first_images(a), b)
     for one, other in ((a, b), (b, a)):
         folders = set(other.class_folders())
         for folder in one.class_folders():

@@ -356,3 +356,27 @@ def test_options_and_data_settings_nothing_reads_are_refused(args, said: str, ti
                                                                                                and "RUN" not in args)
     assert said in refused(*[places.get(a, a) for a in args], *out)
     assert not (tmp_path / "r").exists() and not (tmp_path / "o.png").exists()
+
+
+# ----- ninth sweep -----
+def test_a_saved_datasets_copy_or_shuffle_is_noticed(tmp_path: Path):
+    import shutil
+
+    import datasets
+
+    from farmer_cli.data.sources import DataError
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    rng = np.random.default_rng(10)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)) for _ in range(30)]
+    datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(30)]},
+                               features=features).save_to_disk(tmp_path / "hf")
+    shutil.copytree(tmp_path / "hf", tmp_path / "copy")
+    with pytest.raises(DataError, match="holds training images .* a copy"):
+        load_data(DataConfig(source=str(tmp_path / "hf"), test_source=str(tmp_path / "copy")), 1, 8)
+    before = load_data(DataConfig(source=str(tmp_path / "hf")), 1, 8).layout
+    shuffled = datasets.load_from_disk(str(tmp_path / "hf")).shuffle(seed=5).flatten_indices()
+    shuffled.save_to_disk(tmp_path / "shuffled")
+    shutil.rmtree(tmp_path / "hf")
+    (tmp_path / "shuffled").rename(tmp_path / "hf")
+    assert layout_change(before, load_data(DataConfig(source=str(tmp_path / "hf")), 1, 8).layout)

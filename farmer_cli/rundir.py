@@ -146,6 +146,14 @@ def holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and bool(farmer_files(run_dir))
 
 
+def managed_folder(path: Path) -> Path | None:
+    """The run folder (``checkpoints/``, ``samples/``, ``tensorboard/`` of a farmer run) that ``path`` is or lies
+    in, links resolved; None elsewhere. Farmer writes, prunes and deletes there, so nothing of a user's belongs."""
+    place = Path(path).resolve()
+    return next((p for p in (place, *place.parents)
+                 if p.name in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR) and is_run(p.parent)), None)
+
+
 def check_own_paths(run_dir: Path) -> None:
     """Where farmer writes, prunes and deletes must be the run's own: the run files (``config.json``,
     ``metrics.jsonl``, ...) regular files and ``checkpoints/``, ``samples/`` and ``tensorboard/`` folders, none a
@@ -156,11 +164,11 @@ def check_own_paths(run_dir: Path) -> None:
     if place == Path(place.anchor) or place == Path.home().resolve():
         raise CheckpointError(f"{run_dir} is {'the root folder' if place == Path(place.anchor) else 'your home folder'}"
                               ": a run writes its files and folders there; choose a folder of its own with --out")
-    for parent in (place, *place.parents):
-        if parent.name in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR) and is_run(parent.parent):
-            raise CheckpointError(f"{run_dir} is in {parent}, a folder of the run in {parent.parent} where farmer "
-                                  "writes, prunes and deletes: choose another --out (copy a step checkpoint out "
-                                  "first to continue from it)")
+    managed = managed_folder(run_dir)
+    if managed is not None:
+        raise CheckpointError(f"{run_dir} is in {managed}, a folder of the run in {managed.parent} where farmer "
+                              "writes, prunes and deletes: choose another --out (copy a step checkpoint out first to "
+                              "continue from it)")
     for name, kind in [(folder, "folder") for folder in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR)] + \
                       [(file, "file") for file in RUN_FILES]:
         path = run_dir / name

@@ -220,6 +220,12 @@ def check_output_dir(path, option: str = "--out-dir") -> None:
         exit_with(f"{option} {path}: {existing} is a file, not a directory")
     if existing is not None and not (os.access(existing, os.W_OK | os.X_OK) and _can_create_in(existing)):
         exit_with(f"{option} {path}: {existing} is not writable")
+    from farmer_cli.rundir import managed_folder
+
+    managed = managed_folder(path)
+    if managed is not None:
+        exit_with(f"{option} {path} is in {managed}, where farmer writes, prunes and deletes the run's own files "
+                  f"(--overwrite and checkpoint pruning would remove yours); write it elsewhere, e.g. {managed.parent}")
 
 
 def _can_create_in(directory) -> bool:

@@ -380,3 +380,14 @@ def test_a_saved_datasets_copy_or_shuffle_is_noticed(tmp_path: Path):
     shutil.rmtree(tmp_path / "hf")
     (tmp_path / "shuffled").rename(tmp_path / "hf")
     assert layout_change(before, load_data(DataConfig(source=str(tmp_path / "hf")), 1, 8).layout)
+
+
+# ----- tenth sweep -----
+def test_outputs_into_a_runs_own_folders_are_refused(tiny_run: Path, digit_png: Path, tmp_path: Path):
+    for args in (["sample", "--class", "0", "--n", "1", "--out", tiny_run / "samples" / "step-00000099.png"],
+                 ["sample", "--class", "0", "--n", "1", "--out", tmp_path / "s.png", "--out-dir",
+                  tiny_run / "checkpoints" / "mine"],
+                 ["ood", "--in", digit_png, "--figure", tiny_run / "samples" / "ood.png"],
+                 ["score", digit_png, "--heatmap", tiny_run / "checkpoints" / "heat.png"]):
+        assert "where farmer writes, prunes and deletes" in refused(*args, "--ckpt", tiny_run)
+    assert not (tiny_run / "samples" / "step-00000099.png").exists() and not (tiny_run / "checkpoints" / "mine").exists()

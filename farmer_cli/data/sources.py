@@ -111,8 +111,15 @@ class FileSource(Source):
         return None if self.file_sizes is None else digest(list(self.file_sizes))
 
     def contents(self) -> str:
-        """SHA-256 of the first MiB of each class's first file (one read per class)."""
-        return digest([[label, _head_digest(path)] for label, path in sorted(self.first_files().items())])
+        """SHA-256 of the first MiB of each class's first file and of :data:`SPREAD_FILES` files spread over the
+        source (one read each): class folders swapped, or images regenerated under the same names and sizes."""
+        first = [[label, _head_digest(path)] for label, path in sorted(self.first_files().items())]
+        return digest(first + [_head_digest(self.paths[i]) for i in spread(len(self.paths), SPREAD_FILES)])
+
+    def spread_images(self, count: int) -> dict[str, Path]:
+        """Up to ``count`` files spread evenly over the source, by digest (as :meth:`first_images`)."""
+        digests = {_head_digest(self.paths[i])[:FIRST_IMAGE_CHARS]: self.paths[i] for i in spread(self.length, count)}
+        return {d: path for d, path in digests.items() if d != "unreadable"}
 
     def first_images(self) -> dict[str, Path]:
         """Each class's first file by a digest of its first MiB (:data:`FIRST_IMAGE_CHARS` hex characters): what a
@@ -138,6 +145,14 @@ class FileSource(Source):
             st = os.stat(self.paths[i])
             stamps.append([str(Path(self.paths[i]).resolve()), st.st_size, st.st_mtime_ns, int(self.labels[i])])
         return digest(stamps)
+
+
+SPREAD_FILES = 64  # files hashed for a source's contents digest, spread evenly over it
+
+
+def spread(n: int, count: int) -> list[int]:
+    """Up to ``count`` indices spread evenly over range(n) (all of them when n <= count)."""
+    return list(range(n)) if n <= count else sorted({k * n // count for k in range(count)})
 
 
 def _bytesdigest(data: bytes) -> str:
@@ -313,7 +328,7 @@ class HFSource(Source):
         return digest([self._labels(), files])
 
     def contents(self) -> str:
-        return digest(sorted(self.first_images()))
+        return digest([sorted(self.first_images()), sorted(self.spread_images(SPREAD_FILES))])
 
     def first_images(self) -> dict[str, str]:
         """Each class's first image by a digest of its first MiB of encoded bytes (as :meth:`FileSource.first_images`,
@@ -321,9 +336,16 @@ class HFSource(Source):
         first: dict[str, int] = {}
         for i, label in enumerate(self._labels()):
             first.setdefault(label, i)
+        return self._row_images(first.values())
+
+    def spread_images(self, count: int) -> dict[str, str]:
+        """Up to ``count`` rows spread evenly over the dataset, by digest (as :meth:`first_images`)."""
+        return self._row_images(spread(self.length, count))
+
+    def _row_images(self, indices) -> dict[str, str]:
         rows = self.ds.with_format("arrow")
         found = {}
-        for i in first.values():
+        for i in indices:
             cell = rows[i : i + 1][self.image_col][0].as_py()
             data = cell.get("bytes") if isinstance(cell, dict) else None
             if data is None and isinstance(cell, dict) and cell.get("path"):
@@ -361,11 +383,17 @@ def first_images(source: Source) -> dict:
     return inner.first_images() if isinstance(inner, (FileSource, HFSource)) else {}
 
 
+COPY_PROBES = 2000  # images of a test set looked up among the training classes' first images (spread evenly)
+
+
 def copied_image(training: list[str] | dict, test: Source) -> str:
     """Why ``test`` holds images of a training set whose classes' first images have the digests ``training``
-    (recorded, or :func:`first_images`), "" when none of its classes' first images is one of them: a copy of the
-    training data is found whatever its folder and class names (one read per class)."""
-    twin = next(((d, path) for d, path in first_images(test).items() if d in training), None)
+    (recorded, or :func:`first_images`), "" when none of its classes' first images, nor of :data:`COPY_PROBES`
+    images spread over it, is one of them: a copy of the training data is found whatever its folder and class
+    names and its order (a shuffled copy holds the first images somewhere)."""
+    inner = getattr(test, "source", test)
+    probes = first_images(test) | (inner.spread_images(COPY_PROBES) if isinstance(inner, (FileSource, HFSource)) else {})
+    twin = next(((d, path) for d, path in probes.items() if d in training), None)
     return f"{twin[1]} is the first image of a training class: a copy" if twin else ""
 
 

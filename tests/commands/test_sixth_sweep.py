@@ -391,3 +391,30 @@ def test_outputs_into_a_runs_own_folders_are_refused(tiny_run: Path, digit_png: 
                  ["score", digit_png, "--heatmap", tiny_run / "checkpoints" / "heat.png"]):
         assert "where farmer writes, prunes and deletes" in refused(*args, "--ckpt", tiny_run)
     assert not (tiny_run / "samples" / "step-00000099.png").exists() and not (tiny_run / "checkpoints" / "mine").exists()
+
+
+# ----- eleventh sweep -----
+def test_a_shuffled_copy_and_images_regenerated_under_the_same_names_are_noticed(tmp_path: Path, monkeypatch):
+    import shutil
+
+    import datasets
+
+    from farmer_cli.data.sources import DataError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)) for _ in range(40)]
+    datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(40)]},
+                               features=features).save_to_disk(tmp_path / "hf")
+    datasets.load_from_disk(str(tmp_path / "hf")).shuffle(seed=3).flatten_indices().save_to_disk(tmp_path / "shuf")
+    with pytest.raises(DataError, match="holds training images .* a copy"):
+        load_data(DataConfig(source=str(tmp_path / "hf"), test_source=str(tmp_path / "shuf")), 1, 8)
+    root = _images(tmp_path / "data")
+    before = load_data(DataConfig(source=str(root)), 1, 8).layout
+    keep = {c: (root / c / "img000.png").read_bytes() for c in "ab"}
+    shutil.rmtree(root)
+    _images(root, seed=9)  # other images under the same names and sizes ...
+    for c, data in keep.items():  # ... but every class's first file as it was
+        (root / c / "img000.png").write_bytes(data)
+    assert "other file sizes or contents" in layout_change(before, load_data(DataConfig(source=str(root)), 1, 8).layout)

@@ -150,3 +150,12 @@ def sigterm_once_logged(proc: subprocess.Popen, metrics: Path, lines: int, timeo
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     return proc.communicate(timeout=timeout)[1]
+
+
+def refused(*args) -> str:
+    """``farmer ARGS`` exits 2 with one "error:" line last on stderr and no traceback; returns that line."""
+    proc = farmer(*map(str, args), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), proc.stderr[-2000:]
+    return last

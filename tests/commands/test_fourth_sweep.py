@@ -15,21 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import farmer
+from cli_helpers import farmer, refused
 from farmer_cli.checkpoint import CheckpointError, load_training_state
 from farmer_cli.commands import UsageError, resolve_class
 from farmer_cli.data.images import image_files, load_image
 from farmer_cli.data.sources import DataError
 from farmer_cli.rundir import check_own_paths
-
-
-def refused(*args) -> str:
-    """Exit 2, no traceback, the last stderr line an "error:" line; returns it."""
-    proc = farmer(*map(str, args), check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:"), proc.stderr[-2000:]
-    return last
 
 
 @pytest.fixture

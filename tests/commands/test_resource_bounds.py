@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import farmer
+from cli_helpers import farmer, refused
 from farmer_cli.commands import MAX_DRAWS
 from farmer_cli.config.files import load_preset
 from farmer_cli.config.schema import SamplingConfig
@@ -21,15 +21,6 @@ from farmer_cli.memory_plan import make_plan, require_training_memory
 from farmer_cli.model import Farmer
 
 CPU = torch.device("cpu")
-
-
-def refused(*args: str) -> str:
-    """The command exits 2 with one "error:" line and no traceback; returns that line."""
-    proc = farmer(*args, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:"), proc.stderr[-2000:]
-    return last
 
 
 def test_free_memory_is_read_and_a_need_beyond_it_is_refused():

@@ -12,18 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import farmer
+from cli_helpers import farmer, refused
 from farmer_cli.config.files import apply_overrides, load_preset
 from farmer_cli.config.schema import ConfigError
-
-
-def refused(*args: str) -> str:
-    """Exit 2, no traceback, the last stderr line an "error:" line; returns it."""
-    proc = farmer(*map(str, args), check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:"), proc.stderr[-2000:]
-    return last
 
 
 def test_sample_never_mixes_its_images_with_an_earlier_call_s(tiny_run: Path, tmp_path: Path):

@@ -13,18 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import farmer
+from cli_helpers import farmer, refused
 from farmer_cli.config.schema import DataConfig
 from farmer_cli.data.dataset import layout_change, load_data, relation_to_training
-
-
-def refused(*args) -> str:
-    """Exit 2, no traceback, the last stderr line an "error:" line; returns it."""
-    proc = farmer(*map(str, args), check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:"), proc.stderr[-2000:]
-    return last
 
 
 def _images(root: Path, classes=("a", "b"), n: int = 10, size: int = 8, seed: int = 0) -> Path:

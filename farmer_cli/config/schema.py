@@ -199,6 +199,10 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes (4-16 for image folders on GPUs)
     use_labels: bool = True  # false: one class for every image (an unconditional model, e.g. imagenet64-bpd)
 
+    def split_source(self, split: str) -> str:
+        """Where the images of ``split`` ("test" or "train") come from: the test set when one is named."""
+        return (self.test_source or self.source) if split == "test" else self.source
+
     def validate(self) -> None:
         _check(bool(self.source.strip()), "data.source", "a data source name or path", self.source)
         _check(0 <= self.test_fraction < 1, "data.test_fraction", "in [0, 1)", self.test_fraction)

@@ -174,7 +174,7 @@ def fid_metrics(cfg: Config, metrics: list[str], split: str, reference: ImageDat
         on_stage(f"Inception features of the {split} split")
         key = _split_key(cfg, split, reference)
         real, mu_r, cov_r, cached = reference_stats(net, protocol["weights_sha256"], reference, key, batch, 0, resize)
-        described = {"kind": "data", "source": cfg.data.source, "split": split, "n": len(real), "cached": cached}
+        described = {"kind": "data", "source": cfg.data.split_source(split), "split": split, "n": len(real), "cached": cached}
         n_real_stats = len(real)
         if save_ref_stats is not None:
             write_ref_stats(save_ref_stats, real, protocol | {"reference": described, "n_real": len(real)}, mu_r, cov_r)

@@ -149,7 +149,7 @@ def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *
     ``on_stage(name)`` / ``on_samples(k)`` report progress. Non-finite figures become None."""
     reference = data.test if split == "test" else data.train
     main = rank == 0
-    result: dict = {"data": cfg.data.source, "split": split, "seed": seed, "processes": world, "metrics": {}}
+    result: dict = {"data": cfg.data.split_source(split), "split": split, "seed": seed, "processes": world, "metrics": {}}
     m = result["metrics"]
     want_features = inception is not None and ("fid" in metrics or "pr" in metrics)
     samples = None
@@ -173,7 +173,7 @@ def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *
     elif not main:
         return None
     if "bpd" in metrics:
-        on_stage("scoring test bits/dim")
+        on_stage(f"scoring {split} bits/dim")
         m["bpd_unconditional"] = bits_per_dim(model, reference, False, bpd_draws, batch, limit, seed)
         m["bpd_conditional"] = bits_per_dim(model, reference, True, bpd_draws, batch, limit, seed)
     if "classify" in metrics:

@@ -199,6 +199,24 @@ def test_evaluate_json(tiny_run: Path):  # noqa: F811
     assert (tiny_run / f"eval-{result['step']}.json").exists()
 
 
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_evaluate_names_the_source_of_the_split_it_scored(split: str, model: Farmer):
+    """A run with a separate test set scores its test split from that set, its train split from data.source; the
+    result and the progress line name the split scored."""
+    import dataclasses
+
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.eval.protocol import evaluate
+
+    cfg = load_preset("tiny")
+    cfg.data = dataclasses.replace(cfg.data, source="digits", test_source="/data/official-test")
+    stages: list[str] = []
+    result = evaluate(model, cfg, load_data(dataclasses.replace(cfg.data, test_source=""), 1, 8), ["bpd"],
+                      split=split, limit=8, on_stage=stages.append)
+    assert result["data"] == ("/data/official-test" if split == "test" else "digits")
+    assert stages == [f"scoring {split} bits/dim"]
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--metrics", "fid"], {"FARMER_FID_WEIGHTS": "/nonexistent/w.pt"}, "does not exist"),
     (["--metrics", "fid", "--trust-weights"], {"FARMER_FID_WEIGHTS": "{garbage}"}, "unreadable FID weights"),

@@ -184,7 +184,7 @@ def run(
             noted = recorded.get("first_images") if isinstance(recorded, dict) else None
             shared = shared or copied_image(noted if isinstance(noted, list) else [], bundle.test.source)
             if shared:
-                exit_with(f"the test images {cfg.data.split_source("test")} hold images {run_dir} trained "
+                exit_with(f"the test images {cfg.data.split_source('test')} hold images {run_dir} trained "
                           f"on ({shared}); leave --data out to use the run's test split, or name images it did not "
                           "train on")
         own_data = relation == "own"

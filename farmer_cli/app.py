@@ -4,6 +4,7 @@ so ``farmer --help`` is instant."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -41,16 +42,57 @@ def _refuse_empty_arguments(args: list[str]) -> None:
             raise SystemExit(2)
 
 
+class _Interruption:
+    """SIGINT and SIGTERM as a KeyboardInterrupt in this process (not in forked helpers such as data-loader
+    workers): the command unwinds, so no half-written file is left (:func:`farmer_cli.storage.atomic_write`), and
+    :func:`main` can say which signal ended it. Training installs its own handlers around its loop (a first signal
+    saves a checkpoint: :mod:`farmer_cli.train.stop_signals`)."""
+
+    def __init__(self) -> None:
+        self.pid, self.signame = os.getpid(), ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: keep the defaults
+                return
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid and signum == signal.SIGTERM:  # a forked worker: its parent decides
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signame = self.signame or signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    def report(self) -> int:
+        """Say which signal ended the command; its exit status (130 for SIGINT, 143 for SIGTERM)."""
+        from farmer_cli.commands.ui import console, escape
+
+        name = sys.argv[1] if len(sys.argv) > 1 else ""
+        kept = " (a run keeps its last saved checkpoint: continue it with --resume)" if name in ("train", "distill") \
+            else ""
+        console.print(f"[yellow]farmer {escape(name)}: interrupted by {self.signame or 'SIGINT'} before it finished; "
+                      f"no half-written file is left{kept}[/]", highlight=False)
+        return 143 if self.signame == "SIGTERM" else 130
+
+
 def main() -> None:
     """Run the app. A usage error that typer/click catch (an unknown option, a value of the wrong type, a missing
     argument) is one red line on stderr naming the option and the command's --help, exit status 2; bare ``farmer``
-    still shows the help. Hugging Face libraries run offline unless the environment says otherwise: nothing is
+    still shows the help. SIGINT or SIGTERM outside a training loop ends the command with one yellow line and exit
+    status 130 or 143. Hugging Face libraries run offline unless the environment says otherwise: nothing is
     downloaded at run time."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     _refuse_empty_arguments(sys.argv[1:])
+    interruption = _Interruption()
+    interruption.install()
     try:
         code = app(standalone_mode=False)
+    except KeyboardInterrupt:  # raised outside typer's own handling (it turns the rest into exit status 130)
+        raise SystemExit(interruption.report()) from None
     except USAGE_ERROR as err:
         if not sys.argv[1:]:
             err.show()
@@ -61,4 +103,6 @@ def main() -> None:
             where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
             console.print(f"[red]error:[/] {escape(err.format_message())}{where}", highlight=False)
         raise SystemExit(err.exit_code) from None
+    if code == 130:
+        raise SystemExit(interruption.report())
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -31,6 +31,9 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signame is not None and signum == signal.SIGINT:
+            previous = self._previous.get(signum)
+            if callable(previous):  # the command's own handler: it says how the command ended
+                previous(signum, frame)
             raise KeyboardInterrupt
         self.signame = signal.Signals(signum).name
 

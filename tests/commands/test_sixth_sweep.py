@@ -409,3 +409,30 @@ def test_a_shuffled_copy_and_images_regenerated_under_the_same_names_are_noticed
     for c, data in keep.items():  # ... but every class's first file as it was
         (root / c / "img000.png").write_bytes(data)
     assert "other file sizes or contents" in layout_change(before, load_data(DataConfig(source=str(root)), 1, 8).layout)
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_outside_a_training_loop_unwinds_the_command_and_is_named(signame, code, tmp_path, monkeypatch,
+                                                                         capsys):
+    """sample, score, evaluate ...: SIGINT or SIGTERM becomes a KeyboardInterrupt in the command's own process, so
+    what it was writing is removed on the way out (atomic_write), and the command ends with one line naming the
+    signal and exit status 130 / 143, where a SIGTERM used to kill it without a word."""
+    import signal
+
+    from farmer_cli.app import _Interruption
+    from farmer_cli.storage import atomic_write
+
+    monkeypatch.setattr("sys.argv", ["farmer", "sample"])
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interruption = _Interruption()
+    try:
+        interruption.install()
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(tmp_path / "never.png", lambda tmp: os.kill(os.getpid(), getattr(signal, signame)))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert not list(tmp_path.iterdir())  # the temporary file went with the interruption
+    assert interruption.report() == code
+    err = capsys.readouterr().err
+    assert f"farmer sample: interrupted by {signame} before it finished; no half-written file is left" in err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import stat
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,13 @@ def weights_fingerprint(path: Path) -> str:
         fh.seek(max(0, size - (1 << 20)))
         digest.update(fh.read(1 << 20))
     return f"{size}-{digest.hexdigest()[:32]}"
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two models hold the same tensors (names, shapes and values): a copy of a run, wherever it lies."""
+    one, two = a.state_dict(), b.state_dict()
+    return one.keys() == two.keys() and all(
+        one[k].shape == two[k].shape and torch.equal(one[k], two[k].to(one[k].device)) for k in one)
 
 
 def save_training_state(run_dir: Path, name: str, state: dict[str, Any]) -> None:
@@ -436,11 +444,12 @@ def load_student(run_dir: Path, model):
     path = run_dir / STUDENT_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir} has no distilled student ({STUDENT_FILE}); run "
-                              f"`farmer distill --ckpt {run_dir}` first, or choose another --decoder")
+                              f"`farmer distill --ckpt {shlex.quote(str(run_dir))}` first, or choose another --decoder")
     student = make_student(model.flow)
     metadata = _check_header(student, path)
     if metadata.get("teacher") != weights_fingerprint(run_dir / MODEL_FILE):
         raise CheckpointError(f"{path} was distilled from other weights than {run_dir / MODEL_FILE} (the run was "
-                              f"retrained or replaced); run `farmer distill --ckpt {run_dir} --overwrite` again")
+                              "retrained or replaced); run "
+                              f"`farmer distill --ckpt {shlex.quote(str(run_dir))} --overwrite` again")
     load_weights(student, path)
     return student.eval().requires_grad_(False)

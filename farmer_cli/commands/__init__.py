@@ -195,6 +195,10 @@ def check_output_image(path, option: str = "--out", inputs=()) -> None:
         except Exception:  # noqa: BLE001 - whatever the writer raises, it cannot write this picture
             exit_with(f"{option} {path}: PIL cannot write {'grey' if mode == 'L' else 'colour'} {kind} images; use "
                       f"e.g. {path.with_suffix('.png')}")
+    stored = _stored_size(kind, (300, 20))
+    if stored not in (None, (300, 20)):  # ICO keeps at most 256 px squares, ICNS stretches to a square
+        exit_with(f"{option} {path}: {kind} files keep pictures only at fixed sizes (a 300x20 picture comes back "
+                  f"{stored[0]}x{stored[1]}), so the figure would be resized; use e.g. {path.with_suffix('.png')}")
     if path.is_dir():
         exit_with(f"{option} {path} is a directory; give a file name such as {path / 'figure.png'}")
     check_output_dir(path.parent, option)
@@ -207,6 +211,23 @@ def check_output_image(path, option: str = "--out", inputs=()) -> None:
             same = path.resolve() == given.resolve()
             exit_with(f"{option} {path} {'is' if same else 'is inside'} the input {given}: the figure would "
                       f"{'replace it' if same else 'be read as an input next time'}; write it elsewhere")
+
+
+def _stored_size(kind: str, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The size a colour picture of ``size`` has once written as ``kind`` and read back; None when PIL cannot read
+    that format back (PDF) or write it at that size."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    try:
+        Image.new("RGB", size).save(buffer, format=kind)
+        buffer.seek(0)
+        with Image.open(buffer) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - a writer or reader that cannot take it says nothing about resizing
+        return None
 
 
 def check_output_dir(path, option: str = "--out-dir") -> None:

@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
@@ -53,7 +54,7 @@ def run(
     from farmer_cli.memory_plan import require_distill_memory
     from farmer_cli.rundir import claim_on_main, find_checkpoint, holds_distillation, remove_distillation
     from farmer_cli.device import checked_on_every_process, processes_ended, make_accelerator
-    from farmer_cli.commands.ui import LoopProgress, console, escape
+    from farmer_cli.commands.ui import LoopProgress, console, escape, shell_word
 
     run_dir = find_checkpoint(ckpt)
     if resume and overwrite:
@@ -78,7 +79,7 @@ def run(
                   overrides, allowed=("distill", "data", "train"))
     if resume and not (run_dir / DISTILL_STATE_FILE).exists():
         exit_with(f"--resume: {run_dir} has no distillation to continue ({DISTILL_STATE_FILE}); "
-                  f"start one with farmer distill --ckpt {run_dir}")
+                  f"start one with farmer distill --ckpt {shlex.quote(str(run_dir))}")
     if resume:  # what resuming reads besides the state (checked on loading): the student and the metrics
         if (run_dir / STUDENT_FILE).exists():
             check_student_file(model, run_dir)
@@ -107,7 +108,7 @@ def run(
         console.print(f"distilling the AF of {escape(str(run_dir))} (step {step}) for {cfg.distill.steps} steps")
     with processes_ended():
         with LoopProgress("distill", cfg.distill.steps, "loss", "loss", enabled=main,
-                          resume_hint=f"farmer distill --ckpt {run_dir} --resume") as bar:
+                          resume_hint=f"farmer distill --ckpt {shell_word(str(run_dir))} --resume") as bar:
             result = distill(model, cfg, bundle, run_dir, acc, resume=resume, on_event=bar)
     if main:
         console.print(f"student inverse error (MSE vs the true inverse, {result.error_images} images): "
@@ -116,6 +117,6 @@ def run(
                   f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
         console.print(f"done in {result.seconds / 60:.1f} min: {losses}; student in "
                       f"[bold]{escape(str(run_dir))}/student.safetensors[/]")
-        console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --decoder student --class "
+        console.print(f"next: farmer sample --ckpt {escape(shell_word(str(run_dir)))} --decoder student --class "
                       f"{min(3, cfg.model.num_classes - 1)} --n 16")
 

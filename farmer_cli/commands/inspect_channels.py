@@ -23,7 +23,9 @@ import typer
 
 InverseDecoder = Literal["sequential", "student"]  # the inverses that decode part of the flow (upto a block)
 
-from farmer_cli.commands import CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_image, check_seed, default_output, exit_with, refuse_outputs_in_data, refuse_unused, resolve_class, command
+from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_data_unchanged, check_output_image,
+                                 check_recorded_data, check_seed, command, default_output, exit_with,
+                                 refuse_outputs_in_data, refuse_unused, resolve_class)
 from farmer_cli.config.schema import MAX_SAMPLING_SCALE
 
 NAME = "inspect-channels"
@@ -57,7 +59,7 @@ def run(
     student = decoder == "student"
     import torch
 
-    from farmer_cli.checkpoint import load_model, load_student
+    from farmer_cli.checkpoint import load_config, load_model, load_student
     from farmer_cli.data.dataset import load_data
     from farmer_cli.data.images import load_image
     from farmer_cli.sample.channels import noise_interpolation, variance_sweep
@@ -97,7 +99,10 @@ def run(
         else:
             from farmer_cli.data.batching import first_readable
 
+            check_recorded_data(run_dir, cfg.data)
             bundle = load_data(cfg.data, mc.channels, size)
+            check_data_unchanged(run_dir, load_config(run_dir)[2].get("data"), bundle,
+                                 "its first test image may be one it trained on", "or give an IMAGE")
             u, split = first_readable(bundle.test), "test"
             if u is None:  # a one-image data set has no test split
                 u, split = first_readable(bundle.train), "training"
@@ -148,6 +153,8 @@ def _floats(text: str, name: str) -> list[float]:
         exit_with(f"--{name} must be finite numbers, got '{text}'")
     if len(values) > 32:
         exit_with(f"--{name}: at most 32 values, got {len(values)}")
+    if len(set(values)) < len(values):  # a repeated column (or row) would show the same picture again
+        exit_with(f"--{name} {text}: a value is named twice; name each once")
     return values
 
 

@@ -55,7 +55,7 @@ def run(
     import torch
 
     from farmer_cli.eval import ood
-    from farmer_cli.checkpoint import load_config, load_model
+    from farmer_cli.checkpoint import load_config, load_model, same_weights
     from farmer_cli.data.dataset import load_data
     from farmer_cli.data.images import image_files, load_image
     from farmer_cli.device import choose_device
@@ -93,6 +93,9 @@ def run(
         if (other_cfg.model.image_size, other_cfg.model.channels) != (mc.image_size, mc.channels):
             exit_with(f"--background {background} models {other_cfg.model.image_size}px x "
                       f"{other_cfg.model.channels} channels, not {mc.image_size}px x {mc.channels} like --ckpt")
+        if same_weights(model, other):  # a copy of the run, or its newest step checkpoint
+            exit_with(f"--background {background} holds the same weights as --ckpt {run_dir}, so every ratio score "
+                      "would be 0; give a second run (a model of generic images at the same resolution)")
     train = None
     if {"typicality", "combined"} & set(names):  # statistics of the run's training images, as they were
         check_recorded_data(run_dir, cfg.data)

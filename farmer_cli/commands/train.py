@@ -110,7 +110,7 @@ def run(
     from farmer_cli.storage import within
     from farmer_cli.memory_plan import require_training_memory
     from farmer_cli.train.trainer import total_steps, train
-    from farmer_cli.commands.ui import LoopProgress, console, escape
+    from farmer_cli.commands.ui import LoopProgress, console, escape, shell_word
 
     tracker_options(report_to)  # an unknown or uninstalled tracker fails before any work
     check_seed(seed, MAX_TRAIN_SEED.bit_length())
@@ -160,6 +160,8 @@ def run(
                       "or replaced since the last checkpoint; restore the run's own files, or start a new run to "
                       "change settings")
     refuse_unread(unread_data_settings(cfg.data), set_keys(overrides, "data"))
+    for section in ("model", "train", "sampling"):  # sampling: what `farmer sample` will read from this run
+        refuse_unread(getattr(cfg, section).unread(), set_keys(overrides, section))
     if not resume:  # a data folder from a preset or --set is recorded as its absolute path too
         cfg.data.source = canonical_source(cfg.data.source)
         cfg.data.test_source = canonical_source(cfg.data.test_source)
@@ -203,7 +205,7 @@ def run(
                       f"{total} steps")
     with processes_ended():
         with LoopProgress("train", total, "bpd", "bits/dim", enabled=main,
-                          resume_hint=f"farmer train --out {run_dir} --resume") as bar:
+                          resume_hint=f"farmer train --out {shell_word(str(run_dir))} --resume") as bar:
             result = train(cfg, bundle, run_dir, acc, resume=resume, stop_after=stop_after, on_event=bar)
     if main:
         if result.skipped:
@@ -215,10 +217,10 @@ def run(
                   "no test bits/dim (the data set is too small to hold out test images)")
         console.print(f"{state}: {result.seconds / 60:.1f} min; {tested}; checkpoint in [bold]{escape(str(run_dir))}[/]")
         if finished:
-            console.print(f"next: farmer sample --ckpt {escape(str(run_dir))} --class "
+            console.print(f"next: farmer sample --ckpt {escape(shell_word(str(run_dir)))} --class "
                           f"{min(3, cfg.model.num_classes - 1)} --n 16")
         else:
-            console.print(f"continue: farmer train --out {escape(str(run_dir))} --resume")
+            console.print(f"continue: farmer train --out {escape(shell_word(str(run_dir)))} --resume")
 
 
 def _count_params(cfg) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import time
 
 from rich.console import Console
@@ -21,17 +22,31 @@ stdout = Console()  # results (tables) so they can be piped
 if not stdout.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
     stdout = Console(width=160)
 
-__all__ = ["console", "stdout", "escape", "figure", "progress", "LoopProgress", "show_library_messages"]
+__all__ = ["console", "stdout", "escape", "shell_word", "figure", "progress", "LoopProgress", "show_library_messages"]
 
-# C0 controls but tab and newline, DEL and C1: an ANSI escape sequence in a file name would recolour, move or clear
-# the terminal (or a log viewer) when printed
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 controls, DEL and C1: an ANSI escape sequence in a file name would recolour, move or clear the terminal (or a
+# log viewer) when printed, and a newline would split one line of output in two
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SHOWN = {"\n": "\\n", "\t": "\\t"}
 
 
 def escape(text: str) -> str:
-    """User text (file names, messages quoting them) made safe to print: rich markup is escaped and control
-    characters are shown as ``\\xNN``, so ``$'\\e[31m.png'`` prints as ``\\x1b[31m.png``."""
-    return escape_markup(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+    """User text (file names, messages quoting them) made safe to print on one line: rich markup is escaped,
+    newlines and tabs are shown as ``\\n`` and ``\\t`` (as in error lines) and other control characters as
+    ``\\xNN``, so ``$'\\e[31m.png'`` prints as ``\\x1b[31m.png``."""
+    return escape_markup(_CONTROL.sub(lambda m: _SHOWN.get(m.group(), f"\\x{ord(m.group()):02x}"), text))
+
+
+def shell_word(text: str) -> str:
+    """``text`` (a path in a suggested command) as one word that a POSIX shell reads back as it is: quoted where
+    needed (``'runs/my run'``), and as ``$'...'`` with ``\\xNN`` escapes where it holds control characters, so the
+    command stays on one line and can be pasted. Not markup-escaped: print it through :func:`escape`."""
+    if not _CONTROL.search(text):
+        return shlex.quote(text)
+    def code(c: str) -> str:
+        return f"\\u{ord(c):04x}" if ord(c) > 0x7f else f"\\x{ord(c):02x}"  # C1 characters: their code point
+
+    return "$'" + "".join(code(c) if _CONTROL.match(c) or c in "\\'" else c for c in text) + "'"
 
 
 class _ConsoleHandler(logging.Handler):

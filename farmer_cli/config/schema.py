@@ -106,6 +106,19 @@ class ModelConfig:
     grad_checkpoint: bool = False  # recompute transformer layers in backward (activation checkpointing)
     checkpoint_fraction: float = 1.0  # with grad_checkpoint: the share of each stack's layers recomputed (1: all)
 
+    def unread(self) -> dict[str, str]:
+        """The settings that a model of these settings never reads, each with why: the channel split's without it,
+        the merge order without a merge, the checkpointed share without activation checkpointing."""
+        unread = {}
+        if not self.channel_split:
+            unread |= dict.fromkeys(("informative_dims", "redundant_components"), "only the informative / redundant "
+                                    "channel split reads it, and model.channel_split is false")
+        if self.token_merge == 1:
+            unread["merge_order"] = "only a token merge reads it, and model.token_merge is 1"
+        if not self.grad_checkpoint:
+            unread["checkpoint_fraction"] = "only activation checkpointing reads it, and model.grad_checkpoint is false"
+        return unread
+
     @property
     def checkpoint_share(self) -> float:
         """The share of every transformer stack's layers run under activation checkpointing (0: none)."""
@@ -256,6 +269,17 @@ class TrainConfig:
         _check(self.noise_start >= self.noise_end, "train.noise_start", f">= train.noise_end ({self.noise_end:g})",
                self.noise_start)
         _at_most(self, "train", MAX_NOISE, "noise_start")
+
+    def unread(self) -> dict[str, str]:
+        """The settings that training under these settings never reads, each with why: the Gaussian noise schedule
+        under uniform noise, the step count when the length is given in epochs."""
+        unread = {}
+        if self.noise != "gaussian":
+            unread |= dict.fromkeys(("noise_start", "noise_end"), "only Gaussian dequantisation noise reads it, and "
+                                    f"train.noise is {self.noise}")
+        if self.epochs > 0:
+            unread["steps"] = "train.epochs > 0 sets the run's length; --steps replaces it"
+        return unread
 
     def global_batch(self, processes: int) -> int:
         """Images per optimiser step over all processes."""

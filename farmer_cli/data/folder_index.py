@@ -44,6 +44,12 @@ def class_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def loose_images(root: Path) -> list[str]:
+    """Image files directly in ``root``, beside its class folders: no class holds them (names sorted)."""
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and
+                  p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def _key(root: Path, classes: list[str]) -> str:
     stamp = [INDEX_VERSION, str(root.resolve())] + [f"{c}:{(root / c).stat().st_mtime_ns}" for c in classes]
     return hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:24]

@@ -235,6 +235,11 @@ def _folder(root: Path) -> Source:
     classes = folder_index.class_folders(root)
     if not classes:
         raise DataError(f"{root}: no class sub-folders found; expected {root}/<class name>/<image files>")
+    loose = folder_index.loose_images(root)
+    if loose:
+        raise DataError(f"{root}: {len(loose):,} image file(s) lie directly in it, beside the class folders "
+                        f"({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''}), and no class would hold them; "
+                        "move them into a class folder, or out of it")
     seen: dict[Path, str] = {}
     for name in classes:  # a class folder linked to another would give its images two labels
         real = (root / name).resolve()

@@ -154,7 +154,9 @@ def train(cfg: Config, data: DataBundle, run_dir: Path, accelerator, resume: boo
         sigma = noise_sigma(step, total, tc.noise_start, tc.noise_end)
         with accelerator.autocast(), attention_backend(device, accelerator.mixed_precision):
             out = model(u, y, noise=tc.noise, sigma=sigma)
-        terms = {k: out[k] for k in ("bpd", "log_p_info", "log_p_red", "logdet")} | {"sigma": sigma}
+        terms = {k: out[k] for k in ("bpd", "log_p_info", "log_p_red", "logdet")}
+        if tc.noise == "gaussian":  # uniform noise has no sigma
+            terms["sigma"] = sigma
         return StepOutput(out["bpd"].mean(), terms, u.shape[0])
 
     t0 = time.time()

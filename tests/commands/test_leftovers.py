@@ -34,7 +34,7 @@ def _killed_before_first_checkpoint(tiny_run: Path, run: Path) -> Path:
 def test_control_characters_in_names_are_shown_not_sent_to_the_terminal(tiny_run: Path, digit_png: Path,
                                                                         tmp_path: Path):
     assert escape("\x1b[31mred\x07.png [b]x[/b]") == "\\x1b[31mred\\x07.png \\[b]x\\[/b]"
-    assert escape("tab\tand\nnewline") == "tab\tand\nnewline"
+    assert escape("tab\tand\nnewline") == "tab\\tand\\nnewline"  # shown, as in error lines: output stays one line
     proc = farmer("score", "--ckpt", str(tiny_run), str(tmp_path / "\x1b[2J\x1b[31mgone.png"), check=False)
     assert proc.returncode == 2 and "\x1b" not in proc.stderr, proc.stderr
     assert "\\x1b[2J\\x1b[31mgone.png" in proc.stderr

@@ -231,11 +231,14 @@ def test_a_batch_of_unreadable_images_is_a_data_error(tmp_path: Path):
 def test_one_image_data_set_in_distill_and_inspect_channels(run: Path, tmp_path: Path):
     one = tmp_path / "one"
     png(one / "only" / "x.png")
-    edit_config(run, lambda p: p["config"]["data"].update(source=str(one)))
-    proc = cli("distill", "--ckpt", run, "--steps", "2")
+    edit_config(run, lambda p: p["config"]["data"].update(source=str(one)))  # not the data the run trained on
+    refused(cli("inspect-channels", "--ckpt", run, "--out", tmp_path / "i.png"), "no longer splits")
+    trained = tmp_path / "one-run"
+    worked(cli("train", "--preset", "tiny", "--data", one, "--steps", "1", "--out", trained))
+    proc = cli("distill", "--ckpt", trained, "--steps", "2")
     worked(proc)
     assert "training images)" in proc.stderr  # no held-out image: the student is measured on the training one
-    worked(cli("inspect-channels", "--ckpt", run, "--out", tmp_path / "i.png"))
+    worked(cli("inspect-channels", "--ckpt", trained, "--out", tmp_path / "i.png"))
     assert (tmp_path / "i.png").exists()
 
 

@@ -1,8 +1,8 @@
 """Cases of the twelfth hostile sweep (GitHub issue 24): settings that training never reads are refused like
 sampling's, images beside the class folders are not dropped without a word, figures are never resized by their
-format, printed paths stay on one line and suggested commands can be pasted, a copy of the run is no background
-model, and inspect-channels checks the run's split like evaluate. Refusals are one "error:" line and exit status 2,
-before any work."""
+format, printed paths stay on one line and suggested commands can be pasted, and inspect-channels checks the run's
+split like evaluate (a copy of the run as ood's background: tests/eval/test_likelihood_tools.py). Refusals are one
+"error:" line and exit status 2, before any work."""
 
 from __future__ import annotations
 
@@ -86,15 +86,6 @@ def test_printed_paths_stay_on_one_line_and_suggested_commands_paste(tmp_path: P
     run = tmp_path / "my run"
     proc = farmer("train", "--preset", "tiny", "--steps", "4", "--stop-after", "1", "--out", run)
     assert f"continue: farmer train --out {shlex.quote(str(run))} --resume" in proc.stderr, proc.stderr
-
-
-def test_a_copy_of_the_run_is_no_background_model(tiny_run: Path, tmp_path: Path):
-    copy = tmp_path / "copy"
-    shutil.copytree(tiny_run, copy)
-    inside, outside = _png(tmp_path / "in" / "a.png", 1).parent, _png(tmp_path / "out" / "b.png", 2).parent
-    line = refused("ood", "--ckpt", tiny_run, "--in", inside, "--out", outside, "--score", "ratio", "--background",
-                   copy, "--figure", tmp_path / "ood.png")
-    assert "holds the same weights as --ckpt" in line, line
 
 
 def test_inspect_channels_checks_the_recorded_split(tiny_run: Path, tmp_path: Path):

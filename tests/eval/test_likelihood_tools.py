@@ -114,10 +114,19 @@ def test_ood_command_separates_noise_from_digits(tiny_run: Path, two_folders, tm
     assert result["separation"]["bpd"]["auroc"] > 0.9  # uniform noise is far less likely than digits
     assert len(result["scores"]["bpd"]["in"]) == len(result["scores"]["bpd"]["out"]) == 12
     assert (tmp_path / "h.png").exists()
-    twin = shutil.copytree(tiny_run, tmp_path / "twin")  # another run of the same weights: ratios carry no information
-    ratio = farmer("ood", "--in", str(inside), "--out", str(outside), "--ckpt", str(tiny_run), "--score", "ratio",
-                   "--background", str(twin), "--figure", str(tmp_path / "r.png"), "--json")
-    assert json.loads(ratio.stdout)["separation"]["ratio"]["auroc"] == 0.5
+    twin = shutil.copytree(tiny_run, tmp_path / "twin")  # a copy of the run: every ratio would be 0
+    args = ["ood", "--in", str(inside), "--out", str(outside), "--ckpt", str(tiny_run), "--score", "ratio",
+            "--figure", str(tmp_path / "r.png"), "--json"]
+    copied = farmer(*args, "--background", str(twin), check=False)
+    assert copied.returncode == 2 and "holds the same weights as --ckpt" in copied.stderr, copied.stderr
+    background = tmp_path / "background"
+    farmer("train", "--preset", "tiny", "--steps", "2", "--seed", "1", "--out", str(background))
+    ratio = json.loads(farmer(*args, "--background", str(background)).stdout)
+    bpd = {side: farmer("ood", "--in", str(folder), "--ckpt", str(run), "--score", "bpd", "--json",
+                        "--figure", str(tmp_path / f"{side}.png")).stdout for side, folder, run in
+           (("own", inside, tiny_run), ("other", inside, background))}
+    own, other = (np.array(json.loads(bpd[k])["scores"]["bpd"]["in"]) for k in ("own", "other"))
+    assert np.allclose(ratio["scores"]["ratio"]["in"], own - other, atol=1e-4)  # log-likelihood ratio in bits/dim
 
 
 @pytest.mark.parametrize("case, message", [

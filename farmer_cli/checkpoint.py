@@ -437,7 +437,8 @@ def stored_distill_settings(run_dir: Path) -> dict | None:
 
 def load_student(run_dir: Path, model):
     """The distilled student AF of ``model`` from ``student.safetensors`` (clear error when there is none, or when
-    it was distilled from other teacher weights than the run's ``model.safetensors``)."""
+    it was distilled from other teacher weights than the run's ``model.safetensors``). Its ``distilled`` attribute
+    is (steps distilled, steps asked for, or None where the file records none)."""
     from farmer_cli.model.distill import make_student
 
     run_dir = Path(run_dir)
@@ -451,5 +452,7 @@ def load_student(run_dir: Path, model):
         raise CheckpointError(f"{path} was distilled from other weights than {run_dir / MODEL_FILE} (the run was "
                               "retrained or replaced); run "
                               f"`farmer distill --ckpt {shlex.quote(str(run_dir))} --overwrite` again")
-    load_weights(student, path)
+    step = load_weights(student, path)
+    total = (stored_distill_settings(run_dir) or {}).get("steps")
+    student.distilled = (step, total if isinstance(total, int) else None)  # an unfinished student says so
     return student.eval().requires_grad_(False)

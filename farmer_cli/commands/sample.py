@@ -306,7 +306,10 @@ def _effective_sample_sizes(stats: dict, s, tokens: int) -> str:
 
 def _decoder_text(student_flow, s, stats: dict) -> str:
     if student_flow is not None:
-        return "student"
+        done, total = student_flow.distilled
+        if total is not None and done < total:
+            return f"student (unfinished: distilled {done} of {total} steps; farmer distill --resume continues it)"
+        return f"student ({done} distillation steps)"
     if s.decoder == "jacobi":
         rounds = [r for batch in stats.get("jacobi_rounds", []) for r in batch]
         return f"jacobi ({sum(rounds) / max(1, len(rounds)):.1f} rounds per block on average, at most {max(rounds)})"

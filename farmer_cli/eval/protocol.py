@@ -167,7 +167,8 @@ def evaluate(model: Farmer, cfg: Config, data: DataBundle, metrics: list[str], *
         if not main:
             return None
         result["sampling"] = dataclasses.asdict(cfg.sampling) | {
-            "student": student is not None, "n_samples": n_samples, "denoise_sigma": model.denoise_sigma(cfg.sampling)}
+            "student": student is not None, "student_steps": getattr(student, "distilled", None),  # (done, asked)
+            "n_samples": n_samples, "denoise_sigma": model.denoise_sigma(cfg.sampling)}
         if clf is not None:
             m["sample_acc"] = sample_accuracy(clf, samples["predictions"], samples["labels"])
     elif not main:

@@ -98,3 +98,23 @@ def test_inspect_channels_checks_the_recorded_split(tiny_run: Path, tmp_path: Pa
     assert "no longer splits as when the run trained" in line and "give an IMAGE" in line, line
     line = refused("inspect-channels", "--ckpt", tiny_run, "--levels", "0,0.5,0", "--out", tmp_path / "ic.png")
     assert "a value is named twice" in line, line
+
+
+def test_an_unfinished_student_says_how_far_it_was_distilled(tiny_run: Path, tmp_path: Path):
+    """A distillation stopped early (SIGTERM) leaves a student of fewer steps than asked for; sampling with it says
+    so, and how to continue."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from farmer_cli.checkpoint import save_weights
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock", "eval-*")))
+    farmer("distill", "--ckpt", run, "--steps", "3")
+    args = ("sample", "--ckpt", run, "--decoder", "student", "--n", "1", "--class", "1")
+    assert "student (3 distillation steps)" in farmer(*args, "--out", tmp_path / "a.png").stderr
+    path = run / "student.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        metadata = {k: v for k, v in fh.metadata().items() if k not in ("step", "format_version")}
+    save_weights(path, load_file(str(path)), 1, metadata)  # what a stop after step 1 of 3 leaves
+    said = farmer(*args, "--out", tmp_path / "b.png").stderr
+    assert "student (unfinished: distilled 1 of 3 steps; farmer distill --resume continues it)" in said, said

@@ -158,8 +158,8 @@ CKPT_HELP = "Checkpoint (run) directory. Default: the newest run under ./runs/."
 SET_HELP = "Override any config value, e.g. --set train.lr=3e-4 --set model.af_blocks=8 (repeatable)."
 CLASS_HELP = ("Class name from the checkpoint's label map, or index 0..K-1. A name wins over an index: with class "
               "folders named 1..10, '--class 1' means folder '1'.")
-DEVICE_HELP = ("auto (a GPU when there is one), cpu, cuda or cuda:N. Samples drawn with a seed are reproducible on "
-               "the same device, not across devices.")
+DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N."
+SEEDED_DEVICE_HELP = DEVICE_HELP + " Samples drawn with a seed are reproducible on the same device, not across devices."
 Option = typer.Option
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from farmer_cli.config.schema import Precision
-from farmer_cli.commands import CKPT_HELP, Option, exit_with, command
+from farmer_cli.commands import CKPT_HELP, Option, command, exit_with, refuse_unread, set_keys
 
 NAME = "distill"
 
@@ -67,6 +67,9 @@ def run(
     if unread:
         exit_with(f"--set {', '.join(unread)}: distillation does not read {'it' if len(unread) == 1 else 'them'}; it "
                   f"reads distill.* (--steps, --lr, --batch-size) and train.{', train.'.join(sorted(TRAIN_SETTINGS_READ))}")
+    split = "the split is the run's: distillation measures the student on the images the run held out"
+    refuse_unread(dict.fromkeys(("use_labels", "label_column"), "distillation trains on images, not their labels")
+                  | dict.fromkeys(("test_fraction", "split_seed", "test_source"), split), set_keys(overrides, "data"))
     fixed = (["--data"] if data is not None else []) + [k for k in keys if k.startswith("data.") or
                                                         k[len("train."):] in RESUME_FIXED]
     if resume and fixed:

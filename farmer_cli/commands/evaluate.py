@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 from farmer_cli.config.schema import Decoder
-from farmer_cli.commands import (CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws,
+from farmer_cli.commands import (CKPT_HELP, SEEDED_DEVICE_HELP, Option, check_data_unchanged, check_draws,
                                  check_recorded_data, check_seed, exit_with, refuse_unread, refuse_unused, set_keys,
                                  command)
 
@@ -92,10 +92,11 @@ def run(
     max_classes: Optional[int] = Option(None, "--max-classes", help="Generative classifier: classes compared at most "
                                         "(default 100)."),
     seed: int = Option(0, "--seed", help="Seed for samples and dequantisation noise."),
-    sampling_overrides: List[str] = Option([], "--set", help="Sampling overrides, e.g. --set sampling.temperature=1.3."),
+    sampling_overrides: List[str] = Option([], "--set", help="Sampling and data overrides, e.g. --set "
+                                             "sampling.temperature=1.3, --set data.test_source=DIR."),
     as_json: bool = Option(False, "--json", help="Print one JSON object with every figure and the protocol."),
-    device: str = Option("auto", "--device", help=DEVICE_HELP + " Under accelerate launch each process takes the "
-                         "device Accelerate gives it."),
+    device: str = Option("auto", "--device", help=SEEDED_DEVICE_HELP + " Under accelerate launch each process takes "
+                         "the device Accelerate gives it."),
 ) -> None:
     from farmer_cli.checkpoint import load_config, load_model, load_student
     from farmer_cli.storage import atomic_write
@@ -137,6 +138,9 @@ def run(
             exit_with("pr (k = 3 nearest neighbours) needs --n-samples of at least 4")
         chosen = [m for m in chosen if m != "pr"]
     _check_stats_options(ref_stats, save_ref_stats, resize, chosen)
+    fid_options = [name for name, value in (("--ref-stats", ref_stats), ("--save-ref-stats", save_ref_stats),
+                                            ("--resize", resize), ("--fid-weights", fid_weights),
+                                            ("--trust-weights", trust_weights or None)) if value is not None]
     stats = None
     if ref_stats is not None:
         try:
@@ -162,18 +166,21 @@ def run(
     with processes_ended():
         dev = choose_device(device, acc)
         model, cfg, class_names, step = load_model(run_dir, dev)
-        if "classify" in chosen and cfg.model.num_classes < 2:  # argmax over one class is always right
-            if metrics:
-                exit_with(f"{run_dir} models one class, so classify (argmax over classes) would always be right; "
-                          "leave classify out of --metrics")
-            chosen = [m for m in chosen if m != "classify"]
+        one_class = {"classify": "classify (argmax over classes) would always be right",
+                     "sample-acc": "sample-acc (a classifier of its classes recognising the samples) has nothing to "
+                                   "tell apart"}
+        for name, why in one_class.items() if cfg.model.num_classes < 2 else ():
+            if name in chosen and metrics:
+                exit_with(f"{run_dir} models one class, so {why}; leave {name} out of --metrics")
+            chosen = [m for m in chosen if m != name]
         trained = dataclasses.replace(cfg.data)
         other = {"data.test_source": ("--data", "")} if data is not None else {}  # --data replaces a test set too
         apply_options(cfg, {"data.source": ("--data", data), **other, "sampling.cfg": ("--cfg", cfg_weight),
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
         refuse_unread(cfg.sampling.unread(), set_keys(sampling_overrides, "sampling"))
-        refuse_unread(unread_data_settings(cfg.data), set_keys(sampling_overrides, "data"))
+        refuse_unread(unread_data_settings(cfg.data) | {"num_workers": "evaluate reads images in its own process"},
+                      set_keys(sampling_overrides, "data"))
         relation = relation_to_training(trained, cfg.data)
         if split == "test" and relation in ("resplit", "training"):
             exit_with(_trained_on(relation, run_dir, trained))
@@ -211,7 +218,7 @@ def run(
                 weights = find_fid_weights(fid_weights)
                 inception = (load_inception(weights, trust_weights).to(dev), fid_protocol(weights, resize))
             except WeightsError as err:
-                if metrics:  # asked for explicitly: fail clearly
+                if metrics or fid_options:  # asked for explicitly: fail clearly
                     raise
                 if main:
                     console.print(f"[yellow]skipping fid and pr:[/] {escape(str(err))}")

@@ -23,8 +23,8 @@ import typer
 
 InverseDecoder = Literal["sequential", "student"]  # the inverses that decode part of the flow (upto a block)
 
-from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_data_unchanged, check_output_image,
-                                 check_recorded_data, check_seed, command, default_output, exit_with,
+from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, SEEDED_DEVICE_HELP, Option, check_data_unchanged,
+                                 check_output_image, check_recorded_data, check_seed, command, default_output, exit_with,
                                  refuse_outputs_in_data, refuse_unused, resolve_class)
 from farmer_cli.config.schema import MAX_SAMPLING_SCALE
 
@@ -54,7 +54,7 @@ def run(
                                      "KV cache) or student (the one-step student of farmer distill)."),
     out: Optional[Path] = Option(None, "--out", "-o", help="Figure PNG (default: inspect.png, or "
                                  "inspect-variance.png in variance mode)."),
-    device: str = Option("auto", "--device", help=DEVICE_HELP),
+    device: str = Option("auto", "--device", help=SEEDED_DEVICE_HELP),
 ) -> None:
     student = decoder == "student"
     import torch

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from farmer_cli.config.schema import Decoder, DecodeSteps, Guidance, Precision
-from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_output_dir, check_output_image,
-                                 check_seed, default_output, exit_with, refuse_outputs_in_data, refuse_unread,
+from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, SEEDED_DEVICE_HELP, Option, check_output_dir,
+                                 check_output_image, check_seed, default_output, exit_with, refuse_outputs_in_data, refuse_unread,
                                  refuse_unused, resolve_class, set_keys, command)
 
 NAME = "sample"
@@ -67,7 +67,7 @@ def run(
                                                  "batches on a CPU) or cuda-graphs. Default: the checkpoint's "
                                                  "sampling.decode_steps (auto). Same images in every mode up to "
                                                  "float rounding."),
-    device: str = Option("auto", "--device", help=DEVICE_HELP + " Under accelerate launch each process uses its "
+    device: str = Option("auto", "--device", help=SEEDED_DEVICE_HELP + " Under accelerate launch each process uses its "
                          "own device."),
     precision: Precision = Option("auto", "--precision", help="auto (bf16 on a CUDA GPU that supports it, else "
                                   "fp32), fp32, bf16 or fp16 (a GPU's; bf16 on a CPU): the transformers' matmuls "

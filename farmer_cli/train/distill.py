@@ -89,7 +89,7 @@ def distill(model: Farmer, cfg: Config, data: DataBundle, run_dir: Path, acceler
     measured_on, measured_kind = error_images(data, dc.batch_size)  # read once, measured before and after
     error_before = student_error(model, raw, measured_on, device)  # every rank: a sharded student needs all
     loader = make_loader(data.train, dc.batch_size, accelerator.num_processes, accelerator.process_index,
-                         cfg.train.seed + 1, start, 0, pin_memory=device.type == "cuda")
+                         cfg.train.seed + 1, start, cfg.data.num_workers, pin_memory=device.type == "cuda")
     seen: dict[str, torch.Tensor] = {}  # this invocation's first and last loss, read back once at the end
 
     def step_fn(batch, step: int) -> StepOutput:

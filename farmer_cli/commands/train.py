@@ -192,9 +192,15 @@ def run(
     checked_on_every_process(acc, lambda: require_training_memory(cfg, acc.device, acc.num_processes,
                                                                   precision_name(acc.mixed_precision)))
     main = acc.is_main_process
+    total = total_steps(cfg, len(bundle.train), acc.num_processes)
+    given = [name for name, _ in set_keys(overrides)] + [name for name, value in (
+        ("--mixed-precision", mixed_precision), ("--workers", workers)) if value is not None]
+    if resume and given and isinstance(payload.get("step"), int) and payload["step"] >= total:
+        exit_with(f"{out} has finished its {total} steps, so --resume runs none and nothing would read "
+                  f"{', '.join(given)}; give sampling settings to farmer sample (--set sampling.*), or start a new "
+                  "run (another --out)")
     run_dir = out or (new_run_dir(cfg.preset) if main else None)
     run_dir, _lock = claim_on_main(acc, run_dir, resume=resume, overwrite=overwrite)
-    total = total_steps(cfg, len(bundle.train), acc.num_processes)
     if main:
         n_params = _count_params(cfg)
         console.print(f"run [bold]{escape(str(run_dir))}[/]: preset {escape(cfg.preset)}, {n_params / 1e6:.2f}M "

@@ -40,13 +40,15 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.source.fingerprint(self.indices)
 
     def __getitem__(self, k: int):
-        item, label = self.source.get(self.indices[k])
+        index, item = self.indices[k], None
         try:
+            item, label = self.source.get(index)  # a dataset row decodes its image here
             return to_uint8(item, self.channels, self.size), label
         except IMAGE_ERRORS as err:
             if k not in self.warned:
                 self.warned.add(k)
-                log.warning("skipping unreadable image %s: %s", item, err)
+                where = item if isinstance(item, (str, Path)) else f"row {index} of {self.source.name}"
+                log.warning("skipping unreadable image %s: %s", where, err)
             return None
 
 

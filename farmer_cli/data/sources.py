@@ -269,6 +269,11 @@ def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
                         f"among {list(features)}")
     if label and label not in features:
         raise DataError(f"label column '{label}' not among {list(features)}")
+    unnamed = next((k for k in ("label", "labels", "class") if k in features), None) if not label else None
+    if unnamed is not None and cfg.use_labels:  # raw labels are read only when named: never dropped silently
+        raise DataError(f"{cfg.source}: the column '{unnamed}' holds {features[unnamed]}, not a ClassLabel, so it "
+                        f"is not read as classes unless named: --set data.label_column={unnamed} to use it, or "
+                        "--set data.use_labels=false for an unconditional model")
     kind = features[label] if label else None
     whole = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "string", "large_string", "bool")
     if label and not isinstance(kind, ClassLabel) and not (isinstance(kind, Value) and kind.dtype in whole):
@@ -292,10 +297,18 @@ def _hf(source: str, cfg: DataConfig) -> Source:
         if test_name:
             n_train = len(ds[train_name])
             splits = (list(range(n_train)), list(range(n_train, n_train + len(ds[test_name]))))
-            ds = datasets.concatenate_datasets([ds[train_name], ds[test_name]])
+            try:
+                ds = datasets.concatenate_datasets([ds[train_name], ds[test_name]])
+            except ValueError as err:
+                raise DataError(f"{source}: its '{train_name}' and '{test_name}' splits differ in their columns or "
+                                f"label names ({err}); give them the same features") from None
         else:
             ds = ds[train_name]
     image_col, label_col = _hf_columns(ds.features, cfg)
+    missing = np.flatnonzero(ds.data.column(image_col).is_null().to_numpy(zero_copy_only=False))
+    if len(missing):
+        raise DataError(f"{source}: {len(missing):,} row(s) have no image in column '{image_col}' (row "
+                        f"{', '.join(map(str, missing[:3]))}{', ...' if len(missing) > 3 else ''}); drop those rows")
     feature = ds.features.get(label_col)
     if label_col and hasattr(feature, "names"):
         names = list(feature.names)

@@ -143,6 +143,8 @@ def run(
 def _floats(text: str, name: str) -> list[float]:
     import math
 
+    if any(not v.strip() for v in text.split(",")) and text.strip():
+        exit_with(f"--{name} {text}: an empty item between commas; give comma-separated numbers, e.g. 0,0.5,1")
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:

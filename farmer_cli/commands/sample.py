@@ -165,7 +165,10 @@ def run(
                else f"unguided (T={s.temperature}, S={s.var_scale})")
         sigma = model.denoise_sigma(s)
         how += f", denoised (sigma {sigma:g})" if sigma > 0 else ""
-        console.print(f"{len(images)} samples of {len(labels)} class(es) from step {step} of {escape(str(run_dir))}, "
+        shown = ", ".join(f"{k} ({class_names[k]})" if k < len(class_names) and class_names[k] != str(k) else str(k)
+                          for k in labels[:4]) + (", ..." if len(labels) > 4 else "")
+        console.print(f"{len(images)} samples of {len(labels)} class(es), {escape(shown)}, from step {step} of "
+                      f"{escape(str(run_dir))}, "
                       f"{how}, {_decoder_text(student_flow, s, stats)} decoder ({steps} steps), {precision} on "
                       f"{device}"
                       f"{f' x {world} processes' if world > 1 else ''}: {seconds:.1f} s "

@@ -63,6 +63,9 @@ def run(
     refuse_outputs_in_data(cfg.data, [("--heatmap", heatmap)])
     mc = cfg.model
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)
+    class_name = None if label is None else class_names[label] if label < len(class_names) else str(label)
+    if label is not None:  # reported as the class it resolved to: "1" may name the folder "02"
+        class_ = str(label) if class_name == str(label) else f"{label} ({class_name})"
     loaded = [load_image(f, mc.channels, mc.image_size) for f in files]  # fails early, naming the bad file
     heat_paths = _heatmap_paths(files, heatmap) if heatmap is not None else []
     earlier = [p for p in heat_paths if len(heat_paths) > 1 and (p.exists() or p.is_symlink())]
@@ -86,7 +89,7 @@ def run(
                 width, height = loaded[start + i][1]
                 png = png_bytes(u[i])
                 row = {"file": str(f), "size": f"{width}x{height}", "bits_per_dim": _rounded(bpd[i], 4),
-                       "nll_nats": _rounded(nll[i], 2), "class": class_ if class_ is not None else None,
+                       "nll_nats": _rounded(nll[i], 2), "class": label, "class_name": class_name,
                        "samples": samples, "model_bytes": _rounded(model_bytes(float(bpd[i]), mc.dims), 1),
                        "png_bytes": png, "png_over_model": _rounded(png / model_bytes(float(bpd[i]), mc.dims), 3)}
                 if heatmap is not None:

@@ -7,7 +7,7 @@ AVX-512 cores (bf16), 12-16 minutes on 2 AVX2-only laptop cores (float32). Multi
 Examples:
   farmer train
   farmer train --preset tiny --steps 50 --out runs/smoke
-  farmer train --preset quickstart --data ./my_images --set model.num_classes=5
+  farmer train --preset quickstart --data ./my_images --set model.af_blocks=6
   farmer train --out runs/smoke --resume
   farmer train --preset imagenet256-patch8 --dry-run
   farmer train --preset imagenet64-bpd --data imagenet64/train --test-data imagenet64/val
@@ -160,8 +160,19 @@ def run(
                       "or replaced since the last checkpoint; restore the run's own files, or start a new run to "
                       "change settings")
     refuse_unread(unread_data_settings(cfg.data), set_keys(overrides, "data"))
-    for section in ("model", "train", "sampling"):  # sampling: what `farmer sample` will read from this run
-        refuse_unread(getattr(cfg, section).unread(), set_keys(overrides, section))
+    # sampling.* is not checked: the run stores it as the defaults of sample and evaluate, which may change the
+    # guidance or decoder that reads it
+    unread = {f"{section}.{key}": why for section in ("model", "train")
+              for key, why in getattr(cfg, section).unread().items()}
+    refuse_unread(unread, set_keys(overrides))
+    if not resume and not restart:  # a preset file's settings are not refused, but not passed over silently
+        from farmer_cli.config.files import preset_settings
+
+        named = set(preset_settings(preset or "quickstart")) - {key for _, key in set_keys(overrides)}
+        unread |= {f"data.{key}": why for key, why in unread_data_settings(cfg.data).items()}
+        for key in sorted(named & set(unread)):
+            console.print(f"[yellow]warning:[/] preset {escape(preset or 'quickstart')} sets {key}, which has no "
+                          f"effect ({escape(unread[key])})", highlight=False)
     if not resume:  # a data folder from a preset or --set is recorded as its absolute path too
         cfg.data.source = canonical_source(cfg.data.source)
         cfg.data.test_source = canonical_source(cfg.data.test_source)
@@ -222,7 +233,10 @@ def run(
         tested = (f"test bits/dim {before}[bold]{result.bpd_after:.3f}[/]" if len(bundle.test) else
                   "no test bits/dim (the data set is too small to hold out test images)")
         console.print(f"{state}: {result.seconds / 60:.1f} min; {tested}; checkpoint in [bold]{escape(str(run_dir))}[/]")
-        if finished:
+        if finished and cfg.sampling.decoder == "student":  # sampling reads the run's decoder: distil it first
+            console.print(f"next: farmer distill --ckpt {escape(shell_word(str(run_dir)))} (sampling.decoder is "
+                          "student), then farmer sample")
+        elif finished:
             console.print(f"next: farmer sample --ckpt {escape(shell_word(str(run_dir)))} --class "
                           f"{min(3, cfg.model.num_classes - 1)} --n 16")
         else:

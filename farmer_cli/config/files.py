@@ -167,9 +167,9 @@ def _read_preset(path: Path) -> str:
                           "TOML files are UTF-8: save it as UTF-8") from None
 
 
-def load_preset(name_or_path: str) -> Config:
-    """Load a preset by name (``quickstart``; a built-in name wins over a file of that name here) or from a TOML
-    file path."""
+def _preset_table(name_or_path: str) -> tuple[dict, str, Path]:
+    """A preset's parsed TOML, where it comes from (for messages) and its path as given: by name (``quickstart``; a
+    built-in name wins over a file of that name here) or a TOML file path."""
     if not name_or_path.strip():
         raise ConfigError(f"the preset name is empty; give one of {', '.join(preset_names())} or a .toml file")
     path = Path(name_or_path)
@@ -181,7 +181,20 @@ def load_preset(name_or_path: str) -> Config:
             raise ConfigError(f"unknown preset '{name_or_path}'{suggest(name_or_path, names)}; "
                               f"available: {', '.join(names)}")
         text, origin = (_preset_dir() / f"{name_or_path}.toml").read_text(), f"preset {name_or_path}"
-    cfg = from_dict(_parse_toml(text, origin), origin)
+    return _parse_toml(text, origin), origin, path
+
+
+def preset_settings(name_or_path: str) -> list[str]:
+    """The settings a preset names (``section.key``), whatever their values."""
+    table = _preset_table(name_or_path)[0]
+    return [f"{section}.{key}" for section, keys in table.items() if isinstance(keys, dict) for key in keys]
+
+
+def load_preset(name_or_path: str) -> Config:
+    """Load a preset by name (``quickstart``; a built-in name wins over a file of that name here) or from a TOML
+    file path."""
+    table, origin, path = _preset_table(name_or_path)
+    cfg = from_dict(table, origin)
     if not cfg.preset:  # named after its file: a name that does not fit a run directory's is the file's to change
         try:
             cfg.preset = _preset_name(path.stem, origin)

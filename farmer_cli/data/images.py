@@ -89,8 +89,10 @@ def image_files(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))  # hidden: skipped
+            # broken links are kept, so that reading them names them; hidden files and folders are skipped
+            found = sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink() and not f.exists())
+                           and f.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise DataError(f"{p}: directory holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files += found
@@ -109,7 +111,8 @@ def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor
         raise DataError(f"{p} is a folder; give one image file")
     if not p.is_file():
         raise DataError(f"{p}: " + ("not a regular file (a device, FIFO or socket); give an image file" if p.exists()
-                                    else "no such file"))
+                                    else "a link to a missing file; remove it or restore its target"
+                                    if p.is_symlink() else "no such file"))
     try:
         with open_image(p) as img:
             img.load()

@@ -1,8 +1,11 @@
-"""Cases of the twelfth hostile sweep (GitHub issue 24): settings that training never reads are refused like
-sampling's, images beside the class folders are not dropped without a word, figures are never resized by their
-format, printed paths stay on one line and suggested commands can be pasted, and inspect-channels checks the run's
-split like evaluate (a copy of the run as ood's background: tests/eval/test_likelihood_tools.py). Refusals are one
-"error:" line and exit status 2, before any work."""
+"""Cases of the twelfth and thirteenth hostile sweeps (GitHub issue 24): settings that training never reads are
+refused (from --set) or warned about (from a preset file), while stored sampling settings stay the defaults of later
+commands; images beside the class folders are not dropped without a word; figures are never resized by their format;
+printed paths stay on one line and suggested commands can be pasted; inspect-channels checks the run's split like
+evaluate; FID options, class metrics and data settings that nothing would read are refused; a dataset's rows
+without images, undecodable rows, mismatched splits and raw label columns are named; classes are reported as
+resolved (a copy of the run as ood's background: tests/eval/test_likelihood_tools.py). Refusals are one "error:"
+line and exit status 2, before any work."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import farmer, refused
+from cli_helpers import ENV, farmer, refused
 from farmer_cli.commands.ui import escape, shell_word
 from farmer_cli.config.schema import ModelConfig, TrainConfig
 
@@ -40,8 +43,6 @@ def test_unread_model_and_training_settings_are_named():
     (["model.merge_order=interleave"], "model.token_merge is 1"),
     (["model.checkpoint_fraction=0.5"], "model.grad_checkpoint is false"),
     (["train.noise=uniform", "train.noise_end=0.01"], "train.noise is uniform"),
-    (["sampling.cfg=2", "sampling.temperature=0.5"], "--set sampling.temperature"),
-    (["sampling.jacobi_tol=0.1"], "sampling.decoder is sequential"),
 ])
 def test_train_refuses_settings_nothing_reads(settings, named, tmp_path: Path):
     """They were stored in config.json and trained exactly as without them (byte-identical weights)."""
@@ -51,10 +52,32 @@ def test_train_refuses_settings_nothing_reads(settings, named, tmp_path: Path):
     assert not (tmp_path / "r").exists()
 
 
-def test_uniform_noise_logs_no_sigma(tmp_path: Path):
-    farmer("train", "--preset", "tiny", "--steps", "1", "--out", tmp_path / "r", "--set", "train.noise=uniform")
+def test_uniform_noise_logs_no_sigma_and_sampling_settings_are_stored_for_later(tmp_path: Path):
+    """Sampling settings a run stores are the defaults of sample and evaluate, which may change the guidance or
+    decoder: a temperature stored beside cfg 2 is read by a later unguided `farmer sample --cfg 0`."""
+    farmer("train", "--preset", "tiny", "--steps", "1", "--out", tmp_path / "r", "--set", "train.noise=uniform",
+           "--set", "sampling.cfg=2", "--set", "sampling.temperature=0.5")
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "bpd" in record and "sigma" not in record, record
+    said = farmer("sample", "--ckpt", tmp_path / "r", "--cfg", "0", "--n", "1", "--class", "1", "--out",
+                  tmp_path / "s.png").stderr
+    assert "unguided (T=0.5" in said, said
+
+
+def test_a_preset_files_settings_that_nothing_reads_are_warned_about(tmp_path: Path):
+    from farmer_cli.config.files import load_preset, preset_names, preset_settings
+    from farmer_cli.data.sources import unread_data_settings
+
+    preset = tmp_path / "mine.toml"
+    text = (Path(__file__).resolve().parents[2] / "presets" / "tiny.toml").read_text()
+    preset.write_text(text.replace("[model]", "[model]\nchannel_split = false", 1))
+    said = farmer("train", "--preset", preset, "--steps", "1", "--out", tmp_path / "r").stderr
+    assert "warning: preset" in said and "sets model.informative_dims, which has no effect" in said, said
+    for name in preset_names():  # the built-in presets name nothing that their own settings leave unread
+        cfg = load_preset(name)
+        unread = {f"{section}.{key}" for section in ("model", "train") for key in getattr(cfg, section).unread()}
+        unread |= {f"data.{key}" for key in unread_data_settings(cfg.data)}
+        assert not unread & set(preset_settings(name)), name
 
 
 def test_images_beside_the_class_folders_are_refused_not_dropped(tmp_path: Path):
@@ -118,3 +141,99 @@ def test_an_unfinished_student_says_how_far_it_was_distilled(tiny_run: Path, tmp
     save_weights(path, load_file(str(path)), 1, metadata)  # what a stop after step 1 of 3 leaves
     said = farmer(*args, "--out", tmp_path / "b.png").stderr
     assert "student (unfinished: distilled 1 of 3 steps; farmer distill --resume continues it)" in said, said
+
+
+# ----- thirteenth sweep -----
+def test_evaluate_refuses_fid_options_when_fid_would_be_skipped(tiny_run: Path, tmp_path: Path):
+    """Without --metrics, missing FID weights skip fid and pr with a note; an FID option given with them would then
+    do nothing (no statistics file written), so the missing weights are the error."""
+    proc = farmer("evaluate", "--ckpt", tiny_run, "--save-ref-stats", tmp_path / "ref.npz", "-n", "10", check=False,
+                  env={**ENV, "FARMER_FID_WEIGHTS": str(tmp_path / "absent.pt")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "absent.pt" in proc.stderr.strip().splitlines()[-1] and not (tmp_path / "ref.npz").exists()
+
+
+def test_a_one_class_model_is_evaluated_without_class_metrics(tmp_path: Path):
+    run = tmp_path / "one-class"
+    farmer("train", "--preset", "tiny", "--steps", "1", "--out", run, "--set", "data.use_labels=false")
+    line = refused("evaluate", "--ckpt", run, "--metrics", "bpd,sample-acc", "-n", "10")
+    assert "models one class, so sample-acc" in line, line
+    result = json.loads(farmer("evaluate", "--ckpt", run, "--json", "--limit", "8").stdout)
+    assert set(result["metrics"]) == {"bpd_unconditional", "bpd_conditional"}, result["metrics"]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["distill", "--steps", "2", "--set", "data.use_labels=false"], "not their labels"),
+    (["distill", "--steps", "2", "--set", "data.split_seed=3"], "the split is the run's"),
+    (["evaluate", "--metrics", "bpd", "--set", "data.num_workers=2"], "in its own process"),
+])
+def test_data_settings_a_command_never_reads_are_refused(args, said, tiny_run: Path):
+    line = refused(args[0], "--ckpt", tiny_run, *args[1:])
+    assert "has no effect" in line and said in line, line
+
+
+def test_a_finished_run_refuses_settings_a_resume_would_not_read(tmp_path: Path):
+    run = tmp_path / "r"
+    farmer("train", "--preset", "tiny", "--steps", "2", "--out", run)
+    line = refused("train", "--out", run, "--resume", "--set", "sampling.cfg=2")
+    assert "has finished its 2 steps" in line and "--set sampling.cfg" in line, line
+
+
+def test_dataset_rows_without_images_or_undecodable_and_unnamed_labels(tmp_path: Path, caplog):
+    import io
+
+    import datasets
+
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.data.sources import DataError, open_source
+
+    def png(k: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("L", (8, 8), 9 * k).save(out, "PNG")
+        return out.getvalue()
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    rows = [{"bytes": png(k), "path": None} for k in range(12)]
+    labels = [k % 2 for k in range(12)]
+    datasets.Dataset.from_dict({"image": rows[:5] + [None] + rows[6:], "label": labels},
+                               features=features).save_to_disk(tmp_path / "none")
+    with pytest.raises(DataError, match=r"1 row\(s\) have no image in column 'image' \(row 5\)"):
+        open_source(DataConfig(source=str(tmp_path / "none")))
+    broken = rows[:7] + [{"bytes": b"garbage", "path": None}] + rows[8:]
+    datasets.Dataset.from_dict({"image": broken, "label": labels}, features=features).save_to_disk(tmp_path / "bad")
+    bundle = load_data(DataConfig(source=str(tmp_path / "bad"), test_fraction=0.5), 1, 8)
+    every = [bundle.train[k] for k in range(len(bundle.train))] + [bundle.test[k] for k in range(len(bundle.test))]
+    assert sum(item is None for item in every) == 1  # skipped like an unreadable file, not an error
+    assert f"row 7 of {tmp_path / 'bad'}" in caplog.text, caplog.text
+    other = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["p", "q"])})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": rows[:8], "label": labels[:8]},
+                                                              features=features),
+                          "test": datasets.Dataset.from_dict({"image": rows[8:], "label": labels[8:]},
+                                                             features=other)}).save_to_disk(tmp_path / "dict")
+    with pytest.raises(DataError, match="splits differ in their columns or label names"):
+        open_source(DataConfig(source=str(tmp_path / "dict")))
+    raw = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": rows, "label": ["cat", "dog"] * 6}, features=raw).save_to_disk(tmp_path / "raw")
+    with pytest.raises(DataError, match="--set data.label_column=label to use it"):
+        open_source(DataConfig(source=str(tmp_path / "raw")))
+    assert open_source(DataConfig(source=str(tmp_path / "raw"), label_column="label")).class_names == ["cat", "dog"]
+
+
+def test_named_classes_broken_links_and_empty_items(tmp_path: Path):
+    for name in ("01", "02"):
+        for k in range(6):
+            _png(tmp_path / "z" / name / f"{k}.png", k + 10 * int(name))
+    run = tmp_path / "r"
+    farmer("train", "--preset", "tiny", "--steps", "1", "--data", tmp_path / "z", "--out", run)
+    image = tmp_path / "z" / "01" / "0.png"
+    row = json.loads(farmer("score", image, "--ckpt", run, "--class", "1", "--json").stdout)
+    assert (row["class"], row["class_name"]) == (1, "02"), row  # index 1 is the folder "02"
+    said = farmer("sample", "--ckpt", run, "--class", "02", "--n", "1", "--out", tmp_path / "s.png").stderr
+    assert "1 samples of 1 class(es), 1 (02), from step" in said, said
+    (tmp_path / "loose").mkdir()
+    shutil.copy(image, tmp_path / "loose" / "a.png")
+    (tmp_path / "loose" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    assert "gone.png: a link to a missing file" in refused("score", tmp_path / "loose", "--ckpt", run)
+    line = refused("inspect-channels", "--ckpt", run, "--levels", "0,,1", "--out", tmp_path / "i.png")
+    assert "an empty item between commas" in line, line

@@ -58,7 +58,7 @@ def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
     data: Optional[str] = Option(None, "--data", "-d", help="Data source (default: the checkpoint's). Split "
                                 "like training data: --split test scores its held-out data.test_fraction (or its "
-                                "own test split), not all of it."),
+                                "own test split), not all of it; --set data.test_source=DIR scores all of DIR."),
     split: Literal["test", "train"] = Option("test", "--split", help="Reference / scoring split: test or train."),
     n_samples: Optional[int] = Option(None, "--n-samples", "-n", help="Generated samples for fid, pr and sample-acc "
                                       "(default 1000)."),

@@ -339,6 +339,18 @@ def _metadata_step(metadata: dict[str, str], path: Path) -> int:
     return int(text)
 
 
+def weights_step(path: Path) -> int:
+    """The step a weights file records (its metadata only is read); CheckpointError where it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    check_regular(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return _metadata_step(fh.metadata() or {}, path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable weights ({err}); restore it") from None
+
+
 def check_student_file(model, run_dir: Path) -> None:
     """Check ``student.safetensors`` against the AF of ``model`` (the student is a copy of it: the same tensors)
     before a distillation resumes into it; nothing is loaded."""

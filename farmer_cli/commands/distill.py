@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from farmer_cli.config.schema import Precision
-from farmer_cli.commands import CKPT_HELP, Option, command, exit_with, refuse_unread, set_keys
+from farmer_cli.commands import (CKPT_HELP, Option, check_data_unchanged, check_recorded_data, command, exit_with,
+                                 refuse_unread, set_keys)
 
 NAME = "distill"
 
@@ -47,7 +48,8 @@ def run(
     import dataclasses
 
     from farmer_cli.checkpoint import (DISTILL_METRICS_FILE, DISTILL_STATE_FILE, STUDENT_FILE, check_metrics,
-                                       check_student_file, load_model, stored_distill_settings)
+                                       check_student_file, load_config, load_model, stored_distill_settings,
+                                       weights_step)
     from farmer_cli.config.files import apply_options
     from farmer_cli.data.dataset import load_data
     from farmer_cli.train.distill import distill
@@ -98,7 +100,17 @@ def run(
                       + ". Start a new distillation with --overwrite (it replaces the student) to change them")
         apply_options(cfg, {f"distill.{k}": (f"{run_dir / STUDENT_FILE} (its distill metadata)", v)
                             for k, v in stored.items()})
+        options = [f"--set {k}" for k in keys] + ["--mixed-precision"] * (mixed_precision is not None)
+        if options and weights_step(run_dir / STUDENT_FILE) >= cfg.distill.steps:
+            exit_with(f"the distillation of {run_dir} has finished its {cfg.distill.steps} steps, so --resume runs "
+                      f"none and nothing would read {', '.join(options)}; leave them out")
+    own_data = data is None and "data.source" not in keys  # as when the run trained, or its held-out split is not
+    if own_data:
+        check_recorded_data(run_dir, cfg.data)
     bundle = load_data(cfg.data, cfg.model.channels, cfg.model.image_size)
+    if own_data:
+        check_data_unchanged(run_dir, load_config(run_dir)[2].get("data"), bundle,
+                             "the student would be measured on images the run trained on", "or name data with --data")
     acc = make_accelerator(cfg.train.mixed_precision)
     flow_parameters = sum(p.numel() for p in model.flow.parameters())
     checked_on_every_process(acc, lambda: require_distill_memory(cfg, flow_parameters, acc.device, acc.num_processes))

@@ -59,7 +59,9 @@ def run(
     data: Optional[str] = Option(None, "--data", "-d", help="Data source (default: the checkpoint's). Split "
                                 "like training data: --split test scores its held-out data.test_fraction (or its "
                                 "own test split), not all of it; --set data.test_source=DIR scores all of DIR."),
-    split: Literal["test", "train"] = Option("test", "--split", help="Reference / scoring split: test or train."),
+    split: Optional[Literal["test", "train"]] = Option(None, "--split", help="Reference / scoring split: test "
+                                                       "(default) or train; read by bpd, classify, and fid / pr "
+                                                       "without --ref-stats."),
     n_samples: Optional[int] = Option(None, "--n-samples", "-n", help="Generated samples for fid, pr and sample-acc "
                                       "(default 1000)."),
     cfg_weight: Optional[float] = Option(None, "--cfg", help="Guidance weight for the samples (default: the "
@@ -138,6 +140,12 @@ def run(
             exit_with("pr (k = 3 nearest neighbours) needs --n-samples of at least 4")
         chosen = [m for m in chosen if m != "pr"]
     _check_stats_options(ref_stats, save_ref_stats, resize, chosen)
+    reads_split = {"bpd", "classify"} | ({"fid", "pr"} if ref_stats is None else set())
+    refuse_unused([("--split", split)] * (not reads_split & set(chosen)), f"with --metrics {','.join(chosen)}",
+                  "sample-acc fits its classifier on the training split, and fid / pr read --ref-stats")
+    split = split or "test"
+    if "classify" in chosen and max_classes < 2:
+        exit_with(f"--max-classes {max_classes}: classify needs at least 2 classes to choose between")
     fid_options = [name for name, value in (("--ref-stats", ref_stats), ("--save-ref-stats", save_ref_stats),
                                             ("--resize", resize), ("--fid-weights", fid_weights),
                                             ("--trust-weights", trust_weights or None)) if value is not None]

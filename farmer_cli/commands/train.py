@@ -165,14 +165,16 @@ def run(
     unread = {f"{section}.{key}": why for section in ("model", "train")
               for key, why in getattr(cfg, section).unread().items()}
     refuse_unread(unread, set_keys(overrides))
-    if not resume and not restart:  # a preset file's settings are not refused, but not passed over silently
-        from farmer_cli.config.files import preset_settings
+    if not resume and not restart:  # a preset's settings that its own other settings leave unread: not refused,
+        from farmer_cli.config.files import preset_settings  # but not passed over silently
 
-        named = set(preset_settings(preset or "quickstart")) - {key for _, key in set_keys(overrides)}
-        unread |= {f"data.{key}": why for key, why in unread_data_settings(cfg.data).items()}
-        for key in sorted(named & set(unread)):
+        own = load_preset(preset or "quickstart")
+        left = {f"{section}.{key}": why for section in ("model", "train")
+                for key, why in getattr(own, section).unread().items()}
+        left |= {f"data.{key}": why for key, why in unread_data_settings(own.data).items()}
+        for key in sorted(set(preset_settings(preset or "quickstart")) & set(left)):
             console.print(f"[yellow]warning:[/] preset {escape(preset or 'quickstart')} sets {key}, which has no "
-                          f"effect ({escape(unread[key])})", highlight=False)
+                          f"effect ({escape(left[key])})", highlight=False)
     if not resume:  # a data folder from a preset or --set is recorded as its absolute path too
         cfg.data.source = canonical_source(cfg.data.source)
         cfg.data.test_source = canonical_source(cfg.data.test_source)
@@ -205,7 +207,8 @@ def run(
     main = acc.is_main_process
     total = total_steps(cfg, len(bundle.train), acc.num_processes)
     given = [name for name, _ in set_keys(overrides)] + [name for name, value in (
-        ("--mixed-precision", mixed_precision), ("--workers", workers)) if value is not None]
+        ("--mixed-precision", mixed_precision), ("--workers", workers), ("--stop-after", stop_after or None),
+        ("--report-to", None if report_to == "none" else report_to)) if value is not None]
     if resume and given and isinstance(payload.get("step"), int) and payload["step"] >= total:
         exit_with(f"{out} has finished its {total} steps, so --resume runs none and nothing would read "
                   f"{', '.join(given)}; give sampling settings to farmer sample (--set sampling.*), or start a new "

@@ -103,6 +103,19 @@ def image_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _broken_link(path: Path) -> str:
+    """Why a symbolic link leads to no file: a loop of links, or a missing target."""
+    import errno
+    import os
+
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a loop of symbolic links; remove it"
+    return "a link to a missing file; remove it or restore its target"
+
+
 def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """One file -> (uint8 (C, S, S), its original (width, height)); raises DataError naming the file when it is
     missing or not an image."""
@@ -111,8 +124,7 @@ def load_image(path: str | Path, channels: int, size: int) -> tuple[torch.Tensor
         raise DataError(f"{p} is a folder; give one image file")
     if not p.is_file():
         raise DataError(f"{p}: " + ("not a regular file (a device, FIFO or socket); give an image file" if p.exists()
-                                    else "a link to a missing file; remove it or restore its target"
-                                    if p.is_symlink() else "no such file"))
+                                    else _broken_link(p) if p.is_symlink() else "no such file"))
     try:
         with open_image(p) as img:
             img.load()

@@ -258,6 +258,11 @@ def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
     from datasets import ClassLabel
     from datasets import Image as HFImage
 
+    for kind, setting in ((HFImage, "image_column"), (ClassLabel, "label_column")):
+        fits = [k for k, f in features.items() if isinstance(f, kind)]
+        if len(fits) > 1 and not getattr(cfg, setting) and (kind is HFImage or cfg.use_labels):
+            raise DataError(f"{cfg.source}: columns {', '.join(map(repr, fits))} are all {kind.__name__}s; name the "
+                            f"one to use with --set data.{setting}=...")
     image = cfg.image_column or next((k for k, f in features.items() if isinstance(f, HFImage)), "")
     label = cfg.label_column or next((k for k, f in features.items() if isinstance(f, ClassLabel)), "")
     from datasets import Value
@@ -292,7 +297,11 @@ def _hf(source: str, cfg: DataConfig) -> Source:
                         "Dataset.save_to_disk, or a hub name that is already cached (no download happens offline)")
     splits = None
     if isinstance(ds, datasets.DatasetDict):
-        train_name = "train" if "train" in ds else next(iter(ds))
+        if "train" not in ds:  # the one split would be trained and tested on, or an unnamed split trained on
+            raise DataError(f"{source}: a dataset dictionary without a 'train' split (it has "
+                            f"{', '.join(map(repr, ds))}); save the images to train on as its 'train' split, or save "
+                            "one split as a plain Dataset")
+        train_name = "train"
         test_name = next((n for n in ("test", "validation") if n in ds), None)
         if test_name:
             n_train = len(ds[train_name])
@@ -324,15 +333,16 @@ def _hf(source: str, cfg: DataConfig) -> Source:
         names = [str(v) for v in sorted(values)]
     else:
         names = ["all"]
-    return HFSource(source, names, ds, image_col, label_col, splits)
+    return HFSource(source, names, ds, image_col, label_col, splits, test_name if splits else "")
 
 
 class HFSource(Source):
     """A ``datasets`` dataset with an image column and an optional label column (ClassLabel or raw values)."""
 
-    def __init__(self, name: str, class_names: list[str], ds, image_col: str, label_col: str, splits) -> None:
+    def __init__(self, name: str, class_names: list[str], ds, image_col: str, label_col: str, splits,
+                 test_name: str = "") -> None:
         super().__init__(name, class_names, len(ds), splits)
-        self.ds, self.image_col, self.label_col = ds, image_col, label_col
+        self.ds, self.image_col, self.label_col, self.test_name = ds, image_col, label_col, test_name
         feature = ds.features.get(label_col) if label_col else None
         self.lookup = None if feature is None or hasattr(feature, "names") else {n: i for i, n in enumerate(class_names)}
 
@@ -372,8 +382,14 @@ class HFSource(Source):
                 except OSError:
                     continue
             if data is not None:
-                found[_bytesdigest(data[: 1 << 20])[:FIRST_IMAGE_CHARS]] = f"{self.name} row {i}"
+                found[_bytesdigest(data[: 1 << 20])[:FIRST_IMAGE_CHARS]] = f"{self.name} {self.row_name(i)}"
         return found
+
+    def row_name(self, i: int) -> str:
+        """Row ``i`` as its user sees it: "row 5", or "test row 5" in a dictionary's test split (rows are counted
+        through the train split, then the test split)."""
+        n_train = len(self.splits[0]) if self.splits else self.length
+        return f"row {i}" if i < n_train else f"{self.test_name} row {i - n_train}"
 
     def fingerprint(self, indices: list[int]) -> str:
         """The dataset's files (names, sizes, modification times) and the indices."""
@@ -448,12 +464,29 @@ def unread_data_settings(cfg: DataConfig) -> dict[str, str]:
     if cfg.test_source:
         unread |= dict.fromkeys(("test_fraction", "split_seed"), "a separate test set (data.test_source) replaces "
                                 "the held-out split")
+    elif has_own_test_split(cfg.source):
+        unread |= dict.fromkeys(("test_fraction", "split_seed"), f"{cfg.source} has its own test split, which "
+                                "replaces the held-out split")
+    if not cfg.use_labels:
+        unread["label_column"] = "data.use_labels is false: no label is read"
     path = Path(cfg.source).expanduser()
     folder = path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists()
     if cfg.source in BUILTIN_SOURCES or folder:
         unread |= dict.fromkeys(("image_column", "label_column"), "only Hugging Face datasets have columns; an "
                                 "image folder's classes are its sub-folders")
     return unread
+
+
+def has_own_test_split(source: str) -> bool:
+    """Whether a data source brings its own test split (fashion-mnist; a saved dataset dictionary with a 'test' or
+    'validation' split), read from its files without loading it."""
+    if source == "fashion-mnist":
+        return True
+    try:
+        splits = json.loads((Path(source).expanduser() / "dataset_dict.json").read_text()).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(splits, list) and "train" in splits and bool({"test", "validation"} & set(splits))
 
 
 def canonical_source(source: str | None) -> str | None:

@@ -211,8 +211,8 @@ def run(
         ("--report-to", None if report_to == "none" else report_to)) if value is not None]
     if resume and given and isinstance(payload.get("step"), int) and payload["step"] >= total:
         exit_with(f"{out} has finished its {total} steps, so --resume runs none and nothing would read "
-                  f"{', '.join(given)}; give sampling settings to farmer sample (--set sampling.*), or start a new "
-                  "run (another --out)")
+                  f"{', '.join(given)}; leave them out (sampling settings go to farmer sample --set sampling.*), or "
+                  "start a new run (another --out)")
     run_dir = out or (new_run_dir(cfg.preset) if main else None)
     run_dir, _lock = claim_on_main(acc, run_dir, resume=resume, overwrite=overwrite)
     if main:

@@ -1,4 +1,4 @@
-"""Cases of the twelfth and thirteenth hostile sweeps (GitHub issue 24): settings that training never reads are
+"""Cases of the twelfth to fourteenth hostile sweeps (GitHub issue 24): settings that training never reads are
 refused (from --set) or warned about (from a preset file), while stored sampling settings stay the defaults of later
 commands; images beside the class folders are not dropped without a word; figures are never resized by their format;
 printed paths stay on one line and suggested commands can be pasted; inspect-channels checks the run's split like
@@ -174,9 +174,61 @@ def test_data_settings_a_command_never_reads_are_refused(args, said, tiny_run: P
 
 def test_a_finished_run_refuses_settings_a_resume_would_not_read(tmp_path: Path):
     run = tmp_path / "r"
-    farmer("train", "--preset", "tiny", "--steps", "2", "--out", run)
-    line = refused("train", "--out", run, "--resume", "--set", "sampling.cfg=2")
-    assert "has finished its 2 steps" in line and "--set sampling.cfg" in line, line
+    said = farmer("train", "--preset", "tiny", "--epochs", "1", "--stop-after", "2", "--out", run).stderr
+    assert "warning" not in said, said  # the preset's train.steps is left unread by --epochs, not by the preset
+    farmer("train", "--out", run, "--resume")  # to the end of its epoch
+    for option in (["--set", "sampling.cfg=2"], ["--stop-after", "1"]):
+        line = refused("train", "--out", run, "--resume", *option)
+        assert "has finished its" in line and option[0] in line, line
+    farmer("distill", "--ckpt", run, "--steps", "2")
+    line = refused("distill", "--ckpt", run, "--resume", "--mixed-precision", "bf16")
+    assert "the distillation of" in line and "has finished its 2 steps" in line, line
+
+
+def test_distill_checks_the_runs_recorded_split(tiny_run: Path, tmp_path: Path):
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock", "eval-*")))
+    payload = json.loads((run / "config.json").read_text())
+    payload["config"]["data"]["test_fraction"] = 0.5
+    (run / "config.json").write_text(json.dumps(payload))
+    line = refused("distill", "--ckpt", run, "--steps", "2")
+    assert "no longer splits as when the run trained" in line and "measured on images the run trained on" in line
+
+
+def test_dataset_dictionaries_and_columns_that_would_be_guessed(tmp_path: Path):
+    import datasets
+
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.images import load_image
+    from farmer_cli.data.sources import DataError, open_source, unread_data_settings
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = datasets.Dataset.from_dict({"image": [Image.new("L", (8, 8), 9 * k) for k in range(12)],
+                                       "label": [k % 2 for k in range(12)]}, features=features)
+    datasets.DatasetDict({"test": rows}).save_to_disk(tmp_path / "only-test")
+    with pytest.raises(DataError, match="without a 'train' split \\(it has 'test'\\)"):
+        open_source(DataConfig(source=str(tmp_path / "only-test")))
+    datasets.DatasetDict({"train": rows.select(range(8)), "test": rows.select(range(8, 12))}).save_to_disk(tmp_path / "tt")
+    unread = unread_data_settings(DataConfig(source=str(tmp_path / "tt"), use_labels=False))
+    assert {"test_fraction", "split_seed", "label_column"} <= set(unread), unread
+    assert "its own test split" in unread["test_fraction"]
+    assert open_source(DataConfig(source=str(tmp_path / "tt"))).row_name(9) == "test row 1"
+    two = datasets.Features({"a": datasets.Image(), "b": datasets.Image()})
+    images = [Image.new("L", (8, 8), k) for k in range(4)]
+    datasets.Dataset.from_dict({"a": images, "b": images}, features=two).save_to_disk(tmp_path / "two")
+    with pytest.raises(DataError, match="columns 'a', 'b' are all Images; name the one to use"):
+        open_source(DataConfig(source=str(tmp_path / "two")))
+    assert open_source(DataConfig(source=str(tmp_path / "two"), image_column="b")).image_col == "b"
+    (tmp_path / "l1.png").symlink_to("l2.png")
+    (tmp_path / "l2.png").symlink_to("l1.png")
+    with pytest.raises(DataError, match="a loop of symbolic links"):
+        load_image(tmp_path / "l1.png", 1, 8)
+
+
+def test_evaluate_split_and_max_classes_that_nothing_reads(tiny_run: Path):
+    line = refused("evaluate", "--ckpt", tiny_run, "--metrics", "sample-acc", "--split", "train", "-n", "10")
+    assert "--split has no effect" in line, line
+    line = refused("evaluate", "--ckpt", tiny_run, "--metrics", "classify", "--max-classes", "1")
+    assert "at least 2 classes" in line, line
 
 
 def test_dataset_rows_without_images_or_undecodable_and_unnamed_labels(tmp_path: Path, caplog):

@@ -219,6 +219,12 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
         if not overwrite:
             raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume, replace it with "
                                   "--overwrite, or choose another --out")
+    if not resume and run_dir.is_dir() and not holds_run(run_dir):
+        others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+        if others:  # a user's folder (of images, of other runs): a run's files would be mixed into it
+            raise CheckpointError(f"{run_dir} holds other files ({', '.join(others[:3])}"
+                                  f"{', ...' if len(others) > 3 else ''}) and no farmer run; a run starts in a new or "
+                                  "empty folder: choose another --out")
     ensure_writable(run_dir)
     lock = RunLock(run_dir).acquire()
     remove_stale_writes(run_dir)

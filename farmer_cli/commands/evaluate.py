@@ -104,7 +104,8 @@ def run(
     from farmer_cli.storage import atomic_write
     from farmer_cli.config.files import apply_options
     from farmer_cli.data.dataset import load_data, relation_to_training
-    from farmer_cli.data.sources import copied_image, data_folders, open_source, shared_images, unread_data_settings
+    from farmer_cli.data.sources import (canonical_source, copied_image, data_folders, open_source, shared_images,
+                                        unread_data_settings)
     from farmer_cli.eval.protocol import METRICS, evaluate
     from farmer_cli.sample.generate import my_chunks
     from farmer_cli.eval.inception import WeightsError, feature_dim, find_fid_weights, fid_protocol, load_inception
@@ -148,7 +149,9 @@ def run(
         exit_with(f"--max-classes {max_classes}: classify needs at least 2 classes to choose between")
     fid_options = [name for name, value in (("--ref-stats", ref_stats), ("--save-ref-stats", save_ref_stats),
                                             ("--resize", resize), ("--fid-weights", fid_weights),
-                                            ("--trust-weights", trust_weights or None)) if value is not None]
+                                            ("--trust-weights", trust_weights or None),
+                                            ("$FARMER_FID_WEIGHTS", os.environ.get("FARMER_FID_WEIGHTS") or None))
+                   if value is not None]
     stats = None
     if ref_stats is not None:
         try:
@@ -183,7 +186,7 @@ def run(
             chosen = [m for m in chosen if m != name]
         trained = dataclasses.replace(cfg.data)
         other = {"data.test_source": ("--data", "")} if data is not None else {}  # --data replaces a test set too
-        apply_options(cfg, {"data.source": ("--data", data), **other, "sampling.cfg": ("--cfg", cfg_weight),
+        apply_options(cfg, {"data.source": ("--data", canonical_source(data)), **other, "sampling.cfg": ("--cfg", cfg_weight),
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
         refuse_unread(cfg.sampling.unread(), set_keys(sampling_overrides, "sampling"))

@@ -198,6 +198,9 @@ def run(
         if resume:
             exit_with(f"the data has {len(bundle.class_names)} classes but the checkpoint was trained with "
                       f"{cfg.model.num_classes}")
+        if any(key == "model.num_classes" for _, key in set_keys(overrides)):
+            exit_with(f"--set model.num_classes={cfg.model.num_classes}, but the data has "
+                      f"{len(bundle.class_names)} classes (the model takes its number from the data); leave it out")
         console.print(f"the data has {len(bundle.class_names)} classes: setting model.num_classes = "
                       f"{len(bundle.class_names)} (the settings had {cfg.model.num_classes})")
         apply_options(cfg, {"model.num_classes": ("the data", len(bundle.class_names))})

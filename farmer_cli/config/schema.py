@@ -279,6 +279,8 @@ class TrainConfig:
                                     f"train.noise is {self.noise}")
         if self.epochs > 0:
             unread["steps"] = "train.epochs > 0 sets the run's length; --steps replaces it"
+        elif self.sample_every > self.steps:
+            unread["sample_every"] = f"the run ends at step {self.steps}, before the first sample grid"
         return unread
 
     def global_batch(self, processes: int) -> int:

@@ -327,9 +327,15 @@ def _hf(source: str, cfg: DataConfig) -> Source:
                             f"which is no class of its {len(names)} (-1 marks unlabelled rows, as in ImageNet's test "
                             "split); drop those rows or splits, or set data.use_labels=false")
     elif label_col:
-        values = set(ds[label_col])
+        column = ds[label_col]
+        values = set(column)
         if None in values:
             raise DataError(f"{source}: the label column '{label_col}' has missing values; drop or label those rows")
+        unseen = sorted(set(column[len(splits[0]):]) - set(column[: len(splits[0])]), key=str) if splits else []
+        if unseen and cfg.use_labels:  # a class of test images only: never trained, yet tested and classified
+            raise DataError(f"{source}: its '{test_name}' split has labels its 'train' split lacks "
+                            f"({', '.join(map(str, unseen[:3]))}{', ...' if len(unseen) > 3 else ''}); a class "
+                            "without training images cannot be tested; drop those rows")
         names = [str(v) for v in sorted(values)]
     else:
         names = ["all"]

@@ -1,4 +1,4 @@
-"""Cases of the twelfth to fourteenth hostile sweeps (GitHub issue 24): settings that training never reads are
+"""Cases of the twelfth to fifteenth hostile sweeps (GitHub issue 24): settings that training never reads are
 refused (from --set) or warned about (from a preset file), while stored sampling settings stay the defaults of later
 commands; images beside the class folders are not dropped without a word; figures are never resized by their format;
 printed paths stay on one line and suggested commands can be pasted; inspect-channels checks the run's split like
@@ -289,3 +289,37 @@ def test_named_classes_broken_links_and_empty_items(tmp_path: Path):
     assert "gone.png: a link to a missing file" in refused("score", tmp_path / "loose", "--ckpt", run)
     line = refused("inspect-channels", "--ckpt", run, "--levels", "0,,1", "--out", tmp_path / "i.png")
     assert "an empty item between commas" in line, line
+
+
+# ----- fifteenth sweep -----
+def test_the_runs_own_folder_named_relatively_and_other_folders_as_runs(tmp_path: Path):
+    for name in ("cat", "dog"):
+        for k in range(6):
+            _png(tmp_path / "fa" / name / f"{k}.png", k + 10 * len(name) * (name == "dog"))
+    farmer("train", "--preset", "tiny", "--steps", "1", "--data", "./fa", "--out", "runs/k", cwd=tmp_path)
+    result = json.loads(farmer("evaluate", "--ckpt", "runs/k", "--metrics", "bpd", "--data", "fa", "--json",
+                               cwd=tmp_path).stdout)  # the run's own folder, named relatively: its own split
+    assert result["metrics"]["bpd_conditional"]["n"] >= 1 and result["data"] == str(tmp_path / "fa")
+    for out in ("fa", "runs"):  # a folder of images, a folder of runs: no new run is mixed into them
+        line = refused("train", "--preset", "tiny", "--steps", "1", "--out", tmp_path / out)
+        assert "holds other files" in line and "no farmer run" in line, line
+    line = refused("train", "--preset", "tiny", "--steps", "1", "--data", tmp_path / "fa", "--out", tmp_path / "n",
+                   "--set", "model.num_classes=5")
+    assert "the data has 2 classes" in line, line
+    line = refused("train", "--preset", "tiny", "--steps", "3", "--out", tmp_path / "s", "--set",
+                   "train.sample_every=10")
+    assert "before the first sample grid" in line, line
+
+
+def test_labels_only_a_test_split_holds_are_refused(tmp_path: Path):
+    import datasets
+
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.sources import DataError, open_source
+
+    features = datasets.Features({"image": datasets.Image(), "lab": datasets.Value("string")})
+    part = lambda labels: datasets.Dataset.from_dict(  # noqa: E731
+        {"image": [Image.new("L", (8, 8), 9 * k) for k in range(len(labels))], "lab": labels}, features=features)
+    datasets.DatasetDict({"train": part(["a", "b"] * 4), "test": part(["a", "c"] * 2)}).save_to_disk(tmp_path / "d")
+    with pytest.raises(DataError, match=r"'test' split has labels its 'train' split lacks \(c\)"):
+        open_source(DataConfig(source=str(tmp_path / "d"), label_column="lab"))

@@ -339,7 +339,12 @@ def _hf(source: str, cfg: DataConfig) -> Source:
         names = [str(v) for v in sorted(values)]
     else:
         names = ["all"]
-    return HFSource(source, names, ds, image_col, label_col, splits, test_name if splits else "")
+    found = HFSource(source, names, ds, image_col, label_col, splits, test_name if splits else "")
+    repeated = found.test_repeats_training() if splits else ""
+    if repeated:
+        raise DataError(f"{source}: its '{test_name}' split repeats training images ({repeated}), so its test "
+                        "bits/dim would be measured on images the model trains on; drop those rows")
+    return found
 
 
 class HFSource(Source):
@@ -390,6 +395,20 @@ class HFSource(Source):
             if data is not None:
                 found[_bytesdigest(data[: 1 << 20])[:FIRST_IMAGE_CHARS]] = f"{self.name} {self.row_name(i)}"
         return found
+
+    def test_repeats_training(self) -> str:
+        """Where the dictionary's test split holds a training class's first image (among :data:`COPY_PROBES` rows
+        spread over it, and each of its classes' first rows), "" where it does not as far as that shows."""
+        n_train, labels = len(self.splits[0]), self._labels()
+        first_train: dict[str, int] = {}
+        first_test: dict[str, int] = {}
+        for i, label in enumerate(labels):
+            (first_train if i < n_train else first_test).setdefault(label, i)
+        training = self._row_images(first_train.values())
+        test = self._row_images([*first_test.values(),
+                                 *(self.splits[1][k] for k in spread(len(self.splits[1]), COPY_PROBES))])
+        return next((f"{where} is the first image of a training class" for d, where in test.items() if d in training),
+                    "")
 
     def row_name(self, i: int) -> str:
         """Row ``i`` as its user sees it: "row 5", or "test row 5" in a dictionary's test split (rows are counted

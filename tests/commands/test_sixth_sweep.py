@@ -271,9 +271,11 @@ def test_unlabelled_rows_of_a_class_label_column_are_named(tmp_path: Path):
     from farmer_cli.data.sources import DataError
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y", "z"])})
-    rows = lambda n, label: {"image": [Image.new("L", (8, 8), 9 * i) for i in range(n)], "label": [label] * n}  # noqa: E731
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(6, 1), features=features),
-                          "test": datasets.Dataset.from_dict(rows(3, -1), features=features)}).save_to_disk(tmp_path / "ds")
+    rows = lambda n, label, shade: {"image": [Image.new("L", (8, 8), shade + 9 * i) for i in range(n)],  # noqa: E731
+                                    "label": [label] * n}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(6, 1, 0), features=features),
+                          "test": datasets.Dataset.from_dict(rows(3, -1, 100), features=features)}
+                         ).save_to_disk(tmp_path / "ds")  # test images of their own: not repeats of training ones
     with pytest.raises(DataError, match=r"holds -1, which is no class of its 3 .* data.use_labels=false"):
         load_data(DataConfig(source=str(tmp_path / "ds")), 1, 8)
     assert len(load_data(DataConfig(source=str(tmp_path / "ds"), use_labels=False), 1, 8).test) == 3

@@ -323,3 +323,20 @@ def test_labels_only_a_test_split_holds_are_refused(tmp_path: Path):
     datasets.DatasetDict({"train": part(["a", "b"] * 4), "test": part(["a", "c"] * 2)}).save_to_disk(tmp_path / "d")
     with pytest.raises(DataError, match=r"'test' split has labels its 'train' split lacks \(c\)"):
         open_source(DataConfig(source=str(tmp_path / "d"), label_column="lab"))
+
+
+# ----- sixteenth sweep -----
+def test_a_dictionarys_test_split_that_repeats_training_images_is_refused(tmp_path: Path):
+    import datasets
+
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.sources import DataError, open_source
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rng = np.random.default_rng(16)
+    train = datasets.Dataset.from_dict({"image": [Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8))
+                                                  for _ in range(20)], "label": [k % 2 for k in range(20)]},
+                                       features=features)
+    datasets.DatasetDict({"train": train, "test": train.select(range(4))}).save_to_disk(tmp_path / "dup")
+    with pytest.raises(DataError, match="'test' split repeats training images \\(.* test row 0 is the first image"):
+        open_source(DataConfig(source=str(tmp_path / "dup")))

@@ -159,3 +159,12 @@ def refused(*args) -> str:
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:"), proc.stderr[-2000:]
     return last
+
+
+def resplit(run: Path, test_fraction: float = 0.5) -> Path:
+    """Edit ``run``'s config.json so that its recorded split no longer holds (another data.test_fraction)."""
+    path = Path(run) / "config.json"
+    payload = json.loads(path.read_text())
+    payload["config"]["data"]["test_fraction"] = test_fraction
+    path.write_text(json.dumps(payload))
+    return Path(run)

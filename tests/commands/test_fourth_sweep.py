@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import farmer, refused
+from cli_helpers import farmer, refused, resplit
 from farmer_cli.checkpoint import CheckpointError, load_training_state
 from farmer_cli.commands import UsageError, resolve_class
 from farmer_cli.data.images import image_files, load_image
@@ -376,9 +376,7 @@ def test_reference_features_must_be_finite_and_a_loader_setting_does_not_bypass_
     np.savez(tmp_path / "two.npz", mu=np.zeros(4), sigma=np.eye(4), act=np.zeros((2, 4)))
     assert "needs at least 4" in refused("evaluate", "--ckpt", run, "--metrics", "pr", "-n", "20", "--ref-stats",
                                          tmp_path / "two.npz")
-    payload = json.loads((run / "config.json").read_text())
-    payload["config"]["data"]["test_fraction"] = 0.5  # the recorded split no longer holds
-    (run / "config.json").write_text(json.dumps(payload))
+    resplit(run)  # the recorded split no longer holds
     line = refused("evaluate", "--ckpt", run, "--metrics", "bpd")  # (a loader setting is refused outright now)
     assert "its data no longer splits as when the run trained" in line
 

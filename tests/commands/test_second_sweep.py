@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import farmer, refused
+from cli_helpers import farmer, refused, resplit
 from farmer_cli.config.files import apply_overrides, load_preset
 from farmer_cli.config.schema import ConfigError
 
@@ -37,11 +37,7 @@ def test_sample_replaces_a_link_in_the_output_folder_instead_of_writing_through_
 
 
 def test_evaluate_refuses_a_run_whose_recorded_split_no_longer_holds(tiny_run: Path, tmp_path: Path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    payload = json.loads((run / "config.json").read_text())
-    payload["config"]["data"]["test_fraction"] = 0.5
-    (run / "config.json").write_text(json.dumps(payload))
+    run = resplit(shutil.copytree(tiny_run, tmp_path / "run"))
     line = refused("evaluate", "--ckpt", run, "--metrics", "bpd")
     assert "its data no longer splits as when the run trained" in line and "train / " in line
     line = refused("evaluate", "--ckpt", run, "--metrics", "bpd", "--data", "digits")  # its own data, named: the same

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import ENV, farmer, refused
+from cli_helpers import ENV, farmer, refused, resplit
 from farmer_cli.commands.ui import escape, shell_word
 from farmer_cli.config.schema import ModelConfig, TrainConfig
 
@@ -112,11 +112,7 @@ def test_printed_paths_stay_on_one_line_and_suggested_commands_paste(tmp_path: P
 
 
 def test_inspect_channels_checks_the_recorded_split(tiny_run: Path, tmp_path: Path):
-    run = tmp_path / "edited"
-    shutil.copytree(tiny_run, run)
-    payload = json.loads((run / "config.json").read_text())
-    payload["config"]["data"]["test_fraction"] = 0.5
-    (run / "config.json").write_text(json.dumps(payload))
+    run = resplit(shutil.copytree(tiny_run, tmp_path / "edited"))
     line = refused("inspect-channels", "--ckpt", run, "--out", tmp_path / "ic.png")
     assert "no longer splits as when the run trained" in line and "give an IMAGE" in line, line
     line = refused("inspect-channels", "--ckpt", tiny_run, "--levels", "0,0.5,0", "--out", tmp_path / "ic.png")
@@ -186,10 +182,7 @@ def test_a_finished_run_refuses_settings_a_resume_would_not_read(tmp_path: Path)
 
 
 def test_distill_checks_the_runs_recorded_split(tiny_run: Path, tmp_path: Path):
-    run = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock", "eval-*")))
-    payload = json.loads((run / "config.json").read_text())
-    payload["config"]["data"]["test_fraction"] = 0.5
-    (run / "config.json").write_text(json.dumps(payload))
+    run = resplit(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock", "eval-*")))
     line = refused("distill", "--ckpt", run, "--steps", "2")
     assert "no longer splits as when the run trained" in line and "measured on images the run trained on" in line
 

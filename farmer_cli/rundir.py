@@ -57,8 +57,8 @@ class RunLock:
     when it is farmer's: a regular file of one name (not a hard link to anyone's file), empty or holding what
     farmer writes there; anything else is refused, never truncated."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LOCK_FILE
+    def __init__(self, run_dir: Path, option: str = "--out") -> None:
+        self.path, self.option = run_dir / LOCK_FILE, option
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -102,7 +102,7 @@ class RunLock:
         if why:
             os.close(fd)
             raise CheckpointError(f"{self.path}: {why}, so not the run's lock file; farmer will not write it: remove "
-                                  "it, or choose another --out")
+                                  f"it, or {elsewhere(self.option)}")
 
     def release(self) -> None:
         if self.fd is not None:
@@ -110,17 +110,23 @@ class RunLock:
             self.fd = None
 
 
-def ensure_writable(run_dir: Path) -> None:
+def elsewhere(option: str) -> str:
+    """The hint for a run folder farmer cannot use: another train ``--out``, or a copy of the run that distill's
+    ``--ckpt`` names (distillation writes into the run it distils)."""
+    return "choose another --out" if option == "--out" else f"copy the run elsewhere and give the copy to {option}"
+
+
+def ensure_writable(run_dir: Path, option: str = "--out") -> None:
     """Create ``run_dir`` (and parents) and check it can be written; CheckpointError naming the path otherwise."""
     for parent in [run_dir, *run_dir.parents]:
         if parent.exists() and not parent.is_dir():
-            raise CheckpointError(f"{run_dir}: {parent} is a file, not a directory; choose another --out")
+            raise CheckpointError(f"{run_dir}: {parent} is a file, not a directory; {elsewhere(option)}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CheckpointError(f"{run_dir}: cannot create the run directory ({err.strerror})") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise CheckpointError(f"{run_dir}: not writable; fix its permissions or choose another --out")
+        raise CheckpointError(f"{run_dir}: not writable; fix its permissions or {elsewhere(option)}")
 
 
 FARMER_NAMES = re.compile(r"eval-\d+(-\d+)?\.json")  # evaluate's results beside RUN_FILES
@@ -154,21 +160,24 @@ def managed_folder(path: Path) -> Path | None:
                  if p.name in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR) and is_run(p.parent)), None)
 
 
-def check_own_paths(run_dir: Path) -> None:
+def check_own_paths(run_dir: Path, option: str = "--out") -> None:
     """Where farmer writes, prunes and deletes must be the run's own: the run files (``config.json``,
     ``metrics.jsonl``, ...) regular files and ``checkpoints/``, ``samples/`` and ``tensorboard/`` folders, none a
     symbolic link (a link whose target does not exist yet included), so nothing outside the run is ever written or
     deleted. The run is not the file system's root, the home folder, or a folder inside another run's
-    ``checkpoints/``, ``samples/`` or ``tensorboard/``."""
+    ``checkpoints/``, ``samples/`` or ``tensorboard/``. ``option`` names the run in hints: train's ``--out``, or
+    distill's ``--ckpt`` (it writes the student into the run it distils)."""
     place = run_dir.resolve()
     if place == Path(place.anchor) or place == Path.home().resolve():
         raise CheckpointError(f"{run_dir} is {'the root folder' if place == Path(place.anchor) else 'your home folder'}"
-                              ": a run writes its files and folders there; choose a folder of its own with --out")
+                              f": a run writes its files and folders there; {elsewhere(option)}, a folder of its own")
     managed = managed_folder(run_dir)
     if managed is not None:
+        how = ("choose another --out (copy a step checkpoint out first to continue from it)" if option == "--out"
+               else f"give {option} {managed.parent} (its latest weights), or copy the step checkpoint out of the "
+                    "run first and give that copy")
         raise CheckpointError(f"{run_dir} is in {managed}, a folder of the run in {managed.parent} where farmer "
-                              "writes, prunes and deletes: choose another --out (copy a step checkpoint out first to "
-                              "continue from it)")
+                              f"writes, prunes and deletes: {how}")
     for name, kind in [(folder, "folder") for folder in (HISTORY_DIR, SAMPLES_DIR, TRACKER_DIR)] + \
                       [(file, "file") for file in RUN_FILES]:
         path = run_dir / name
@@ -204,10 +213,10 @@ def farmer_files(run_dir: Path) -> list[Path]:
     return found
 
 
-def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
+def claim(run_dir: Path, *, resume: bool, overwrite: bool = False, option: str = "--out") -> RunLock:
     """Check and lock ``run_dir`` for training (``resume``: an existing run; else a new one, replacing an
-    existing run only with ``overwrite``). Call on the main process before any work."""
-    check_own_paths(run_dir)
+    existing run only with ``overwrite``; ``option`` names it in hints). Call on the main process before any work."""
+    check_own_paths(run_dir, option)
     if not resume and holds_run(run_dir):
         if not is_run(run_dir):
             names = ", ".join(sorted(str(p.relative_to(run_dir)) for p in farmer_files(run_dir))[:4])
@@ -225,8 +234,8 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
             raise CheckpointError(f"{run_dir} holds other files ({', '.join(others[:3])}"
                                   f"{', ...' if len(others) > 3 else ''}) and no farmer run; a run starts in a new or "
                                   "empty folder: choose another --out")
-    ensure_writable(run_dir)
-    lock = RunLock(run_dir).acquire()
+    ensure_writable(run_dir, option)
+    lock = RunLock(run_dir, option).acquire()
     remove_stale_writes(run_dir)
     if not resume and overwrite:
         for path in farmer_files(run_dir):
@@ -310,14 +319,14 @@ def resume_conflicts(stored: Config, requested: Config) -> list[str]:
     return conflicts
 
 
-def claim_on_main(accelerator, run_dir: Path | None, *, resume: bool, overwrite: bool = False
+def claim_on_main(accelerator, run_dir: Path | None, *, resume: bool, overwrite: bool = False, option: str = "--out"
                   ) -> tuple[Path, RunLock | None]:
     """:func:`claim` on the main process; its outcome (the path, or the error) is shared with every rank so all
     stop together. Keep the returned lock referenced for as long as the run directory is being written."""
     lock, outcome = None, ("", "")
     if accelerator.is_main_process:
         try:
-            lock = claim(run_dir, resume=resume, overwrite=overwrite)
+            lock = claim(run_dir, resume=resume, overwrite=overwrite, option=option)
             outcome = (str(run_dir), "")
         except CheckpointError as err:
             outcome = ("", str(err))

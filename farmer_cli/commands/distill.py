@@ -115,7 +115,7 @@ def run(
     flow_parameters = sum(p.numel() for p in model.flow.parameters())
     checked_on_every_process(acc, lambda: require_distill_memory(cfg, flow_parameters, acc.device, acc.num_processes))
     main = acc.is_main_process
-    run_dir, _lock = claim_on_main(acc, run_dir, resume=True)  # writes the student into the run: one writer at a time
+    run_dir, _lock = claim_on_main(acc, run_dir, resume=True, option="--ckpt")  # writes the student into the run: one writer at a time
     if overwrite and main:
         remove_distillation(run_dir)
     acc.wait_for_everyone()

@@ -125,6 +125,7 @@ def run(
     refuse_unused([("--resize", resize), ("--fid-weights", fid_weights), ("--trust-weights", trust_weights or None)]
                   * (not {"fid", "pr"} & set(chosen)), f"with --metrics {','.join(chosen)}",
                   "only fid and pr run the Inception network")
+    asked = {"--limit": limit, "--max-classes": max_classes}  # explicit bounds above what exists get a note
     n_samples, bpd_draws, limit, max_classes = (default if given is None else given for given, default in (
         (n_samples, 1000), (bpd_draws, 1), (limit, 0), (max_classes, 100)))
     if n_samples < 1:
@@ -221,6 +222,12 @@ def run(
         if own_data:  # an edited config.json or changed files: the "test" split may hold training images
             check_data_unchanged(run_dir, recorded, bundle, "its test split may hold training images",
                                  "or name other data with --data")
+        scored = len(bundle.test if split == "test" else bundle.train)
+        for option, there, what in (("--limit", scored, f"{split} images"),
+                                    ("--max-classes", cfg.model.num_classes, "classes")):
+            if main and asked[option] is not None and asked[option] > there:
+                console.print(f"note: {option} {asked[option]}, but there are only {there} {what}: using all of "
+                              "them", highlight=False)
         student_flow = load_student(run_dir, model) if cfg.sampling.decoder == "student" else None
 
         inception = None

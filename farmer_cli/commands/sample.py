@@ -35,8 +35,8 @@ MAX_IMAGES = 10_000  # per call: every image is kept in memory for the grid
 @command
 def run(
     ckpt: Optional[Path] = Option(None, "--ckpt", help=CKPT_HELP),
-    classes: List[str] = Option([], "--class", "-c", help=CLASS_HELP + " Repeat for several; 'random' for a random "
-                                "class. Default: every class (at most 10; else 8 random)."),
+    classes: List[str] = Option([], "--class", "-c", help=CLASS_HELP + " Repeat for several (a class given twice "
+                                "gets two rows); 'random' for a random class. Default: every class (at most 10; else 8 random)."),
     n: int = Option(8, "--n", help="Samples per class (one grid row per class); at most 10,000 images per call."),
     cfg_weight: Optional[float] = Option(None, "--cfg", help="Guidance weight w (0 = unguided). Default: the preset's."),
     temperature: Optional[float] = Option(None, "--temperature", "-t", help="Unguided mixture temperature T: "
@@ -150,11 +150,20 @@ def run(
                                  on_block=advance)  # checks memory now, before the progress bar
         with progress(disable=not main) as bar:
             task = bar.add_task("sample", total=len(my_chunks(len(y_all), batch_size, rank, world)) * steps_per_chunk)
-            for chunk, chunk_images in chunks:
-                if out_dir is not None:
-                    _write_pngs(out_dir, chunk, chunk_images, names)
-                if world == 1:
-                    images.append(chunk_images)
+            written, first = 0, ""
+            try:
+                for chunk, chunk_images in chunks:
+                    if out_dir is not None:
+                        _write_pngs(out_dir, chunk, chunk_images, names)
+                        written, first = written + len(chunk), first or names[chunk[0]]
+                    if world == 1:
+                        images.append(chunk_images)
+            except KeyboardInterrupt:  # finished images are kept, and said to be there
+                if written:
+                    console.print(f"[yellow]kept the {written} of {len(names)} images already written to "
+                                  f"{escape(str(out_dir))}/ ({escape(first)} ...); sampling again into it needs "
+                                  "them removed first, or another --out-dir[/]", highlight=False)
+                raise
         state.wait_for_everyone()
         seconds = time.time() - t0
         if not main:

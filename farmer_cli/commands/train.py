@@ -102,7 +102,7 @@ def run(
     from farmer_cli.config.schema import MAX_TRAIN_SEED
     from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import layout_change, load_data
-    from farmer_cli.data.sources import canonical_source, data_folders, unread_data_settings
+    from farmer_cli.data.sources import canonical_source, data_folders, has_own_test_split, unread_data_settings
     from farmer_cli.rundir import claim_on_main, resume_conflicts
     from farmer_cli.device import (checked_on_every_process, processes_ended, make_accelerator, precision_name,
                                    tracker_options)
@@ -127,16 +127,17 @@ def run(
         console.print(f"{escape(str(out))}: the run stopped before its first checkpoint, so there is nothing to "
                       "resume: starting it from step 0 with its settings")
         resume = False
-    if resume:
-        out = find_checkpoint(out, TRAIN_STATE_FILE, "--out")
+    if resume or restart:
+        out = find_checkpoint(out, TRAIN_STATE_FILE, "--out") if resume else out
         stored, _, payload = load_config(out)
-        check_metrics(out, METRICS_FILE)
-        if preset is not None and preset != stored.preset:
-            exit_with(f"--resume continues {out}, trained with preset '{stored.preset}', not '{preset}'; "
+        if resume:
+            check_metrics(out, METRICS_FILE)
+        named = None if preset is None else load_preset(preset).preset  # a file is known by the name it gives
+        if named is not None and named != stored.preset:
+            exit_with(f"--resume continues {out}, trained with preset '{stored.preset}', not '{named}'"
+                      f"{'' if named == preset else f' (named by {preset})'}; "
                       "start a new run (another --out) for a different preset")
-        cfg = copy.deepcopy(stored)
-    elif restart:
-        cfg, payload = load_config(out)[0], {}
+        cfg, payload = copy.deepcopy(stored), payload if resume else {}
     else:
         cfg, payload = load_preset("quickstart" if preset is None else preset), {}
     data, test_data = canonical_source(data), canonical_source(test_data)  # a resume from another directory reads the same data
@@ -175,6 +176,9 @@ def run(
         for key in sorted(set(preset_settings(preset or "quickstart")) & set(left)):
             console.print(f"[yellow]warning:[/] preset {escape(preset or 'quickstart')} sets {key}, which has no "
                           f"effect ({escape(left[key])})", highlight=False)
+    if not resume and cfg.data.test_source and has_own_test_split(cfg.data.source):
+        console.print(f"note: the test images {escape(cfg.data.test_source)} replace the test split that "
+                      f"{escape(cfg.data.source)} brings", highlight=False)
     if not resume:  # a data folder from a preset or --set is recorded as its absolute path too
         cfg.data.source = canonical_source(cfg.data.source)
         cfg.data.test_source = canonical_source(cfg.data.test_source)
@@ -236,7 +240,10 @@ def run(
         before = "" if resume else f"{result.bpd_before:.3f} -> "
         finished = result.steps >= total
         state = "done" if finished else f"stopped at step {result.steps} of {total} (--stop-after)"
-        tested = (f"test bits/dim {before}[bold]{result.bpd_after:.3f}[/]" if len(bundle.test) else
+        held_out = len(bundle.test)
+        scored = min(held_out, cfg.train.batch_size * cfg.train.eval_batches)  # test_bpd's train.eval_batches
+        share = f"all {held_out}" if scored == held_out else f"first {scored} of {held_out}"
+        tested = (f"test bits/dim {before}[bold]{result.bpd_after:.3f}[/] ({share} test images)" if held_out else
                   "no test bits/dim (the data set is too small to hold out test images)")
         console.print(f"{state}: {result.seconds / 60:.1f} min; {tested}; checkpoint in [bold]{escape(str(run_dir))}[/]")
         if finished and cfg.sampling.decoder == "student":  # sampling reads the run's decoder: distil it first

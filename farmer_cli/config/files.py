@@ -202,6 +202,13 @@ def load_preset(name_or_path: str) -> Config:
             raise ConfigError(f"preset file {path}: its name '{path.stem}' names the runs (runs/<preset>-<time>) but "
                               "is not a plain name (letters, digits, '-', '_', '.'); rename the file or add a line "
                               "preset = \"my-name\"") from None
+    builtins = preset_names()
+    if name_or_path not in builtins and cfg.preset in builtins and table != _preset_table(cfg.preset)[0]:
+        # a run records its preset's name: an edited copy under a built-in's name would pass for that preset
+        # (runs/<name>-<time>, --resume --preset <name>)
+        raise ConfigError(f"preset file {path}: its name '{cfg.preset}' is a built-in preset's, but its settings are "
+                          f"not that preset's; give it a name of its own with a line preset = \"{cfg.preset}-mine\" "
+                          "(or rename the file if it has no such line)")
     return cfg
 
 

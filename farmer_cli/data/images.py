@@ -85,9 +85,20 @@ def to_uint8(item, channels: int, size: int) -> torch.Tensor:
 
 def image_files(paths: list[Path]) -> list[Path]:
     """Files and directories (every image file inside, recursively, sorted) -> image files; DataError naming a
-    path that does not exist or a directory without images."""
+    path that does not exist, a directory without images, or a file that the arguments name twice (the same path
+    twice, a file inside a folder also given, nested folders; paths made absolute, links not followed)."""
+    import os
+
     files: list[Path] = []
+    seen: dict[str, Path] = {}  # absolute path -> the file as listed
     for p in map(Path, paths):
+        top = os.path.abspath(p)
+        inside = top.rstrip(os.sep) + os.sep
+        twice = seen.get(top) or (next((f for path, f in seen.items() if path.startswith(inside)), None)
+                                  if p.is_dir() else None)
+        if twice is not None:
+            raise DataError(f"{p}: {twice} is given twice (the same file twice, or a file inside a folder also "
+                            "given); each image is read once: drop the repeat")
         if p.is_dir():
             # broken links are kept, so that reading them names them; hidden files and folders are skipped
             found = sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink() and not f.exists())
@@ -95,11 +106,12 @@ def image_files(paths: list[Path]) -> list[Path]:
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise DataError(f"{p}: directory holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            files += found
         elif not p.exists():
             raise DataError(f"{p}: no such file or directory")
         else:
-            files.append(p)
+            found = [p]
+        files += found
+        seen.update((os.path.abspath(f), f) for f in found)
     return files
 
 

@@ -6,6 +6,7 @@ Commands run in subprocesses: Accelerate's state is a per-process singleton, and
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def test_train_writes_a_complete_run(tiny_run: Path):
 def test_train_improves_test_bits_per_dim(tmp_path: Path):
     proc = farmer("train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--steps", "150")
     line = next(ln for ln in proc.stderr.splitlines() if "test bits/dim" in ln and "->" in ln)
-    before, after = (float(v) for v in line.split("test bits/dim")[1].split(";")[0].split("->"))
+    found = re.search(r"test bits/dim ([\d.]+) -> ([\d.]+) \((first \d+ of|all) 180 test images\)", line)
+    before, after = float(found[1]), float(found[2])
     assert after < before - 0.3, line
 
 

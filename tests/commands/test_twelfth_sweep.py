@@ -1,10 +1,12 @@
-"""Cases of the twelfth to fifteenth hostile sweeps (GitHub issue 24): settings that training never reads are
+"""Cases of the twelfth to sixteenth hostile sweeps (GitHub issue 24): settings that training never reads are
 refused (from --set) or warned about (from a preset file), while stored sampling settings stay the defaults of later
 commands; images beside the class folders are not dropped without a word; figures are never resized by their format;
 printed paths stay on one line and suggested commands can be pasted; inspect-channels checks the run's split like
 evaluate; FID options, class metrics and data settings that nothing would read are refused; a dataset's rows
 without images, undecodable rows, mismatched splits and raw label columns are named; classes are reported as
-resolved (a copy of the run as ood's background: tests/eval/test_likelihood_tools.py). Refusals are one "error:"
+resolved (a copy of the run as ood's background: tests/eval/test_likelihood_tools.py); a preset file may not pass
+for a built-in; bounds above the data, a replaced test split and images kept by an interrupted sample are noted;
+an image named twice is refused. Refusals are one "error:"
 line and exit status 2, before any work."""
 
 from __future__ import annotations
@@ -333,3 +335,93 @@ def test_a_dictionarys_test_split_that_repeats_training_images_is_refused(tmp_pa
     datasets.DatasetDict({"train": train, "test": train.select(range(4))}).save_to_disk(tmp_path / "dup")
     with pytest.raises(DataError, match="'test' split repeats training images \\(.* test row 0 is the first image"):
         open_source(DataConfig(source=str(tmp_path / "dup")))
+
+
+# ----- sixteenth sweep, the rest -----
+def test_a_preset_file_under_a_built_in_name_is_refused_and_resume_reads_a_files_name(tiny_run: Path, tmp_path: Path):
+    """An edited copy of presets/tiny.toml kept `preset = "tiny"`: its runs were recorded as preset tiny, and
+    `--resume --preset tiny` passed the name check without reading that preset's settings."""
+    from farmer_cli.config.files import load_preset
+    from farmer_cli.config.schema import ConfigError
+
+    text = (Path(__file__).resolve().parents[2] / "presets" / "tiny.toml").read_text()
+    (tmp_path / "same.toml").write_text(text)
+    assert load_preset(str(tmp_path / "same.toml")).preset == "tiny"  # the built-in itself, byte for byte
+    (tmp_path / "edited.toml").write_text(text.replace("lr = 2e-3", "lr = 1e-3"))
+    with pytest.raises(ConfigError, match="its name 'tiny' is a built-in preset's, but its settings are not"):
+        load_preset(str(tmp_path / "edited.toml"))
+    (tmp_path / "other.toml").write_text(text.replace('preset = "tiny"', 'preset = "other"'))
+    line = refused("train", "--resume", "--out", tiny_run, "--preset", tmp_path / "other.toml")
+    assert "trained with preset 'tiny', not 'other' (named by" in line, line
+
+
+def test_explicit_bounds_above_the_data_are_noted(tmp_path: Path):
+    """train.eval_batches beyond the test split, and evaluate --limit / --max-classes above the data, were capped
+    without a word."""
+    run = tmp_path / "r"
+    proc = farmer("train", "--preset", "tiny", "--steps", "1", "--out", run, "--set", "train.eval_batches=100")
+    assert "(all 180 test images)" in proc.stderr, proc.stderr
+    proc = farmer("evaluate", "--ckpt", run, "--metrics", "bpd,classify", "--limit", "1000", "--max-classes", "50",
+                  "--json")
+    assert "note: --limit 1000, but there are only 180 test images: using all of them" in proc.stderr, proc.stderr
+    assert "note: --max-classes 50, but there are only 10 classes" in proc.stderr, proc.stderr
+    found = json.loads(proc.stdout)["metrics"]
+    assert found["bpd_conditional"]["n"] == found["classify"]["n"] == 180 and found["classify"]["classes"] == 10
+
+
+def test_image_arguments_naming_a_file_twice_are_refused(tmp_path: Path, tiny_run: Path):
+    from farmer_cli.data.images import image_files
+    from farmer_cli.data.sources import DataError
+
+    a, b = _png(tmp_path / "d" / "a.png"), _png(tmp_path / "d" / "sub" / "b.png", 1)
+    assert image_files([a, b]) == [a, b] and image_files([tmp_path / "d"]) == [a, b]
+    for args in ([a, a], [tmp_path / "d", a], [tmp_path / "d" / "sub", tmp_path / "d"], [a, Path(f"{a.parent}/./a.png")]):
+        with pytest.raises(DataError, match="is given twice"):
+            image_files(args)
+    line = refused("score", "--ckpt", tiny_run, a, tmp_path / "d")
+    assert "a.png is given twice" in line, line
+
+
+def test_distilling_a_step_checkpoint_inside_a_run_names_the_run(tiny_run: Path):
+    step = sorted((tiny_run / "checkpoints").iterdir())[-1]
+    line = refused("distill", "--ckpt", step, "--steps", "1")
+    assert f"give --ckpt {tiny_run.resolve()} (its latest weights), or copy the step checkpoint out" in line, line
+    assert "--out" not in line, line
+
+
+def test_test_images_beside_a_dictionarys_own_test_split_are_noted(tmp_path: Path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rng = np.random.default_rng(17)
+    rows = lambda k: datasets.Dataset.from_dict(  # noqa: E731
+        {"image": [Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)) for _ in range(k)],
+         "label": [i % 2 for i in range(k)]}, features=features)
+    datasets.DatasetDict({"train": rows(16), "test": rows(4)}).save_to_disk(tmp_path / "dict")
+    for name in ("a", "b"):
+        _png(tmp_path / "held" / name / "0.png", 40 + len(name))
+    proc = farmer("train", "--preset", "tiny", "--steps", "1", "--out", tmp_path / "r", "--data", tmp_path / "dict",
+                  "--test-data", tmp_path / "held")
+    assert f"note: the test images {tmp_path / 'held'} replace the test split that {tmp_path / 'dict'} brings" \
+        in proc.stderr, proc.stderr
+
+
+def test_an_interrupted_sample_names_the_images_it_kept(tiny_run: Path, tmp_path: Path):
+    """A SIGTERMed `sample --out-dir` left its finished PNGs without a word, and a rerun into the folder is
+    refused."""
+    import os
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "many"
+    proc = subprocess.Popen([sys.executable, "-m", "farmer_cli", "sample", "--ckpt", str(tiny_run), "--class", "1",
+                             "--n", "2000", "--batch-size", "1", "--out", str(tmp_path / "g.png"), "--out-dir",
+                             str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out.is_dir() and any(out.iterdir())) and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    kept = len(list(out.iterdir()))
+    assert proc.returncode == 143 and 0 < kept < 2000, (proc.returncode, kept, err)
+    assert f"kept the {kept} of 2000 images already written to {out}/ (1-1_0000.png ...)" in err, err

@@ -104,7 +104,8 @@ def test_one_precision_vocabulary_and_accelerates_word_for_fp32():
 
 def test_explicit_steps_beat_a_presets_epochs(tmp_path: Path):
     preset = tmp_path / "epochs.toml"
-    preset.write_text(load_preset_text("tiny").replace("[train]", "[train]\nepochs = 50"))
+    preset.write_text(load_preset_text("tiny").replace("[train]", "[train]\nepochs = 50")
+                      .replace('preset = "tiny"', 'preset = "epochs"'))
     farmer("train", "--preset", str(preset), "--steps", "3", "--out", str(tmp_path / "r"))
     assert json.loads((tmp_path / "r" / "config.json").read_text())["step"] == 3
 

@@ -72,7 +72,7 @@ def test_a_preset_files_settings_that_nothing_reads_are_warned_about(tmp_path: P
 
     preset = tmp_path / "mine.toml"
     text = (Path(__file__).resolve().parents[2] / "presets" / "tiny.toml").read_text()
-    preset.write_text(text.replace("[model]", "[model]\nchannel_split = false", 1))
+    preset.write_text(text.replace("[model]", "[model]\nchannel_split = false", 1).replace('"tiny"', '"mine"'))
     said = farmer("train", "--preset", preset, "--steps", "1", "--out", tmp_path / "r").stderr
     assert "warning: preset" in said and "sets model.informative_dims, which has no effect" in said, said
     for name in preset_names():  # the built-in presets name nothing that their own settings leave unread

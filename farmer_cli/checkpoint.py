@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE, MODEL_FILE, STUDENT_FILE = "config.json", "model.safetensors", "student.safetensors"
 TRAIN_STATE_FILE, DISTILL_STATE_FILE = "training_state.pt", "distill_state.pt"
 METRICS_FILE, DISTILL_METRICS_FILE = "metrics.jsonl", "distill_metrics.jsonl"
+LOCK_FILE = ".lock"  # held by the process training or distilling the run (farmer_cli.rundir.RunLock)
 SAMPLES_DIR = "samples"  # train.sample_every > 0: a grid every that many steps, samples/step-<step>.png
 STATE_WEIGHTS = {TRAIN_STATE_FILE: MODEL_FILE, DISTILL_STATE_FILE: STUDENT_FILE}  # written together at every save
 
@@ -86,7 +87,12 @@ def load_training_state(run_dir: Path, name: str, modules: list[str], identity: 
     path = run_dir / name
     if not path.exists():
         raise CheckpointError(f"{run_dir}: no {name} to resume from (was the run started with this version?)")
+    import zipfile
+
     try:  # mmap: tensors are paged in as they are copied into the model, not materialised all at once
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; say so rather than torch's mmap text
+            raise ValueError("an empty file" if path.stat().st_size == 0 else "not a file torch.save wrote (no zip "
+                             "archive)")
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -394,6 +400,26 @@ def check_trained_with(metadata: dict[str, str], cfg: Config, class_names: list[
                                   "with (the file was edited); restore the run's own config.json")
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid, as its lock file says, of another process holding ``run_dir``'s lock (training or distilling it),
+    or None. A probe: a shared lock that cannot be had means an exclusive holder; links are not followed."""
+    try:
+        import fcntl
+
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (ImportError, OSError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        return "".join(ch for ch in os.read(fd, 32).decode(errors="replace") if ch.isdigit()) or "unknown"
+    finally:
+        os.close(fd)  # drops the probe's shared lock
+
+
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     """-> (Farmer in eval mode with the EMA weights on ``device``, config, class names, step).
 
@@ -407,6 +433,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     step = load_weights(model, run_dir / MODEL_FILE)
     recorded = payload.get("step")  # both are written at every checkpoint; results are named by the step
     if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded != step:
+        holder = lock_holder(run_dir)
+        if holder is not None:  # a checkpoint being written between the two files: not an edit
+            raise CheckpointError(f"{run_dir} is being saved by the farmer process training or distilling it (pid "
+                                  f"{holder}) right now: try again in a moment, or give --ckpt a step checkpoint "
+                                  f"({run_dir}/checkpoints/step-*)")
         raise CheckpointError(f"{run_dir}: {MODEL_FILE} says step {step} but {CONFIG_FILE} says step {recorded}: "
                               "one of them was edited or a save was cut short; continue the run with farmer train "
                               "--resume (which writes both again) or restore the files")

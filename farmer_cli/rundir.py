@@ -28,7 +28,7 @@ import stat
 import time
 from pathlib import Path
 
-from farmer_cli.checkpoint import CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError, regular_file
+from farmer_cli.checkpoint import CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError, regular_file
 from farmer_cli.config.schema import Config
 from farmer_cli.storage import free_name, parse_json
 
@@ -36,7 +36,6 @@ log = logging.getLogger("farmer")
 
 RUN_FILES = (CONFIG_FILE, MODEL_FILE, TRAIN_STATE_FILE, METRICS_FILE, STUDENT_FILE, DISTILL_STATE_FILE,
              DISTILL_METRICS_FILE)
-LOCK_FILE = ".lock"
 TRACKER_DIR = "tensorboard"  # --report-to tensorboard: the run's event files
 TRACKER_NAMES = re.compile(r"events\.out\.tfevents\.")  # TensorBoard's event file names
 HISTORY_DIR = "checkpoints"  # checkpoints/<prefix>-<step>/: the kept step checkpoints (:func:`snapshot`)
@@ -250,14 +249,41 @@ def claim(run_dir: Path, *, resume: bool, overwrite: bool = False, option: str =
     return lock
 
 
-def remove(path: Path) -> None:
-    """Delete what is at ``path`` under one of farmer's names: a folder (a step checkpoint) by its run files, then
-    itself when nothing else is left in it (a file of the user's keeps it, with a warning); a symbolic link itself,
-    never what it points to; nothing if there is nothing."""
+def written_by_farmer(path: Path) -> bool:
+    """Whether the regular file ``path``, under one of farmer's run-file names, holds what farmer writes under that
+    name, judged by its first bytes: ``config.json`` with farmer's keys (:func:`is_run`), a safetensors file whose
+    header records farmer's ``format_version``, a zip archive (``torch.save``) for a training state, JSON lines (or
+    nothing yet) for metrics. A user's file under farmer's name (notes saved as ``checkpoints/step-N/config.json``)
+    is neither deleted nor written over."""
+    import json
+    import zipfile
+
+    try:
+        if path.name == CONFIG_FILE:
+            return is_run(path.parent)
+        if path.suffix == ".pt":
+            return zipfile.is_zipfile(path)
+        with open(path, "rb") as f:
+            if path.suffix == ".safetensors":
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size)) if 2 <= size <= 64 << 20 else None
+                return isinstance(header, dict) and "format_version" in (header.get("__metadata__") or {})
+            first = f.readline(1 << 20).strip()
+            return not first or isinstance(json.loads(first), dict)
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def remove(path: Path, checked: bool = True) -> None:
+    """Delete what is at ``path`` under one of farmer's names: a folder (a step checkpoint) by its run files that
+    farmer wrote (:func:`written_by_farmer`; all of them in a ``.partial`` folder, ``checked`` False, whose copies
+    a killed writer may have cut short), then itself when nothing else is left in it (a file of the user's keeps
+    it, with a warning); a symbolic link itself, never what it points to; nothing if there is nothing."""
     if not path.is_dir() or path.is_symlink():
         path.unlink(missing_ok=True)
         return
-    removed = [path / name for name in RUN_FILES if (path / name).is_file() or (path / name).is_symlink()]
+    removed = [path / name for name in RUN_FILES if (path / name).is_symlink()
+               or (path / name).is_file() and (not checked or written_by_farmer(path / name))]
     for file in removed:
         file.unlink()
     try:
@@ -278,7 +304,7 @@ def remove_stale_writes(run_dir: Path) -> None:
             path.unlink(missing_ok=True)
     for partial in (run_dir / HISTORY_DIR).glob("*.partial"):
         if HISTORY_NAMES.fullmatch(partial.name):
-            remove(partial)
+            remove(partial, checked=False)
 
 
 DISTILL_FILES = (STUDENT_FILE, DISTILL_STATE_FILE, DISTILL_METRICS_FILE)
@@ -381,7 +407,7 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
     bad block) must not reach its backup; each kept step costs the disk of one checkpoint."""
     target = run_dir / HISTORY_DIR / f"{prefix}-{step:08d}"
     partial = target.with_name(target.name + ".partial")
-    remove(partial)
+    remove(partial, checked=False)
     partial.mkdir(parents=True)
     for name in names:
         if (run_dir / name).exists():
@@ -389,7 +415,7 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
     remove(target)  # an older checkpoint of this step, or something else under farmer's name
     if target.exists():  # a folder of the user's files under this step's name: this step keeps no copy
         log.warning("%s holds files that are not farmer's: no step checkpoint is kept there", target)
-        remove(partial)
+        remove(partial, checked=False)
         return
     partial.rename(target)  # a directory without ".partial" is complete
     for old in history(run_dir, prefix)[keep:]:

@@ -215,7 +215,9 @@ def run(
                           "training data")
         labelled = [m for m in chosen if m in ("bpd", "classify", "sample-acc")]  # these read the data's labels
         if labelled and class_names and bundle.class_names != class_names:
-            exit_with(f"--data {cfg.data.source}: its classes ({', '.join(bundle.class_names[:4])}"
+            named = f"--data {cfg.data.source}" if data is not None else \
+                f"{run_dir}/config.json's data.source {cfg.data.source}"
+            exit_with(f"{named}: its classes ({', '.join(bundle.class_names[:4])}"
                       f"{', ...' if len(bundle.class_names) > 4 else ''}) are not the model's ({', '.join(class_names[:4])}"
                       f"{', ...' if len(class_names) > 4 else ''}), so {', '.join(labelled)} would compare other "
                       "classes; give data with the model's class folders, or --metrics fid,pr")

@@ -99,7 +99,7 @@ def run(
 
     from farmer_cli.checkpoint import (METRICS_FILE, TRAIN_STATE_FILE, check_trained_with, check_metrics, check_model_file,
                                        load_config)
-    from farmer_cli.config.schema import MAX_TRAIN_SEED
+    from farmer_cli.config.schema import MAX_STEPS, MAX_TRAIN_SEED
     from farmer_cli.config.files import apply_options, load_preset
     from farmer_cli.data.dataset import layout_change, load_data
     from farmer_cli.data.sources import canonical_source, data_folders, has_own_test_split, unread_data_settings
@@ -213,6 +213,9 @@ def run(
                                                                   precision_name(acc.mixed_precision)))
     main = acc.is_main_process
     total = total_steps(cfg, len(bundle.train), acc.num_processes)
+    if total > MAX_STEPS:  # epochs x steps per epoch: the bound train.steps has
+        exit_with(f"train.epochs {cfg.train.epochs} makes {total:,} steps ({total // cfg.train.epochs:,} per epoch), "
+                  f"more than the {MAX_STEPS:,} a run may take; give fewer epochs")
     given = [name for name, _ in set_keys(overrides)] + [name for name, value in (
         ("--mixed-precision", mixed_precision), ("--workers", workers), ("--stop-after", stop_after or None),
         ("--report-to", None if report_to == "none" else report_to)) if value is not None]

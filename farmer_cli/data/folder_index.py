@@ -35,7 +35,7 @@ log = logging.getLogger("farmer")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 WAIT_SECONDS = 3600  # the longest another process may take to build the index (1.28M files on network storage)
-INDEX_VERSION = "4"  # in the key: an index of an earlier layout (or rules) is rebuilt, not misread
+INDEX_VERSION = "5"  # in the key: an index of an earlier layout (or rules) is rebuilt, not misread
 START_GRACE_SECONDS = 30.0  # how long rank 0 may take to start building before the others walk on their own
 FILES_CHECKED = 20_000  # files whose size and time are compared with the index on every read (evenly spread)
 
@@ -50,18 +50,33 @@ def loose_images(root: Path) -> list[str]:
                   p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def passed_over(here: str, subfolders: list[str], files: list[str]) -> list[tuple[str, str]]:
+    """The entries of one folder of a walk (``os.walk``: links to folders are listed, not entered) that farmer's data
+    walks do not read, each with why: a linked folder (a link may lead back up, or into another class) and an image
+    name that is no regular file (a FIFO, device or socket, a broken link). Hidden names are not data; not listed."""
+    out = [(os.path.join(here, d), "a linked folder, which farmer does not enter") for d in subfolders
+           if not d.startswith(".") and os.path.islink(os.path.join(here, d))]
+    for f in files:
+        full = os.path.join(here, f)
+        if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES and not os.path.isfile(full):
+            out.append((full, "a broken link" if not os.path.exists(full) else
+                        "not a regular file: a FIFO, device or socket"))
+    return out
+
+
 def _key(root: Path, classes: list[str]) -> str:
     stamp = [INDEX_VERSION, str(root.resolve())] + [f"{c}:{(root / c).stat().st_mtime_ns}" for c in classes]
     return hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:24]
 
 
 def _walk(root: Path, classes: list[str]) -> dict:
-    paths, labels, sizes, times, folders = [], [], [], [], {}
+    paths, labels, sizes, times, folders, skipped = [], [], [], [], {}, []
     for k, name in enumerate(classes):
         found = {}  # relative path -> (size, modification time): the stat that tells a file from a folder
-        for here, subfolders, files in os.walk(root / name):  # symlinked folders are not entered
+        for here, subfolders, files in os.walk(root / name):  # linked folders are listed, not entered
             folders[os.path.relpath(here, root)] = [Path(here).stat().st_mtime_ns, len(subfolders) + len(files)]
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # hidden, like hidden class folders
+            skipped += [[os.path.relpath(path, root), why] for path, why in passed_over(here, subfolders, files)]
             for f in files:
                 full = os.path.join(here, f)
                 if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(full):
@@ -73,14 +88,14 @@ def _walk(root: Path, classes: list[str]) -> dict:
         times += [found[p][1] for p in ordered]
         labels += [k] * len(found)
     index = {"root": str(root.resolve()), "classes": classes, "paths": paths, "labels": labels, "sizes": sizes,
-             "times": times, "folders": folders}
+             "times": times, "folders": folders, "skipped": sorted(skipped)}
     return index | {"checksum": _checksum(index)}
 
 
 def _checksum(index: dict) -> str:
     """SHA-256 of what the index says (its classes, files, labels and folder times): an index edited or cut after
     it was written no longer matches and is rebuilt."""
-    content = [index.get(k) for k in ("root", "classes", "paths", "labels", "sizes", "times", "folders")]
+    content = [index.get(k) for k in ("root", "classes", "paths", "labels", "sizes", "times", "folders", "skipped")]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -93,6 +108,8 @@ def _current(index, root: Path, classes: list[str]) -> bool:
     if not (isinstance(index, dict) and index.get("root") == str(root.resolve()) and index.get("classes") == classes
             and isinstance(index.get("paths"), list) and isinstance(index.get("labels"), list)
             and isinstance(index.get("folders"), dict) and len(index["paths"]) == len(index["labels"])
+            and isinstance(index.get("skipped"), list)
+            and all(isinstance(e, list) and len(e) == 2 and all(isinstance(v, str) for v in e) for e in index["skipped"])
             and all(isinstance(index.get(k), list) and len(index[k]) == len(index["paths"]) for k in ("sizes", "times"))):
         return False
     if not all(isinstance(p, str) and not os.path.isabs(p) and ".." not in Path(p).parts for p in index["paths"]):
@@ -171,7 +188,8 @@ def _write(path: Path, index: dict) -> None:
 
 
 def folder_index(root: Path) -> dict:
-    """-> {"classes", "paths" (relative to root), "labels"} for ``root``, from the cache where it is current."""
+    """-> {"classes", "paths" (relative to root), "labels", "skipped" ([path, why] of the entries not read:
+    :func:`passed_over`)} for ``root``, from the cache where it is current."""
     classes = class_folders(root)
     path = storage.cache_dir("folder-index", f"{_key(root, classes)}.json")
     marker = path.with_suffix(".building")

@@ -8,6 +8,8 @@ take gigabytes to decode. :data:`IMAGE_ERRORS` is what an undecodable file raise
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -15,8 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from farmer_cli.data.folder_index import IMAGE_SUFFIXES
+from farmer_cli.data.folder_index import IMAGE_SUFFIXES, passed_over
 from farmer_cli.data.sources import DataError
+
+log = logging.getLogger("farmer")
 
 # What a bad image file raises: truncated or unknown formats, and PIL's decompression-bomb guard (a small file that
 # claims more pixels than Image.MAX_IMAGE_PIXELS; PIL only warns up to twice that, farmer refuses).
@@ -87,8 +91,6 @@ def image_files(paths: list[Path]) -> list[Path]:
     """Files and directories (every image file inside, recursively, sorted) -> image files; DataError naming a
     path that does not exist, a directory without images, or a file that the arguments name twice (the same path
     twice, a file inside a folder also given, nested folders; paths made absolute, links not followed)."""
-    import os
-
     files: list[Path] = []
     seen: dict[str, Path] = {}  # absolute path -> the file as listed
     for p in map(Path, paths):
@@ -100,10 +102,7 @@ def image_files(paths: list[Path]) -> list[Path]:
             raise DataError(f"{p}: {twice} is given twice (the same file twice, or a file inside a folder also "
                             "given); each image is read once: drop the repeat")
         if p.is_dir():
-            # broken links are kept, so that reading them names them; hidden files and folders are skipped
-            found = sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink() and not f.exists())
-                           and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found = _folder_images(p)
             if not found:
                 raise DataError(f"{p}: directory holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         elif not p.exists():
@@ -115,10 +114,24 @@ def image_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _folder_images(top: Path) -> list[Path]:
+    """Every image name below ``top`` (sorted; hidden files and folders aside). An image name that is no regular
+    file (a broken link, a FIFO) is kept, so that reading it names it; a linked folder is not entered, with a
+    warning naming it (:func:`farmer_cli.data.folder_index.passed_over`)."""
+    found, linked = [], []
+    for here, subfolders, files in os.walk(top):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        linked += [path for path, _ in passed_over(here, subfolders, [])]  # no files given: the linked folders
+        found += [Path(here, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    if linked:
+        log.warning("%s: %d linked folder(s) below it not entered: %s%s; give the linked folder itself, or copy the "
+                    "images", top, len(linked), ", ".join(linked[:3]), ", ..." if len(linked) > 3 else "")
+    return sorted(found)
+
+
 def _broken_link(path: Path) -> str:
     """Why a symbolic link leads to no file: a loop of links, or a missing target."""
     import errno
-    import os
 
     try:
         os.stat(path)

@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,8 @@ import torch
 
 from farmer_cli.data import folder_index
 from farmer_cli.config.schema import DataConfig
+
+log = logging.getLogger("farmer")
 
 
 class DataError(ValueError):
@@ -248,6 +251,12 @@ def _folder(root: Path) -> Source:
                             "its images would carry two labels; remove the link")
         seen[real] = name
     index = folder_index.folder_index(root)
+    skipped = index["skipped"]
+    if skipped:
+        log.warning("%s: %d entr%s below the class folders %s not read: %s%s; copy or link the image files "
+                    "themselves (a linked class folder is read)", root, len(skipped), "y" if len(skipped) == 1 else "ies",
+                    "is" if len(skipped) == 1 else "are", ", ".join(f"{path} ({why})" for path, why in skipped[:3]),
+                    ", ..." if len(skipped) > 3 else "")
     if not index["paths"]:
         raise DataError(f"{root}: the class folders hold no image files ({', '.join(sorted(folder_index.IMAGE_SUFFIXES))})")
     return FileSource(str(root), index["classes"], [root / p for p in index["paths"]], index["labels"],

@@ -1,4 +1,4 @@
-"""Cases of the twelfth to sixteenth hostile sweeps (GitHub issue 24): settings that training never reads are
+"""Cases of the twelfth to seventeenth hostile sweeps (GitHub issue 24): settings that training never reads are
 refused (from --set) or warned about (from a preset file), while stored sampling settings stay the defaults of later
 commands; images beside the class folders are not dropped without a word; figures are never resized by their format;
 printed paths stay on one line and suggested commands can be pasted; inspect-channels checks the run's split like
@@ -6,7 +6,8 @@ evaluate; FID options, class metrics and data settings that nothing would read a
 without images, undecodable rows, mismatched splits and raw label columns are named; classes are reported as
 resolved (a copy of the run as ood's background: tests/eval/test_likelihood_tools.py); a preset file may not pass
 for a built-in; bounds above the data, a replaced test split and images kept by an interrupted sample are noted;
-an image named twice is refused. Refusals are one "error:"
+an image named twice is refused; a user's files in a step folder are kept; entries below class folders that are not
+read are named; a run caught mid-save is not called edited. Refusals are one "error:"
 line and exit status 2, before any work."""
 
 from __future__ import annotations
@@ -425,3 +426,110 @@ def test_an_interrupted_sample_names_the_images_it_kept(tiny_run: Path, tmp_path
     kept = len(list(out.iterdir()))
     assert proc.returncode == 143 and 0 < kept < 2000, (proc.returncode, kept, err)
     assert f"kept the {kept} of 2000 images already written to {out}/ (1-1_0000.png ...)" in err, err
+
+
+# ----- seventeenth sweep -----
+def test_files_of_the_users_under_farmers_names_in_a_step_folder_are_kept(tmp_path: Path, caplog):
+    """A user's notes saved as checkpoints/step-N/config.json (and a model.safetensors of theirs) were replaced by
+    the step-N checkpoint, and pruning then deleted the folder."""
+    import torch
+
+    from farmer_cli.checkpoint import save_config, save_training_state, save_weights
+    from farmer_cli.config.files import load_preset
+    from farmer_cli.rundir import remove, snapshot, written_by_farmer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(run, load_preset("tiny"), ["a"])
+    save_weights(run / "model.safetensors", {"w": torch.zeros(2)}, 20)
+    save_training_state(run, "training_state.pt", {"step": 20})
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert all(written_by_farmer(run / name) for name in ("config.json", "model.safetensors", "training_state.pt",
+                                                          "metrics.jsonl"))
+    mine = run / "checkpoints" / "step-00000020"
+    mine.mkdir(parents=True)
+    (mine / "config.json").write_text('{"my": "notes"}')
+    (mine / "model.safetensors").write_text("userdata")
+    (mine / "training_state.pt").write_bytes(b"\x80\x04N.")  # a plain pickle: not what torch.save writes
+    assert not any(written_by_farmer(mine / name) for name in ("config.json", "model.safetensors", "training_state.pt"))
+    snapshot(run, ("training_state.pt", "model.safetensors", "config.json"), 20, "step", keep=1)
+    assert (mine / "config.json").read_text() == '{"my": "notes"}' and (mine / "model.safetensors").read_text() == "userdata"
+    assert "holds files that are not farmer's: no step checkpoint is kept there" in caplog.text
+    snapshot(run, ("training_state.pt", "model.safetensors", "config.json"), 30, "step", keep=1)  # prunes step 20
+    assert (mine / "config.json").read_text() == '{"my": "notes"}'
+    assert written_by_farmer(run / "checkpoints" / "step-00000030" / "model.safetensors")
+    remove(run / "checkpoints" / "step-00000030")
+    assert not (run / "checkpoints" / "step-00000030").exists()
+
+
+def test_linked_folders_and_non_files_below_class_folders_are_named(tmp_path: Path, tiny_run: Path):
+    """A linked folder inside a class folder was left out of training (and of score) without a word, as were a FIFO
+    and a broken link under image names."""
+    import os
+
+    for k in range(4):
+        _png(tmp_path / "data" / "a" / f"{k}.png", k)
+        _png(tmp_path / "data" / "b" / f"{k}.png", 10 + k)
+        _png(tmp_path / "elsewhere" / f"{k}.png", 20 + k)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "a" / "more")
+    os.mkfifo(tmp_path / "data" / "b" / "pipe.png")
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "data" / "b" / "gone.png")
+    said = farmer("train", "--preset", "tiny", "--steps", "1", "--data", tmp_path / "data", "--out", tmp_path / "r",
+                  env={**ENV, "XDG_CACHE_HOME": str(tmp_path / "cache")}).stderr
+    assert ("3 entries below the class folders are not read: a/more (a linked folder, which farmer does not enter), "
+            "b/gone.png (a broken link), b/pipe.png (not a regular file: a FIFO, device or socket)") in said, said
+    said = farmer("score", "--ckpt", tiny_run, tmp_path / "data" / "a").stderr
+    assert f"1 linked folder(s) below it not entered: {tmp_path / 'data' / 'a' / 'more'}" in said, said
+
+
+def test_epochs_that_make_more_steps_than_a_run_may_take_are_refused(tmp_path: Path):
+    line = refused("train", "--preset", "tiny", "--epochs", "1000000000", "--out", tmp_path / "r")
+    assert "train.epochs 1000000000 makes 50,000,000,000 steps (50 per epoch), more than the 2,147,483,647" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_empty_state_file_is_called_empty(tmp_path: Path):
+    from farmer_cli.checkpoint import CheckpointError, load_training_state
+
+    (tmp_path / "training_state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"training_state.pt: unreadable or unsafe training state \(an empty file\)"):
+        load_training_state(tmp_path, "training_state.pt", ["model"])
+    (tmp_path / "training_state.pt").write_bytes(b"\x80\x04N.")
+    with pytest.raises(CheckpointError, match=r"\(not a file torch.save wrote \(no zip archive\)\)"):
+        load_training_state(tmp_path, "training_state.pt", ["model"])
+
+
+def test_a_run_caught_between_its_two_files_while_saving_is_not_called_edited(tiny_run: Path, tmp_path: Path):
+    """evaluate or distill reading a run in the middle of its save blamed the user for an edit, and suggested a
+    --resume that the run's lock would refuse."""
+    from farmer_cli.checkpoint import CheckpointError, load_model, lock_holder
+    from farmer_cli.rundir import RunLock
+
+    run = shutil.copytree(tiny_run, tmp_path / "live", ignore=shutil.ignore_patterns(".lock"))
+    payload = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**payload, "step": payload["step"] - 10}))
+    with pytest.raises(CheckpointError, match="one of them was edited or a save was cut short"):
+        load_model(run)
+    assert lock_holder(run) is None
+    lock = RunLock(run).acquire()
+    try:
+        import os
+
+        assert lock_holder(run) == str(os.getpid())
+        with pytest.raises(CheckpointError, match=r"is being saved by the farmer process training or distilling it "
+                                                  rf"\(pid {os.getpid()}\) right now"):
+            load_model(run)
+    finally:
+        lock.release()
+
+
+def test_evaluate_names_config_json_when_its_data_has_other_classes(tiny_run: Path, tmp_path: Path):
+    run = shutil.copytree(tiny_run, tmp_path / "edited")
+    for name in ("c0", "c1"):
+        _png(tmp_path / "other" / name / "0.png")
+        _png(tmp_path / "other" / name / "1.png", 1)
+    payload = json.loads((run / "config.json").read_text())
+    payload["config"]["data"]["source"] = str(tmp_path / "other")
+    (run / "config.json").write_text(json.dumps(payload))
+    line = refused("evaluate", "--ckpt", run, "--metrics", "bpd")
+    assert f"{run}/config.json's data.source {tmp_path / 'other'}: its classes (c0, c1) are not the model's" in line, line

@@ -10,20 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from farmer_cli.checkpoint import CheckpointError
+import torch
+
+from farmer_cli.checkpoint import CheckpointError, save_weights
 from farmer_cli.rundir import claim, history, snapshot
 
 from cli_helpers import farmer
 
 
 def _farmer_run(run: Path) -> Path:
-    """A directory laid out as farmer leaves a run, with a user's own files beside farmer's."""
+    """A directory laid out as farmer leaves a run, with a user's own files beside farmer's (a step checkpoint's
+    files are deleted only when they hold what farmer writes: :func:`farmer_cli.rundir.written_by_farmer`)."""
     (run / "samples").mkdir(parents=True)
     (run / "checkpoints" / "step-00000010").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"format_version": 1, "config": {}}))
-    for name in ("model.safetensors", "metrics.jsonl", "eval-10.json", "eval-10-2.json", "samples/step-00000010.png",
-                 "checkpoints/step-00000010/model.safetensors"):
+    for name in ("model.safetensors", "metrics.jsonl", "eval-10.json", "eval-10-2.json", "samples/step-00000010.png"):
         (run / name).write_text("farmer's")
+    save_weights(run / "checkpoints" / "step-00000010" / "model.safetensors", {"w": torch.zeros(1)}, 10)
     for name in ("samples/mine.png", "eval-notes.json", "checkpoints/README", "notes.txt"):
         (run / name).write_text("the user's")
     return run
@@ -166,12 +169,13 @@ def test_step_checkpoints_are_only_farmer_s_names_and_a_file_in_their_place_is_r
     run = tmp_path / "run"
     (run / "checkpoints" / "step-99999999999999999999").mkdir(parents=True)  # not a name farmer writes
     (run / "checkpoints" / "step-00000030").write_text("junk")  # a file where a checkpoint folder goes
-    (run / "model.safetensors").write_text("weights")
+    save_weights(run / "model.safetensors", {"w": torch.zeros(1)}, 30)
     for step in (10, 20, 30):
         snapshot(run, ("model.safetensors",), step, "step", keep=2)
     assert [p.name for p in history(run, "step")] == ["step-00000030", "step-00000020"]
     assert (run / "checkpoints" / "step-99999999999999999999").is_dir()
-    assert (run / "checkpoints" / "step-00000030" / "model.safetensors").read_text() == "weights"
+    assert (run / "checkpoints" / "step-00000030" / "model.safetensors").read_bytes() == \
+        (run / "model.safetensors").read_bytes()
 
 
 def test_overwrite_removes_the_old_run_s_tensorboard_events(tmp_path: Path):

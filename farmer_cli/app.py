@@ -37,8 +37,9 @@ def _refuse_empty_arguments(args: list[str]) -> None:
 
             before = arg[:-1] if arg.endswith("=") else (args[k - 1] if k else "")
             where = f" for {before}" if before.startswith("-") else f" after '{before}'" if before else ""
-            console.print(f"[red]error:[/] an empty value{escape(where)}: give a value "
-                          "(an empty path would mean the current directory)", highlight=False)
+            why = ("a class name or index (a class whose name is blank is chosen by its index)"
+                   if before in ("--class", "-c") else "a value (an empty path would mean the current directory)")
+            console.print(f"[red]error:[/] an empty value{escape(where)}: give {why}", highlight=False)
             raise SystemExit(2)
 
 

@@ -221,32 +221,47 @@ def check_metrics(run_dir: Path, name: str) -> None:
                               "file inside the run; remove it (or move it into the run) and start again")
     if not path.exists():
         return
+    fix = "fix or delete that line, then resume again"
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:  # line by line, each bounded: a huge or sparse file is not read whole
+            for number, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES), b""), 1):
+                if len(raw) >= MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                    raise CheckpointError(f"{path} line {number}: longer than {MAX_RECORD_BYTES:,} bytes, far more "
+                                          f"than a record farmer writes; {fix}")
+                why = _record_fault(raw, cut=not raw.endswith((b"\n", b"\r")))
+                if why is not None:
+                    raise CheckpointError(f"{path} line {number}: {why}; farmer writes one JSON record with a "
+                                          f"whole-number \"step\" per line: {fix}")
     except OSError as err:
         raise CheckpointError(f"{path}: unreadable ({err.strerror or err}); fix it or delete it, then resume "
                               "again") from None
+
+
+MAX_RECORD_BYTES = 1 << 20  # a metrics record is a few hundred bytes
+
+
+def _record_fault(raw: bytes, cut: bool) -> str | None:
+    """What is wrong with one line of a metrics file, or None: blank, or a JSON object with a whole-number step
+    >= 0. An unterminated last line (``cut``: a record cut short by a crash, which resuming drops) may be anything."""
+    try:
+        line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {err.start}); farmer writes one JSON record per "
-                              "line: delete the damaged lines (or the file), then resume again") from None
-    lines = text.splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = parse_json(line)
-        except ValueError as err:
-            if number == len(lines) and not text.endswith(("\n", "\r")):
-                continue  # the record being written when a run was killed: resuming drops it
-            record, why = None, f"not a JSON record ({getattr(err, 'msg', err)})"
-        else:
-            why = "not a JSON object" if not isinstance(record, dict) else None
-        step = record.get("step") if isinstance(record, dict) else None
-        if why is None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
-            why = f"step {json.dumps(step)} is not a whole number >= 0" if "step" in record else "no step"
-        if why is not None:
-            raise CheckpointError(f"{path} line {number}: {why}; farmer writes one JSON record with a whole-number "
-                                  "\"step\" per line: fix or delete that line, then resume again")
+        return None if cut else f"not UTF-8 text (byte {err.start})"
+    if not line.strip():
+        return None
+    try:
+        record = parse_json(line)
+    except ValueError as err:
+        return None if cut else f"not a JSON record ({getattr(err, 'msg', err)})"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"step {json.dumps(step)} is not a whole number >= 0" if "step" in record else "no step"
+    return None
+
+
+MAX_CONFIG_BYTES = 64 << 20  # config.json: settings and up to 65,536 class names
 
 
 def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
@@ -256,6 +271,10 @@ def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     if not path.exists():
         raise CheckpointError(f"{run_dir}: not a farmer checkpoint (no {CONFIG_FILE})")
     check_regular(path)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, far more than a config farmer writes (at most "
+                              f"{MAX_CONFIG_BYTES:,}, class names included); restore the run's config.json (a copy is "
+                              "kept in its checkpoints/step-*/)")
     try:
         payload = parse_json(path.read_text())
     except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON, nested too deeply
@@ -272,7 +291,8 @@ def load_config(run_dir: Path) -> tuple[Config, list[str], dict[str, Any]]:
     try:
         cfg = from_dict(raw, origin=str(path))
     except ConfigError as err:
-        raise CheckpointError(f"config does not match this farmer version: {err}") from None
+        raise CheckpointError(f"{err}: the file was edited, or written by another farmer version; restore the run's "
+                              "config.json (a copy is kept in its checkpoints/step-*/)") from None
     names = payload.get("class_names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{path}: class_names must be a list of strings")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from farmer_cli.checkpoint import CONFIG_FILE, DISTILL_METRICS_FILE, DISTILL_STATE_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_DIR, STUDENT_FILE, TRAIN_STATE_FILE, CheckpointError, regular_file
 from farmer_cli.config.schema import Config
-from farmer_cli.storage import free_name, parse_json
+from farmer_cli.storage import TEMPORARY_MARK, free_name, parse_json
 
 log = logging.getLogger("farmer")
 
@@ -129,6 +129,7 @@ def ensure_writable(run_dir: Path, option: str = "--out") -> None:
 
 
 FARMER_NAMES = re.compile(r"eval-\d+(-\d+)?\.json")  # evaluate's results beside RUN_FILES
+PARTIAL_MARK = ".farmer-partial"  # in checkpoints/<prefix>-<step>.partial/ while farmer copies a step into it
 HISTORY_NAMES = re.compile(r"(step|distill-step)-\d{8}(\.partial)?")  # checkpoints/<prefix>-<step>/
 SAMPLE_NAMES = re.compile(r"step-\d{8}\.png")  # samples/step-<step>.png
 
@@ -197,7 +198,8 @@ def never_saved(run_dir: Path) -> bool:
 
 
 def farmer_files(run_dir: Path) -> list[Path]:
-    """What ``overwrite`` deletes in a run: the run files, ``eval-<step>.json`` results, the step checkpoints
+    """What ``overwrite`` deletes in a run: the run files, the ``eval-<step>.json`` results evaluate wrote (a user's
+    file of that name is kept: :func:`written_by_farmer`), the step checkpoints
     ``checkpoints/step-<8 digits>/``, ``samples/step-<8 digits>.png`` grids and a run's TensorBoard event files
     (``tensorboard/**/events.out.tfevents.*``); nothing else, whatever it is called."""
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
@@ -205,7 +207,7 @@ def farmer_files(run_dir: Path) -> list[Path]:
     if is_run(run_dir) and tracker.is_dir() and not tracker.is_symlink():  # a new run's events must not mix in
         found += [Path(here, name) for here, _, files in os.walk(tracker) for name in files  # links not entered
                   if TRACKER_NAMES.match(name) and not Path(here, name).is_symlink()]
-    found += [p for p in run_dir.glob("eval-*.json") if FARMER_NAMES.fullmatch(p.name)]
+    found += [p for p in run_dir.glob("eval-*.json") if FARMER_NAMES.fullmatch(p.name) and written_by_farmer(p)]
     for folder, names in ((HISTORY_DIR, HISTORY_NAMES), (SAMPLES_DIR, SAMPLE_NAMES)):
         if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink():  # never look through a link
             found += [p for p in (run_dir / folder).iterdir() if names.fullmatch(p.name)]
@@ -253,7 +255,7 @@ def written_by_farmer(path: Path) -> bool:
     """Whether the regular file ``path``, under one of farmer's run-file names, holds what farmer writes under that
     name, judged by its first bytes: ``config.json`` with farmer's keys (:func:`is_run`), a safetensors file whose
     header records farmer's ``format_version``, a zip archive (``torch.save``) for a training state, JSON lines (or
-    nothing yet) for metrics. A user's file under farmer's name (notes saved as ``checkpoints/step-N/config.json``)
+    nothing yet) for metrics, an evaluation result (``eval-<step>.json``: its checkpoint, step and metrics). A user's file under farmer's name (notes saved as ``checkpoints/step-N/config.json``)
     is neither deleted nor written over."""
     import json
     import zipfile
@@ -263,6 +265,9 @@ def written_by_farmer(path: Path) -> bool:
             return is_run(path.parent)
         if path.suffix == ".pt":
             return zipfile.is_zipfile(path)
+        if FARMER_NAMES.fullmatch(path.name):
+            result = json.loads(path.read_bytes()) if path.stat().st_size <= 16 << 20 else None
+            return isinstance(result, dict) and {"checkpoint", "step", "metrics"} <= set(result)
         with open(path, "rb") as f:
             if path.suffix == ".safetensors":
                 size = int.from_bytes(f.read(8), "little")
@@ -284,6 +289,7 @@ def remove(path: Path, checked: bool = True) -> None:
         return
     removed = [path / name for name in RUN_FILES if (path / name).is_symlink()
                or (path / name).is_file() and (not checked or written_by_farmer(path / name))]
+    removed += [path / PARTIAL_MARK] * (not checked and (path / PARTIAL_MARK).is_file())
     for file in removed:
         file.unlink()
     try:
@@ -296,14 +302,15 @@ def remove(path: Path, checked: bool = True) -> None:
 
 def remove_stale_writes(run_dir: Path) -> None:
     """Delete what a writer killed mid-write (``kill -9``, a node lost) left of the run's files: the temporary
-    ``.<run file>.<random>.tmp`` files of :func:`farmer_cli.storage.atomic_write` and ``checkpoints/*.partial``
-    folders. Only the lock holder writes these names, so call holding the lock."""
-    temporaries = re.compile("|".join(rf"\.{re.escape(name)}\.\w+\.tmp" for name in RUN_FILES))
+    ``.<run file>.farmer-<random>.tmp`` files of :func:`farmer_cli.storage.atomic_write` and the
+    ``checkpoints/*.partial`` folders that :func:`snapshot` marked as its own (:data:`PARTIAL_MARK`); a user's file
+    or folder under a similar name is left. Only the lock holder writes these names, so call holding the lock."""
+    temporaries = re.compile("|".join(rf"\.{re.escape(name)}\.{TEMPORARY_MARK}\w+\.tmp" for name in RUN_FILES))
     for path in run_dir.iterdir():
         if temporaries.fullmatch(path.name) and path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)
     for partial in (run_dir / HISTORY_DIR).glob("*.partial"):
-        if HISTORY_NAMES.fullmatch(partial.name):
+        if HISTORY_NAMES.fullmatch(partial.name) and (partial / PARTIAL_MARK).is_file():
             remove(partial, checked=False)
 
 
@@ -407,8 +414,14 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
     bad block) must not reach its backup; each kept step costs the disk of one checkpoint."""
     target = run_dir / HISTORY_DIR / f"{prefix}-{step:08d}"
     partial = target.with_name(target.name + ".partial")
-    remove(partial, checked=False)
-    partial.mkdir(parents=True)
+    if (partial / PARTIAL_MARK).is_file():  # an earlier copy cut short
+        remove(partial, checked=False)
+    try:
+        partial.mkdir(parents=True)
+    except FileExistsError:  # a folder of the user's under farmer's temporary name
+        log.warning("%s is not a folder farmer made: no step checkpoint of step %d is kept", partial, step)
+        return
+    (partial / PARTIAL_MARK).write_text(f"farmer pid {os.getpid()}")
     for name in names:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, partial / name)
@@ -417,6 +430,7 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
         log.warning("%s holds files that are not farmer's: no step checkpoint is kept there", target)
         remove(partial, checked=False)
         return
+    (partial / PARTIAL_MARK).unlink()
     partial.rename(target)  # a directory without ".partial" is complete
     for old in history(run_dir, prefix)[keep:]:
         remove(old)

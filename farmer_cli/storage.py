@@ -50,6 +50,10 @@ def parse_json(text: str | bytes):
         raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 
 
+TEMPORARY_MARK = "farmer-"  # .<name>.farmer-<random>.tmp: a temporary name no one else uses, so cleaning up after a
+# killed writer (farmer_cli.rundir.remove_stale_writes) deletes only farmer's
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write ``path`` through ``write(temporary name)`` and rename it into place (``os.replace``, atomic on POSIX):
     killed at any moment, the file is the old one or the new one, never truncated. A full disk, a file-size limit,
@@ -57,7 +61,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     file; other errors pass through."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TEMPORARY_MARK}", suffix=".tmp")
     except OSError as err:
         if not _failed_write(err) and not isinstance(err, (FileExistsError, NotADirectoryError)):
             raise

@@ -24,10 +24,12 @@ def _farmer_run(run: Path) -> Path:
     (run / "samples").mkdir(parents=True)
     (run / "checkpoints" / "step-00000010").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"format_version": 1, "config": {}}))
-    for name in ("model.safetensors", "metrics.jsonl", "eval-10.json", "eval-10-2.json", "samples/step-00000010.png"):
+    for name in ("model.safetensors", "metrics.jsonl", "samples/step-00000010.png"):
         (run / name).write_text("farmer's")
+    for name in ("eval-10.json", "eval-10-2.json"):
+        (run / name).write_text(json.dumps({"checkpoint": str(run), "step": 10, "metrics": {}}))
     save_weights(run / "checkpoints" / "step-00000010" / "model.safetensors", {"w": torch.zeros(1)}, 10)
-    for name in ("samples/mine.png", "eval-notes.json", "checkpoints/README", "notes.txt"):
+    for name in ("samples/mine.png", "eval-notes.json", "eval-7.json", "checkpoints/README", "notes.txt"):
         (run / name).write_text("the user's")
     return run
 
@@ -36,7 +38,7 @@ def test_overwrite_deletes_only_what_farmer_names(tmp_path: Path):
     run = _farmer_run(tmp_path / "run")
     claim(run, resume=False, overwrite=True).release()
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
-    assert left == [".lock", "checkpoints/README", "eval-notes.json", "notes.txt", "samples/mine.png"]
+    assert left == [".lock", "checkpoints/README", "eval-7.json", "eval-notes.json", "notes.txt", "samples/mine.png"]
 
 
 def test_a_directory_that_is_not_a_run_is_never_written_over(tmp_path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import typer
@@ -173,6 +174,12 @@ def default_output(given, name: str):
     return given if given is not None else free_name(Path(name))
 
 
+def _as_png(path: Path) -> Path:
+    """The PNG name suggested for an output ``path`` of another format: ``a.psd`` -> ``a.png``, ``x.jpg.`` ->
+    ``x.png``, ``.png`` -> ``png.png`` (never a hidden or doubled name)."""
+    return path.with_name((Path(path.name.rstrip(".")).stem.lstrip(".") or "figure") + ".png")
+
+
 def check_output_image(path, option: str = "--out", inputs=()) -> None:
     """Before any work: ``path`` must name an image format PIL writes and lie in a directory that exists (or can be
     made) and is writable, so nothing computed is lost at the end; it must not be one of the ``inputs`` (files or
@@ -186,19 +193,19 @@ def check_output_image(path, option: str = "--out", inputs=()) -> None:
         exit_with(f"{option} '{path}': give a file name, e.g. {option} samples.png")
     kind = Image.registered_extensions().get(path.suffix.lower())
     if kind is None:
-        exit_with(f"{option} {path}: give a file name with an image extension, e.g. {path.with_suffix('.png')}")
+        exit_with(f"{option} {path}: give a file name with an image extension, e.g. {_as_png(path)}")
     if kind not in Image.SAVE:  # PIL reads it but cannot write it (.psd): say so now, not after the work
-        exit_with(f"{option} {path}: {kind} images can be read but not written; use e.g. {path.with_suffix('.png')}")
+        exit_with(f"{option} {path}: {kind} images can be read but not written; use e.g. {_as_png(path)}")
     for mode in ("L", "RGB"):  # farmer writes grey and colour pictures: some formats take neither (XBM, BLP)
         try:
             Image.new(mode, (8, 8)).save(io.BytesIO(), format=kind)
         except Exception:  # noqa: BLE001 - whatever the writer raises, it cannot write this picture
             exit_with(f"{option} {path}: PIL cannot write {'grey' if mode == 'L' else 'colour'} {kind} images; use "
-                      f"e.g. {path.with_suffix('.png')}")
+                      f"e.g. {_as_png(path)}")
     stored = _stored_size(kind, (300, 20))
     if stored not in (None, (300, 20)):  # ICO keeps at most 256 px squares, ICNS stretches to a square
         exit_with(f"{option} {path}: {kind} files keep pictures only at fixed sizes (a 300x20 picture comes back "
-                  f"{stored[0]}x{stored[1]}), so the figure would be resized; use e.g. {path.with_suffix('.png')}")
+                  f"{stored[0]}x{stored[1]}), so the figure would be resized; use e.g. {_as_png(path)}")
     if path.is_dir():
         exit_with(f"{option} {path} is a directory; give a file name such as {path / 'figure.png'}")
     check_output_dir(path.parent, option)

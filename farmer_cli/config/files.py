@@ -152,12 +152,18 @@ def _parse_toml(text: str, origin: str) -> dict:
         raise ConfigError(f"{_at(origin)}not a preset: its arrays or tables are nested too deeply") from None
 
 
+MAX_PRESET_BYTES = 1 << 20  # the largest preset is under 3 KB
+
+
 def _read_preset(path: Path) -> str:
     """The text of a preset file; ConfigError naming it when it is not a readable UTF-8 file (TOML is UTF-8)."""
     if not path.is_file():
         what = ("is a directory, not a preset file" if path.is_dir() else
                 "is not a regular file (a FIFO, device or socket)" if path.exists() else "does not exist")
         raise ConfigError(f"preset file {path} {what}; give a .toml file or a preset name ({', '.join(preset_names())})")
+    if path.stat().st_size > MAX_PRESET_BYTES:
+        raise ConfigError(f"preset file {path}: {path.stat().st_size:,} bytes; a preset is a short TOML file (at most "
+                          f"{MAX_PRESET_BYTES:,} bytes): give the right file")
     try:
         return path.read_bytes().decode("utf-8")
     except OSError as err:

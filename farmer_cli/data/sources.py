@@ -279,8 +279,10 @@ def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
     if not image or image not in features:
         raise DataError(f"no image column found among {list(features)}; name it with --set data.image_column=...")
     if not isinstance(features[image], HFImage):
-        raise DataError(f"data.image_column '{image}' holds {features[image]}, not images; name the image column "
-                        f"among {list(features)}")
+        others = [k for k, f in features.items() if isinstance(f, HFImage)]
+        raise DataError(f"data.image_column '{image}' holds {features[image]}, not images; " +
+                        (f"name the image column among {others}" if others else "no column of this dataset holds "
+                         "images (a datasets Image feature): cast one with dataset.cast_column(name, Image())"))
     if label and label not in features:
         raise DataError(f"label column '{label}' not among {list(features)}")
     unnamed = next((k for k in ("label", "labels", "class") if k in features), None) if not label else None

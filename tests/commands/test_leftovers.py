@@ -56,17 +56,30 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_again(tiny_run: Pat
 
 
 def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_path: Path):
+    """Only what farmer marks as its own: ``.<run file>.farmer-<random>.tmp`` and ``.partial`` step folders holding
+    farmer's mark; a user's ``.config.json.backup.tmp`` or notes in a ``.partial`` folder of theirs are kept."""
+    from farmer_cli.rundir import PARTIAL_MARK
+
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00000010.partial").mkdir(parents=True)
     (run / "checkpoints" / "step-00000010.partial" / "model.safetensors").write_text("half")
+    (run / "checkpoints" / "step-00000010.partial" / PARTIAL_MARK).write_text("farmer pid 1")
+    (run / "checkpoints" / "step-00000030.partial").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000030.partial" / "config.json").write_text("my notes")
     (run / "config.json").write_text(json.dumps({"format_version": 1, "config": {}}))
-    stale = [".model.safetensors.k3j_x9.tmp", ".training_state.pt.abc123.tmp", ".config.json.q1w2e3.tmp"]
-    mine = [".notes.txt.abc123.tmp", "draft.tmp", ".model.safetensors.tmp"]
+    stale = [".model.safetensors.farmer-k3j_x9.tmp", ".training_state.pt.farmer-abc123.tmp",
+             ".config.json.farmer-q1w2e3.tmp"]
+    mine = [".notes.txt.farmer-abc123.tmp", "draft.tmp", ".model.safetensors.tmp", ".config.json.backup.tmp"]
     for name in stale + mine:
         (run / name).write_text("x")
     claim(run, resume=True).release()
     assert sorted(p.name for p in run.iterdir()) == sorted([".lock", "checkpoints", "config.json", *mine])
-    assert list((run / "checkpoints").iterdir()) == []
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000030.partial"]
+    assert (run / "checkpoints" / "step-00000030.partial" / "config.json").read_text() == "my notes"
+    (run / "model.safetensors").write_text("weights")  # a step whose temporary name a user's folder holds
+    snapshot(run, ("model.safetensors",), 30, "step", keep=3)
+    assert not (run / "checkpoints" / "step-00000030").exists()
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000030.partial").iterdir()) == ["config.json"]
 
 
 def test_step_checkpoints_are_copies_not_links_to_the_live_files(tmp_path: Path):

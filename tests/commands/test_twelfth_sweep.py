@@ -1,4 +1,4 @@
-"""Cases of the twelfth to seventeenth hostile sweeps (GitHub issue 24): settings that training never reads are
+"""Cases of the twelfth to eighteenth hostile sweeps (GitHub issue 24): settings that training never reads are
 refused (from --set) or warned about (from a preset file), while stored sampling settings stay the defaults of later
 commands; images beside the class folders are not dropped without a word; figures are never resized by their format;
 printed paths stay on one line and suggested commands can be pasted; inspect-channels checks the run's split like
@@ -7,7 +7,7 @@ without images, undecodable rows, mismatched splits and raw label columns are na
 resolved (a copy of the run as ood's background: tests/eval/test_likelihood_tools.py); a preset file may not pass
 for a built-in; bounds above the data, a replaced test split and images kept by an interrupted sample are noted;
 an image named twice is refused; a user's files in a step folder are kept; entries below class folders that are not
-read are named; a run caught mid-save is not called edited. Refusals are one "error:"
+read are named; a run caught mid-save is not called edited; huge state files are refused unread. Refusals are one "error:"
 line and exit status 2, before any work."""
 
 from __future__ import annotations
@@ -533,3 +533,65 @@ def test_evaluate_names_config_json_when_its_data_has_other_classes(tiny_run: Pa
     (run / "config.json").write_text(json.dumps(payload))
     line = refused("evaluate", "--ckpt", run, "--metrics", "bpd")
     assert f"{run}/config.json's data.source {tmp_path / 'other'}: its classes (c0, c1) are not the model's" in line, line
+
+
+# ----- eighteenth sweep -----
+def test_huge_preset_config_and_metrics_files_are_refused_unread(tmp_path: Path, tiny_run: Path):
+    """A 20 GB sparse preset, config.json or metrics.jsonl was read whole (a MemoryError traceback under a limit)."""
+    import os
+
+    from farmer_cli.checkpoint import CheckpointError, check_metrics, load_config
+    from farmer_cli.config.files import load_preset
+    from farmer_cli.config.schema import ConfigError
+
+    big = tmp_path / "big.toml"
+    big.touch()
+    os.truncate(big, 20 << 30)
+    with pytest.raises(ConfigError, match="a preset is a short TOML file"):
+        load_preset(str(big))
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock", "checkpoints"))
+    os.truncate(run / "config.json", 20 << 30)
+    with pytest.raises(CheckpointError, match="far more than a config farmer writes"):
+        load_config(run)
+    records = (run / "metrics.jsonl").read_text().count("\n")  # then a line of 20 GB of zero bytes
+    os.truncate(run / "metrics.jsonl", 20 << 30)
+    with pytest.raises(CheckpointError, match=rf"line {records + 1}: longer than 1,048,576 bytes"):
+        check_metrics(run, "metrics.jsonl")
+
+
+def test_distill_resume_without_its_student_or_its_state_says_which(tiny_run: Path, tmp_path: Path):
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+    farmer("distill", "--ckpt", run, "--steps", "2")
+    (run / "student.safetensors").rename(tmp_path / "student.safetensors")
+    line = refused("distill", "--ckpt", run, "--resume")
+    assert f"{run}/student.safetensors is missing beside its distill_state.pt: restore it" in line, line
+    (tmp_path / "student.safetensors").rename(run / "student.safetensors")
+    (run / "distill_state.pt").unlink()
+    line = refused("distill", "--ckpt", run, "--resume")
+    assert f"start it again with farmer distill --ckpt {run} --overwrite" in line, line
+
+
+def test_messages_name_what_can_be_done(tmp_path: Path, tiny_run: Path):
+    import datasets
+
+    from farmer_cli.checkpoint import CheckpointError, load_config
+    from farmer_cli.commands import _as_png
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.sources import DataError, open_source
+
+    assert [_as_png(Path(n)).name for n in (".png", "x.jpg.", "a.psd")] == ["png.png", "x.png", "a.png"]
+    rows = {"image": [np.zeros((4, 4), dtype=np.uint8)] * 4, "label": [0, 1, 0, 1]}
+    features = datasets.Features({"image": datasets.Array2D((4, 4), "uint8"),
+                                  "label": datasets.ClassLabel(names=["a", "b"])})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "arrays")
+    with pytest.raises(DataError, match=r"not images; no column of this dataset holds images"):
+        open_source(DataConfig(source=str(tmp_path / "arrays"), image_column="image"))
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+    payload = json.loads((run / "config.json").read_text())
+    payload["config"]["sampling"]["temperature"] = -1
+    (run / "config.json").write_text(json.dumps(payload))
+    with pytest.raises(CheckpointError, match=r"sampling.temperature must be > 0.*: the file was edited, or written "
+                                              "by another farmer version"):
+        load_config(run)
+    line = refused("sample", "--ckpt", tiny_run, "--class", " ")
+    assert "give a class name or index (a class whose name is blank is chosen by its index)" in line, line

@@ -414,7 +414,7 @@ def snapshot(run_dir: Path, names: tuple[str, ...], step: int, prefix: str, keep
     bad block) must not reach its backup; each kept step costs the disk of one checkpoint."""
     target = run_dir / HISTORY_DIR / f"{prefix}-{step:08d}"
     partial = target.with_name(target.name + ".partial")
-    if (partial / PARTIAL_MARK).is_file():  # an earlier copy cut short
+    if partial.is_symlink() or (partial / PARTIAL_MARK).is_file():  # a link (removed itself), an earlier copy cut short
         remove(partial, checked=False)
     try:
         partial.mkdir(parents=True)

@@ -87,11 +87,11 @@ def run(
         exit_with(f"--resume: {run_dir} has no distillation to continue ({DISTILL_STATE_FILE}); start "
                   f"{'it again' if holds_distillation(run_dir) else 'one'} with {again}")
     if resume:  # what resuming reads besides the state (checked on loading): the student and the metrics
+        check_metrics(run_dir, DISTILL_METRICS_FILE)
         if not (run_dir / STUDENT_FILE).exists():
             exit_with(f"--resume: {run_dir}/{STUDENT_FILE} is missing beside its {DISTILL_STATE_FILE}: restore it (a "
                       f"copy is kept in {run_dir}/checkpoints/distill-step-*/), or start again with {again}")
         check_student_file(model, run_dir)
-        check_metrics(run_dir, DISTILL_METRICS_FILE)
     stored = stored_distill_settings(run_dir) if resume else None
     if stored is not None:  # a resumed distillation keeps its schedule
         given = {k for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)) if v is not None} | \

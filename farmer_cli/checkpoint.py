@@ -316,7 +316,10 @@ def _check_header(module: torch.nn.Module, path: Path) -> dict[str, str]:
     from safetensors import SafetensorError, safe_open
 
     if not path.exists():
-        raise CheckpointError(f"{path}: missing")
+        copies = sorted(path.parent.glob(f"checkpoints/*step-*/{path.name}"))  # the run's step checkpoints
+        raise CheckpointError(f"{path}: missing" + (f"; the run keeps copies in its step checkpoints: copy the newest "
+                                                    f"back ({copies[-1]}), or give --ckpt {copies[-1].parent}"
+                                                    if copies else ""))
     check_regular(path)
     try:
         with safe_open(str(path), framework="pt") as fh:

@@ -164,6 +164,17 @@ SEEDED_DEVICE_HELP = DEVICE_HELP + " Samples drawn with a seed are reproducible 
 Option = typer.Option
 
 
+def warn_untrained_null_class(cfg, run_dir, use: str) -> None:
+    """A run trained with ``train.label_dropout = 0`` never trained its null class (the unconditional model of
+    Sec. 3.4's guidance): say so where ``use`` (guided sampling, an unconditional score) reads it."""
+    if cfg.train.label_dropout == 0:
+        from farmer_cli.commands.ui import console, escape
+
+        console.print(f"[yellow]warning:[/] {escape(str(run_dir))} was trained with train.label_dropout = 0, so its "
+                      f"null class (the unconditional model) was never trained: {use} reads it and means little",
+                      highlight=False)
+
+
 def default_output(given, name: str):
     """The output file a command writes: the one the user named, else ``name`` in the current folder, or
     ``<stem>-2<suffix>``, ``-3`` ... where that exists (:func:`farmer_cli.storage.free_name`)."""

@@ -45,7 +45,7 @@ from typing import List, Literal, Optional
 from farmer_cli.config.schema import Decoder
 from farmer_cli.commands import (CKPT_HELP, SEEDED_DEVICE_HELP, Option, check_data_unchanged, check_draws,
                                  check_recorded_data, check_seed, exit_with, refuse_unread, refuse_unused, set_keys,
-                                 command)
+                                 command, warn_untrained_null_class)
 
 NAME = "evaluate"
 # farmer_cli.eval.inception.RESIZE_RULES (spelled out so that --help needs no torch; tests/test_library.py checks it)
@@ -191,6 +191,9 @@ def run(
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
         refuse_unread(cfg.sampling.unread(), set_keys(sampling_overrides, "sampling"))
+        if "use_labels" in {key for _, key in set_keys(sampling_overrides, "data")}:
+            exit_with("--set data.use_labels: evaluate reads the data's labels as the run read them, against the "
+                      "model's classes; leave it out")
         refuse_unread(unread_data_settings(cfg.data) | {"num_workers": "evaluate reads images in its own process"},
                       set_keys(sampling_overrides, "data"))
         relation = relation_to_training(trained, cfg.data)
@@ -215,8 +218,9 @@ def run(
                           "training data")
         labelled = [m for m in chosen if m in ("bpd", "classify", "sample-acc")]  # these read the data's labels
         if labelled and class_names and bundle.class_names != class_names:
-            named = f"--data {cfg.data.source}" if data is not None else \
-                f"{run_dir}/config.json's data.source {cfg.data.source}"
+            set_here = "source" in {key for _, key in set_keys(sampling_overrides, "data")}
+            named = (f"--data {cfg.data.source}" if data is not None else f"--set data.source={cfg.data.source}"
+                     if set_here else f"{run_dir}/config.json's data.source {cfg.data.source}")
             exit_with(f"{named}: its classes ({', '.join(bundle.class_names[:4])}"
                       f"{', ...' if len(bundle.class_names) > 4 else ''}) are not the model's ({', '.join(class_names[:4])}"
                       f"{', ...' if len(class_names) > 4 else ''}), so {', '.join(labelled)} would compare other "
@@ -230,6 +234,10 @@ def run(
             if main and asked[option] is not None and asked[option] > there:
                 console.print(f"note: {option} {asked[option]}, but there are only {there} {what}: using all of "
                               "them", highlight=False)
+        reads_null = (["unconditional bits/dim"] * ("bpd" in chosen)
+                      + [f"guidance (cfg {cfg.sampling.cfg})"] * (cfg.sampling.cfg > 0 and bool(set(SAMPLED) & set(chosen))))
+        if reads_null and main:
+            warn_untrained_null_class(cfg, run_dir, " and ".join(reads_null))
         student_flow = load_student(run_dir, model) if cfg.sampling.decoder == "student" else None
 
         inception = None

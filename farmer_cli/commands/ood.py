@@ -28,7 +28,7 @@ from typing import Literal, Optional
 
 from farmer_cli.commands import (CKPT_HELP, DEVICE_HELP, Option, check_data_unchanged, check_draws,
                                  check_output_image, check_recorded_data, default_output, exit_with,
-                                 refuse_outputs_in_data, command)
+                                 refuse_outputs_in_data, command, warn_untrained_null_class)
 from farmer_cli.storage import within
 
 NAME = "ood"
@@ -86,6 +86,7 @@ def run(
                   "second run (a model of generic images at the same resolution)")
     model, cfg, _, _ = load_model(run_dir, device)
     refuse_outputs_in_data(cfg.data, [("--figure", figure)])
+    warn_untrained_null_class(cfg, run_dir, "ood's unconditional likelihood")
     mc = cfg.model
     other = None
     if background is not None:  # loaded and checked before any scoring

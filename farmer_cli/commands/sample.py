@@ -26,7 +26,7 @@ from typing import List, Optional
 from farmer_cli.config.schema import Decoder, DecodeSteps, Guidance, Precision
 from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, SEEDED_DEVICE_HELP, Option, check_output_dir,
                                  check_output_image, check_seed, default_output, exit_with, refuse_outputs_in_data, refuse_unread,
-                                 refuse_unused, resolve_class, set_keys, command)
+                                 refuse_unused, resolve_class, set_keys, command, warn_untrained_null_class)
 
 NAME = "sample"
 MAX_IMAGES = 10_000  # per call: every image is kept in memory for the grid
@@ -128,6 +128,8 @@ def run(
             steps = resolve_mode(s.decode_steps, device)
         except ValueError as e:
             exit_with(f"--decode-steps: {e} (auto, eager and compile run anywhere)")
+        if s.cfg > 0 and main:
+            warn_untrained_null_class(cfg, run_dir, f"guidance (cfg {s.cfg})")
         student_flow = load_student(run_dir, model) if s.decoder == "student" else None
         labels = _labels(classes, model.cfg.num_classes, class_names, seed)
         _check_image_count(n, len(labels))

@@ -21,7 +21,7 @@ from typing import List, Optional
 import typer
 
 from farmer_cli.commands import (CKPT_HELP, CLASS_HELP, DEVICE_HELP, Option, check_draws, check_output_image, exit_with,
-                                 refuse_outputs_in_data, resolve_class, command)
+                                 refuse_outputs_in_data, resolve_class, command, warn_untrained_null_class)
 
 NAME = "score"
 
@@ -59,10 +59,13 @@ def run(
     files = image_files(images)
     if heatmap is not None:
         check_output_image(heatmap, "--heatmap", images)
-    model, cfg, class_names, _ = load_model(find_checkpoint(ckpt), choose_device(device))
+    run_dir = find_checkpoint(ckpt)
+    model, cfg, class_names, _ = load_model(run_dir, choose_device(device))
     refuse_outputs_in_data(cfg.data, [("--heatmap", heatmap)])
     mc = cfg.model
     label = None if class_ is None else resolve_class(class_, class_names, mc.num_classes)
+    if label is None:
+        warn_untrained_null_class(cfg, run_dir, "the unconditional likelihood (no --class)")
     class_name = None if label is None else class_names[label] if label < len(class_names) else str(label)
     if label is not None:  # reported as the class it resolved to: "1" may name the folder "02"
         class_ = str(label) if class_name == str(label) else f"{label} ({class_name})"

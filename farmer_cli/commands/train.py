@@ -176,6 +176,10 @@ def run(
         for key in sorted(set(preset_settings(preset or "quickstart")) & set(left)):
             console.print(f"[yellow]warning:[/] preset {escape(preset or 'quickstart')} sets {key}, which has no "
                           f"effect ({escape(left[key])})", highlight=False)
+    if not resume and not restart and cfg.train.label_dropout == 0:
+        console.print("[yellow]warning:[/] train.label_dropout = 0: the null class (the unconditional model that "
+                      "guidance and unconditional scores read) is never trained; farmer sample --cfg > 0, score "
+                      "without --class and ood will mean little for this run", highlight=False)
     if not resume and cfg.data.test_source and has_own_test_split(cfg.data.source):
         console.print(f"note: the test images {escape(cfg.data.test_source)} replace the test split that "
                       f"{escape(cfg.data.source)} brings", highlight=False)

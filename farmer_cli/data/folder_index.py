@@ -52,16 +52,21 @@ def loose_images(root: Path) -> list[str]:
 
 def passed_over(here: str, subfolders: list[str], files: list[str]) -> list[tuple[str, str]]:
     """The entries of one folder of a walk (``os.walk``: links to folders are listed, not entered) that farmer's data
-    walks do not read, each with why: a linked folder (a link may lead back up, or into another class) and an image
-    name that is no regular file (a FIFO, device or socket, a broken link). Hidden names are not data; not listed."""
-    out = [(os.path.join(here, d), "a linked folder, which farmer does not enter") for d in subfolders
-           if not d.startswith(".") and os.path.islink(os.path.join(here, d))]
-    for f in files:
-        full = os.path.join(here, f)
-        if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES and not os.path.isfile(full):
-            out.append((full, "a broken link" if not os.path.exists(full) else
-                        "not a regular file: a FIFO, device or socket"))
-    return out
+    walks do not read, each with why (:func:`unread_why`): a linked folder (a link may lead back up, or into another
+    class) and an image name that is no regular file (a FIFO, device or socket, a broken link). Hidden names are not
+    data; not listed."""
+    found = [os.path.join(here, d) for d in subfolders if not d.startswith(".")]
+    found += [os.path.join(here, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return [(path, why) for path in found for why in [unread_why(path)] if why]
+
+
+def unread_why(path: str) -> str:
+    """Why a data walk does not read the entry ``path`` (a folder or an image name), or "" when it does."""
+    if os.path.isdir(path):
+        return "a linked folder, which farmer does not enter" if os.path.islink(path) else ""
+    if os.path.isfile(path):
+        return ""
+    return "a broken link" if not os.path.exists(path) else "not a regular file: a FIFO, device or socket"
 
 
 def _key(root: Path, classes: list[str]) -> str:
@@ -120,6 +125,8 @@ def _current(index, root: Path, classes: list[str]) -> bool:
         return False
     if not all(Path(p).parts[0] == classes[y] for p, y in zip(index["paths"], index["labels"])):
         return False  # every image's label is its class folder
+    if not all(".." not in Path(f).parts and unread_why(str(root / f)) == why for f, why in index["skipped"]):
+        return False  # an entry passed over that is readable now (a broken link's target restored)
     n = len(index["paths"])
     checked = range(n) if n <= FILES_CHECKED else (k * n // FILES_CHECKED for k in range(FILES_CHECKED))
     try:

@@ -276,7 +276,9 @@ def _hf_columns(features, cfg: DataConfig) -> tuple[str, str]:
     label = cfg.label_column or next((k for k, f in features.items() if isinstance(f, ClassLabel)), "")
     from datasets import Value
 
-    if not image or image not in features:
+    if image and image not in features:
+        raise DataError(f"data.image_column '{image}' is not a column of {cfg.source}; its columns: {list(features)}")
+    if not image:
         raise DataError(f"no image column found among {list(features)}; name it with --set data.image_column=...")
     if not isinstance(features[image], HFImage):
         others = [k for k, f in features.items() if isinstance(f, HFImage)]
@@ -325,6 +327,8 @@ def _hf(source: str, cfg: DataConfig) -> Source:
         else:
             ds = ds[train_name]
     image_col, label_col = _hf_columns(ds.features, cfg)
+    if not ds.features[image_col].decode:  # Image(decode=False) gives {bytes, path} rows: decode them (metadata only)
+        ds = ds.cast_column(image_col, datasets.Image())
     missing = np.flatnonzero(ds.data.column(image_col).is_null().to_numpy(zero_copy_only=False))
     if len(missing):
         raise DataError(f"{source}: {len(missing):,} row(s) have no image in column '{image_col}' (row "

@@ -1,4 +1,4 @@
-"""Cases of the twelfth to eighteenth hostile sweeps (GitHub issue 24): settings that training never reads are
+"""Cases of the twelfth to nineteenth hostile sweeps (GitHub issue 24): settings that training never reads are
 refused (from --set) or warned about (from a preset file), while stored sampling settings stay the defaults of later
 commands; images beside the class folders are not dropped without a word; figures are never resized by their format;
 printed paths stay on one line and suggested commands can be pasted; inspect-channels checks the run's split like
@@ -7,7 +7,8 @@ without images, undecodable rows, mismatched splits and raw label columns are na
 resolved (a copy of the run as ood's background: tests/eval/test_likelihood_tools.py); a preset file may not pass
 for a built-in; bounds above the data, a replaced test split and images kept by an interrupted sample are noted;
 an image named twice is refused; a user's files in a step folder are kept; entries below class folders that are not
-read are named; a run caught mid-save is not called edited; huge state files are refused unread. Refusals are one "error:"
+read are named; a run caught mid-save is not called edited; huge state files are refused unread; an untrained
+null class is named where it is read. Refusals are one "error:"
 line and exit status 2, before any work."""
 
 from __future__ import annotations
@@ -595,3 +596,58 @@ def test_messages_name_what_can_be_done(tmp_path: Path, tiny_run: Path):
         load_config(run)
     line = refused("sample", "--ckpt", tiny_run, "--class", " ")
     assert "give a class name or index (a class whose name is blank is chosen by its index)" in line, line
+
+
+# ----- nineteenth sweep -----
+def test_a_broken_link_that_is_mended_is_read_not_kept_as_skipped(tmp_path: Path, monkeypatch):
+    """The cached folder index kept calling a mended link broken, and left its image out."""
+    import os
+
+    from farmer_cli.data.folder_index import folder_index
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for k in range(2):
+        _png(tmp_path / "data" / "a" / f"{k}.png", k)
+    os.symlink(tmp_path / "target.png", tmp_path / "data" / "a" / "linked.png")
+    first = folder_index(tmp_path / "data")
+    assert first["skipped"] == [["a/linked.png", "a broken link"]] and len(first["paths"]) == 2
+    _png(tmp_path / "target.png", 9)
+    mended = folder_index(tmp_path / "data")
+    assert mended["skipped"] == [] and "a/linked.png" in mended["paths"]
+
+
+def test_an_untrained_null_class_is_named_where_it_is_read(tmp_path: Path):
+    said = farmer("train", "--preset", "tiny", "--steps", "1", "--out", tmp_path / "r", "--set",
+                  "train.label_dropout=0").stderr
+    assert "warning: train.label_dropout = 0: the null class" in said, said
+    said = farmer("sample", "--ckpt", tmp_path / "r", "--class", "1", "--n", "1", "--cfg", "2", "--out",
+                  tmp_path / "s.png").stderr
+    assert "its null class (the unconditional model) was never trained: guidance (cfg 2.0) reads it" in said, said
+    said = farmer("sample", "--ckpt", tmp_path / "r", "--class", "1", "--n", "1", "--cfg", "0", "--out",
+                  tmp_path / "u.png").stderr
+    assert "null class" not in said, said
+
+
+def test_undecoded_image_columns_and_missing_columns(tmp_path: Path, tiny_run: Path):
+    import datasets
+
+    from farmer_cli.checkpoint import CheckpointError, load_model
+    from farmer_cli.config.schema import DataConfig
+    from farmer_cli.data.dataset import load_data
+    from farmer_cli.data.sources import DataError, open_source
+
+    files = [_png(tmp_path / "img" / f"{k}.png", k) for k in range(8)]
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=["a", "b"])})
+    datasets.Dataset.from_dict({"image": [{"path": str(f), "bytes": None} for f in files],
+                                "label": [k % 2 for k in range(8)]}, features=features).save_to_disk(tmp_path / "raw")
+    bundle = load_data(DataConfig(source=str(tmp_path / "raw")), 1, 8)  # was a traceback: rows were dicts
+    assert tuple(bundle.train[0][0].shape) == (1, 8, 8)
+    with pytest.raises(DataError, match=r"data.image_column 'nope' is not a column of .*raw; its columns"):
+        open_source(DataConfig(source=str(tmp_path / "raw"), image_column="nope"))
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+    (run / "model.safetensors").unlink()
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    with pytest.raises(CheckpointError, match=rf"missing; the run keeps copies .* give --ckpt {newest}"):
+        load_model(run)
+    line = refused("evaluate", "--ckpt", tiny_run, "--metrics", "bpd", "--set", "data.use_labels=false")
+    assert "--set data.use_labels: evaluate reads the data's labels as the run read them" in line, line

@@ -79,6 +79,31 @@ class _Interruption:
         return 143 if self.signame == "SIGTERM" else 130
 
 
+def _refuse_repeated_options(args: list[str]) -> None:
+    """An option that takes one value, given twice (``--steps 3 --steps 2``), would silently keep the last: one red
+    line naming both values, exit status 2. Options that may repeat (``--class``, ``--set``) and flags are not
+    counted."""
+    group = typer.main.get_command(app)
+    command = group.commands.get(args[0]) if args and hasattr(group, "commands") else None
+    if command is None or "--" in args:
+        return
+    for param in command.params:
+        if getattr(param, "multiple", True) or getattr(param, "is_flag", False) or getattr(param, "count", False):
+            continue
+        values = []
+        for k, arg in enumerate(args[1:], 1):
+            name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+            if name in param.opts:
+                values.append(arg.split("=", 1)[1] if "=" in arg and arg.startswith("--") else
+                              args[k + 1] if k + 1 < len(args) else "")
+        if len(values) > 1:
+            from farmer_cli.commands.ui import console, escape
+
+            console.print(f"[red]error:[/] {escape(param.opts[0])} is given {len(values)} times "
+                          f"({escape(', then '.join(values))}); it takes one value: give it once", highlight=False)
+            raise SystemExit(2)
+
+
 def main() -> None:
     """Run the app. A usage error that typer/click catch (an unknown option, a value of the wrong type, a missing
     argument) is one red line on stderr naming the option and the command's --help, exit status 2; bare ``farmer``
@@ -88,6 +113,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     _refuse_empty_arguments(sys.argv[1:])
+    _refuse_repeated_options(sys.argv[1:])
     interruption = _Interruption()
     interruption.install()
     try:

@@ -1,4 +1,4 @@
-"""Cases of the twelfth to nineteenth hostile sweeps (GitHub issue 24): settings that training never reads are
+"""Cases of the twelfth to twentieth hostile sweeps (GitHub issue 24): settings that training never reads are
 refused (from --set) or warned about (from a preset file), while stored sampling settings stay the defaults of later
 commands; images beside the class folders are not dropped without a word; figures are never resized by their format;
 printed paths stay on one line and suggested commands can be pasted; inspect-channels checks the run's split like
@@ -8,7 +8,7 @@ resolved (a copy of the run as ood's background: tests/eval/test_likelihood_tool
 for a built-in; bounds above the data, a replaced test split and images kept by an interrupted sample are noted;
 an image named twice is refused; a user's files in a step folder are kept; entries below class folders that are not
 read are named; a run caught mid-save is not called edited; huge state files are refused unread; an untrained
-null class is named where it is read. Refusals are one "error:"
+null class is named where it is read; a one-value option given twice is refused. Refusals are one "error:"
 line and exit status 2, before any work."""
 
 from __future__ import annotations
@@ -651,3 +651,17 @@ def test_undecoded_image_columns_and_missing_columns(tmp_path: Path, tiny_run: P
         load_model(run)
     line = refused("evaluate", "--ckpt", tiny_run, "--metrics", "bpd", "--set", "data.use_labels=false")
     assert "--set data.use_labels: evaluate reads the data's labels as the run read them" in line, line
+
+
+# ----- twentieth sweep -----
+@pytest.mark.parametrize("args, named", [
+    (["train", "--preset", "tiny", "--steps", "3", "--steps", "2"], "--steps is given 2 times (3, then 2)"),
+    (["score", "--class", "3", "-c", "4", "x.png"], "--class is given 2 times (3, then 4)"),
+    (["sample", "--class", "1", "--class", "2", "--n", "1", "--n=2"], "--n is given 2 times (1, then 2)"),
+])
+def test_an_option_that_takes_one_value_given_twice_is_refused(args, named, tmp_path: Path):
+    """The last value silently won (score --class 3 --class 4 scored class 4 only); options that may repeat
+    (sample --class, --set) still do."""
+    line = refused(*args, "--out" if args[0] == "train" else "--device", tmp_path / "r" if args[0] == "train" else "cpu")
+    assert named in line and "it takes one value: give it once" in line, line
+    assert not (tmp_path / "r").exists()

@@ -82,10 +82,11 @@ def run(
                         "distill.batch_size": ("--batch-size", batch_size), "distill.lr": ("--lr", lr),
                         "train.mixed_precision": ("--mixed-precision", mixed_precision)},
                   overrides, allowed=("distill", "data", "train"))
-    again = f"farmer distill --ckpt {shlex.quote(str(run_dir))}" + " --overwrite" * holds_distillation(run_dir)
+    begun = holds_distillation(run_dir)  # a student, its state or its metrics: starting again means --overwrite
+    again = f"farmer distill --ckpt {shlex.quote(str(run_dir))}" + " --overwrite" * begun
     if resume and not (run_dir / DISTILL_STATE_FILE).exists():
         exit_with(f"--resume: {run_dir} has no distillation to continue ({DISTILL_STATE_FILE}); start "
-                  f"{'it again' if holds_distillation(run_dir) else 'one'} with {again}")
+                  f"{'it again' if begun else 'one'} with {again}")
     if resume:  # what resuming reads besides the state (checked on loading): the student and the metrics
         check_metrics(run_dir, DISTILL_METRICS_FILE)
         if not (run_dir / STUDENT_FILE).exists():

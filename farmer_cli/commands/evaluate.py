@@ -191,7 +191,8 @@ def run(
                             "sampling.decoder": ("--decoder", decoder)}, sampling_overrides,
                       allowed=("sampling", "data"))
         refuse_unread(cfg.sampling.unread(), set_keys(sampling_overrides, "sampling"))
-        if "use_labels" in {key for _, key in set_keys(sampling_overrides, "data")}:
+        data_set = {key for _, key in set_keys(sampling_overrides, "data")}  # the data.* keys given with --set
+        if "use_labels" in data_set:
             exit_with("--set data.use_labels: evaluate reads the data's labels as the run read them, against the "
                       "model's classes; leave it out")
         refuse_unread(unread_data_settings(cfg.data) | {"num_workers": "evaluate reads images in its own process"},
@@ -218,9 +219,8 @@ def run(
                           "training data")
         labelled = [m for m in chosen if m in ("bpd", "classify", "sample-acc")]  # these read the data's labels
         if labelled and class_names and bundle.class_names != class_names:
-            set_here = "source" in {key for _, key in set_keys(sampling_overrides, "data")}
             named = (f"--data {cfg.data.source}" if data is not None else f"--set data.source={cfg.data.source}"
-                     if set_here else f"{run_dir}/config.json's data.source {cfg.data.source}")
+                     if "source" in data_set else f"{run_dir}/config.json's data.source {cfg.data.source}")
             exit_with(f"{named}: its classes ({', '.join(bundle.class_names[:4])}"
                       f"{', ...' if len(bundle.class_names) > 4 else ''}) are not the model's ({', '.join(class_names[:4])}"
                       f"{', ...' if len(class_names) > 4 else ''}), so {', '.join(labelled)} would compare other "
